@@ -1,0 +1,94 @@
+"""The ExpertFlow operations: first-class graph nodes.
+
+Each op is a plain module-level function, so an fx graph calls it as a ``call_function`` node
+that prints as readable code (``expertflow.ir.ops.prefetch(ef_ctx, 3, ids)``) and serialises
+by qualified name. The ops take the execution context (``ef_ctx``, a graph input) as their first
+argument and delegate to it: the graph says *what* moves and *when*; the runtime context
+(``expertflow.runtime.context``) says *how*. Ops with side effects are registered with fx so
+dead-code elimination keeps them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch.fx.node import has_side_effect
+
+
+class ExecutionContext(Protocol):
+    """What the graph needs from whoever runs it (the runtime, or a reference executor)."""
+
+    def route(self, layer: int, top_k_index: torch.Tensor) -> None: ...
+    def prefetch(self, layer: int, expert_ids: torch.Tensor) -> Any: ...
+    def wait(self, layer: int, handle: Any, top_k_index: torch.Tensor) -> Any: ...
+    def expert_compute(
+        self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor, slots: Any,
+    ) -> torch.Tensor: ...
+    def permute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> Any: ...
+
+
+def route(ctx: ExecutionContext, layer: int, top_k_index: torch.Tensor) -> torch.Tensor:
+    """Marks the router's true top-k ids of ``layer``; records them for prefetch accuracy."""
+    ctx.route(layer, top_k_index)
+    return top_k_index
+
+
+def predict(ctx: ExecutionContext, layer: int, predicted_index: torch.Tensor) -> torch.Tensor:
+    """Marks a predictor's output for ``layer``: the expert ids it expects the router to pick.
+
+    The predictor's math is ordinary graph nodes before this one; ``predict`` only names the
+    result so analyses and dumps can find it.
+    """
+    return predicted_index
+
+
+def prefetch(ctx: ExecutionContext, layer: int, expert_ids: torch.Tensor) -> Any:
+    """Starts copying ``layer``'s predicted experts into cache slots on the copy stream."""
+    return ctx.prefetch(layer, expert_ids)
+
+
+def wait(ctx: ExecutionContext, layer: int, handle: Any, top_k_index: torch.Tensor) -> Any:
+    """Blocks until ``handle``'s copies land, then loads any expert that was mispredicted.
+
+    Returns the slot plan the compute reads: which slot holds each expert ``top_k_index`` needs.
+    """
+    return ctx.wait(layer, handle, top_k_index)
+
+
+def expert_compute(
+    ctx: ExecutionContext, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor, slots: Any,
+) -> torch.Tensor:
+    """Runs ``layer``'s experts on the cached slots; same result as the original experts call."""
+    return ctx.expert_compute(layer, hidden, top_k_index, top_k_weights, slots)
+
+
+def permute(ctx: ExecutionContext, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> Any:
+    """Reorders tokens so those with similar routes are adjacent; returns (hidden, index, perm)."""
+    return ctx.permute(layer, hidden, top_k_index)
+
+
+def unpermute(perm: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Undoes :func:`permute` on the rows of ``hidden``."""
+    out = torch.empty_like(hidden)
+    out[perm] = hidden
+    return out
+
+
+for _fn in (route, prefetch, wait):
+    has_side_effect(_fn)
+
+#: Ops by short name, for serialisation and dumps.
+OPS = {fn.__name__: fn for fn in (route, predict, prefetch, wait, expert_compute, permute, unpermute)}
+#: Which stream each op belongs to when the schedule pass has nothing better to say.
+COPY_OPS = frozenset({"prefetch", "wait"})
+
+
+def op_name(target: object) -> str | None:
+    """The short name of an ExpertFlow op target, or None for anything else."""
+    for name, fn in OPS.items():
+        if target is fn:
+            return name
+    return None

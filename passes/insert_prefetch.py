@@ -1,0 +1,113 @@
+"""Insert the cross-layer-gate predictor and a prefetch for every MoE layer.
+
+Rewrites: for MoE layer number j (in order of depth), the router of layer j is the slice of the
+graph between the MoE block's input and ``route``'s ids (its math is traced, so it is ordinary
+nodes). A copy of that slice is applied to the block input of MoE layer j-d (d = lookahead; the
+embedding output for the first d layers), giving ``predict(ef_ctx, L_j, ids)`` and
+``prefetch(ef_ctx, L_j, predicted) -> handle`` placed right after that input, so the copy
+overlaps the compute of layer j-d. Layer j's ``wait`` then reads that handle. This is the
+training-free predictor of Fate and mixtral-offloading.
+
+Before: lowered graph (``lower_experts``), waits with handle None. After: each wait whose router
+slice is self-contained reads a prefetch handle; the others keep None and load on demand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+from ..ir import ops
+from .lower_experts import context_node
+from .manager import PassError, PassResult
+from .options import CompileOptions
+
+PASS = "insert_prefetch"
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for arg in todo.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                todo.append(arg)
+    return seen
+
+
+def _is_static(node: fx.Node) -> bool:
+    """True if the node's value depends on no graph input (weights and constants)."""
+    return node.op == "get_attr" or (node.op != "placeholder" and all(_is_static(a) for a in node.all_input_nodes))
+
+
+def router_slice(block_input: fx.Node, index: fx.Node) -> list[fx.Node] | None:
+    """The nodes computing ``index`` from ``block_input``, static inputs included, in graph order.
+
+    None when the router reads any other per-token value (then it cannot be moved).
+    """
+    inside = (_ancestors(index) | {index}) & _descendants(block_input)
+    needed = set(inside)
+    for node in inside:
+        for arg in node.all_input_nodes:
+            if arg in inside or arg is block_input:
+                continue
+            if not _is_static(arg):
+                return None
+            needed |= {arg} | _ancestors(arg)
+    return [n for n in block_input.graph.nodes if n in needed]
+
+
+def _copy_slice(graph: fx.Graph, nodes: list[fx.Node], old_input: fx.Node, new_input: fx.Node,
+                layer: int) -> fx.Node:
+    env: dict[fx.Node, fx.Node] = {old_input: new_input}
+    for node in nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        env[node].meta = {k: v for k, v in node.meta.items() if k != "ef.layer"}
+        env[node].meta.update({"ef.layer": layer, "ef.role": "predictor"})
+    return env[nodes[-1]]
+
+
+def insert_prefetch(gm: fx.GraphModule, options: CompileOptions | None = None) -> PassResult:
+    options = options or CompileOptions()
+    graph = gm.graph
+    if options.predictor == "none":
+        return PassResult(gm, False)
+    by_name = {n.name: n for n in graph.nodes}
+    computes = [n for n in graph.nodes if n.target is ops.expert_compute]
+    waits = [n.args[5] for n in computes]
+    if not computes or all(w.args[2] is not None for w in waits):
+        return PassResult(gm, False)
+    embed = next((n for n in graph.nodes if n.meta.get("ef.role") == "embed"), None)
+    inputs = [by_name.get(n.meta.get("ef.block_input") or "") for n in computes]
+    ctx = context_node(graph)
+    modified = False
+    for j, (compute, wait) in enumerate(zip(computes, waits)):
+        if wait.args[2] is not None:
+            continue
+        layer, block_input, route = compute.args[1], inputs[j], compute.args[3]
+        if block_input is None:
+            raise PassError(PASS, "cannot find the MoE block's input", compute)
+        nodes = router_slice(block_input, route.args[2])
+        source = inputs[j - options.lookahead] if j >= options.lookahead else embed
+        if nodes is None or source is None:
+            continue  # the router needs more than the hidden state: this layer loads on demand
+        with graph.inserting_before(source.next):  # prepend to a fixed node keeps copy order
+            copied = _copy_slice(graph, nodes, block_input, source, layer)
+            predicted = graph.call_function(ops.predict, (ctx, layer, copied))
+            handle = graph.call_function(ops.prefetch, (ctx, layer, predicted))
+        for new in (predicted, handle):
+            new.meta["ef.layer"] = layer
+        wait.update_arg(2, handle)
+        modified = True
+    return PassResult(gm, modified)

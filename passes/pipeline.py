@@ -1,0 +1,31 @@
+"""The compile pipeline: trace, then lower, predict, schedule and clean up, verifying each step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import fx, nn
+
+from .dce import dce
+from .functionalize_inplace import functionalize_inplace
+from .insert_prefetch import insert_prefetch
+from .lower_experts import lower_experts
+from .manager import PassManager, PassResult
+from .options import CompileOptions
+from .schedule import schedule
+from .trace import TraceFailure, TraceInfo, trace_model
+from .verify import verify_graph
+
+PIPELINE = [functionalize_inplace, lower_experts, insert_prefetch, dce, schedule]
+
+
+def compile_graph(lm: nn.Module, options: CompileOptions | None = None,
+                  on_pass: Callable[[str], None] | None = None) -> tuple[fx.GraphModule, TraceInfo]:
+    """Traces ``lm`` (meta parameters) and runs the whole pipeline; raises on a model with no MoE layer."""
+    options = options or CompileOptions()
+    gm, info = trace_model(lm)
+    if not info.experts:
+        raise TraceFailure(f"{type(lm).__name__} has no MoE layer: no module uses transformers' experts "
+                           "interface (use_experts_implementation); ExpertFlow only compiles MoE models")
+    result: PassResult = PassManager(PIPELINE, verify=verify_graph, on_pass=on_pass)(gm, options)
+    return result.graph_module, info

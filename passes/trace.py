@@ -1,0 +1,249 @@
+"""Front end: one torch.fx graph for a whole transformers causal-LM MoE model.
+
+What it builds: a graph of :class:`Driver`, a generic decoder-stack forward (embeddings, every
+decoder layer, final norm, lm_head and the multipliers some models keep outside their layers),
+with ``input_ids``, ``position_ids``, the KV cache and a dict of attention masks (one per layer
+type in ``config.layer_types``) as graph inputs. Attention, rotary embeddings, norms, standard
+``torch.nn`` modules and every experts module are leaves; everything else, routers included, is
+traced, so the router's math is visible in the graph.
+
+Every proxy carries a meta-device value (``node.meta["ef.meta"]``) computed while tracing, so
+code that star-unpacks ``x.shape`` (DeepSeek, GLM MoE blocks) traces: the tracer knows the rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx._symbolic_trace import _orig_module_call, _orig_module_getattr
+from torch.fx.proxy import Proxy
+
+MASK_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
+EXPERT_FLAGS = ("is_transposed", "is_concatenated", "has_bias", "has_gate")
+
+
+class TraceFailure(RuntimeError):
+    """A module could not be traced; the message names it."""
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """True for modules built with transformers' ``use_experts_implementation`` interface."""
+    if not all(hasattr(module, flag) for flag in EXPERT_FLAGS):
+        return False
+    down = module._parameters.get("down_proj")  # not getattr: fx patches Module.__getattr__ while tracing
+    return isinstance(down, torch.Tensor) and down.dim() == 3
+
+
+def layer_mask_kinds(config: Any) -> list[str]:
+    """The attention-mask kind of each decoder layer, as transformers' models choose it."""
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types:
+        unknown = sorted(set(types) - set(MASK_KINDS))
+        if unknown:
+            raise TraceFailure(f"config.layer_types has mask kinds {unknown} that ExpertFlow does not know; "
+                               f"supported: {list(MASK_KINDS)}")
+        return list(types[:n])
+    sliding = getattr(config, "sliding_window", None) is not None
+    return ["sliding_attention" if sliding else "full_attention"] * n
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, Proxy):
+        return value.node.meta.get("ef.meta")
+    if isinstance(value, (list, tuple)):
+        items = [_to_meta(v) for v in value]
+        return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_to_meta(value.start), _to_meta(value.stop), _to_meta(value.step))
+    return value
+
+
+class MetaProxy(Proxy):
+    """A proxy that can be iterated when its meta value has a known length."""
+
+    def __iter__(self):
+        meta = self.node.meta.get("ef.meta")
+        if isinstance(meta, (tuple, list, torch.Size)):
+            return iter([self[i] for i in range(len(meta))])
+        why = self.node.meta.get("ef.meta_error", "its value is data-dependent")
+        raise TraceFailure(f"cannot iterate {self.node.format_node()}: its length is unknown ({why})")
+
+    def __len__(self) -> int:
+        meta = self.node.meta.get("ef.meta")
+        if isinstance(meta, (tuple, list, torch.Size)):
+            return len(meta)
+        raise TraceFailure(f"len() of a traced value of unknown length: {self.node.format_node()}")
+
+
+class ExpertFlowTracer(fx.Tracer):
+    """Traces with leaves at attention, rotary, norms, torch.nn modules and experts modules."""
+
+    def __init__(self, placeholder_meta: dict[str, Any]):
+        super().__init__(param_shapes_constant=True)
+        self.placeholder_meta = placeholder_meta
+        self.experts_paths: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if is_experts_module(m):
+            return True
+        name = type(m).__name__
+        if "Attention" in name or "Rotary" in name or name.endswith("Norm") or "RMSNorm" in name:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        path = self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except TraceFailure:
+            raise
+        except Exception as exc:  # name the module that failed, once, at the innermost level
+            raise TraceFailure(f"cannot trace module '{path}' ({type(m).__name__}): "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+    def proxy(self, node: fx.Node) -> Proxy:
+        return MetaProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        try:
+            with _unpatched_modules():
+                proxy.node.meta["ef.meta"] = self._meta_value(kind, target, args, kwargs)
+        except Exception as exc:  # data-dependent ops have no meta value; shapes after them are unknown
+            proxy.node.meta["ef.meta"] = None
+            proxy.node.meta["ef.meta_error"] = f"{type(exc).__name__}: {exc}"
+        return proxy
+
+    def _meta_value(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        if kind == "placeholder":
+            return self.placeholder_meta.get(target)
+        if kind == "get_attr":
+            return _fetch_attr(self.root, target)
+        margs, mkwargs = _to_meta(args), _to_meta(kwargs)
+        if True:
+            if kind == "call_function":
+                return target(*margs, **mkwargs)
+            if kind == "call_method":
+                return getattr(margs[0], target)(*margs[1:], **mkwargs)
+            if kind == "call_module":
+                mod = self.root.get_submodule(target)
+                if is_experts_module(mod):
+                    return torch.empty_like(margs[0])
+                return mod(*margs, **mkwargs)
+        return None
+
+
+@contextlib.contextmanager
+def _unpatched_modules():
+    """Runs a leaf for its meta value with fx's Module.__call__/__getattr__ patches lifted."""
+    call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__, nn.Module.__getattr__ = _orig_module_call, _orig_module_getattr
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = call, getattr_
+
+
+def _fetch_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Driver(nn.Module):
+    """The generic decoder-stack forward that is traced in place of the model's own."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        config = lm.config
+        inner = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+        self.inner_path = _path_in(lm, inner)
+        self.mask_kinds = layer_mask_kinds(config)
+        self.embedding_multiplier = getattr(inner, "embedding_multiplier", None) or getattr(
+            config, "embedding_multiplier", None)
+        self.logits_scaling = getattr(config, "logits_scaling", None)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids, position_ids, past_key_values, masks):
+        inner = self.lm.get_submodule(self.inner_path) if self.inner_path else self.lm
+        hidden = inner.embed_tokens(input_ids)
+        if self.embedding_multiplier not in (None, 1, 1.0):
+            hidden = hidden * self.embedding_multiplier
+        pos = inner.rotary_emb(hidden, position_ids) if hasattr(inner, "rotary_emb") else None
+        for i, layer in enumerate(inner.layers[: self.lm.config.num_hidden_layers]):
+            out = layer(hidden, attention_mask=masks[self.mask_kinds[i]], position_ids=position_ids,
+                        past_key_values=past_key_values, use_cache=True, position_embeddings=pos)
+            hidden = out[0] if isinstance(out, tuple) else out
+        hidden = inner.norm(hidden)
+        logits = self.lm.get_output_embeddings()(hidden)
+        if self.logits_scaling not in (None, 1, 1.0):
+            logits = logits / self.logits_scaling
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def _path_in(root: nn.Module, target: nn.Module) -> str:
+    for name, mod in root.named_modules():
+        if mod is target:
+            return name
+    raise TraceFailure(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
+
+
+@dataclass
+class TraceInfo:
+    """What the front end learnt about the model while tracing."""
+
+    layers_path: str
+    mask_kinds: list[str]
+    experts: dict[int, str] = field(default_factory=dict)  # decoder layer -> experts module path
+
+
+def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphModule, TraceInfo]:
+    """Traces ``lm`` (parameters may live on the meta device) into one GraphModule."""
+    from transformers import DynamicCache
+
+    driver = Driver(lm)
+    config = lm.config
+    hidden_size = config.hidden_size
+    dtype = next(lm.parameters()).dtype
+    masks = {k: torch.zeros(batch, 1, seq, seq, dtype=dtype, device="meta") for k in set(driver.mask_kinds)}
+    meta = {
+        "input_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta"),
+        "position_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta"),
+        "past_key_values": DynamicCache(config=config),
+        "masks": masks,
+    }
+    del hidden_size
+    tracer = ExpertFlowTracer(meta)
+    try:
+        graph = tracer.trace(driver)
+    except TraceFailure:
+        raise
+    except Exception as exc:
+        raise TraceFailure(f"cannot trace {type(lm).__name__}: {type(exc).__name__}: {exc}") from exc
+    gm = fx.GraphModule(driver, graph, class_name=type(lm).__name__ + "Graph")
+    layers_path = f"lm.{driver.inner_path}.layers" if driver.inner_path else "lm.layers"
+    info = TraceInfo(layers_path=layers_path, mask_kinds=driver.mask_kinds)
+    pattern = re.compile(re.escape(layers_path) + r"\.(\d+)\.")
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and is_experts_module(gm.get_submodule(node.target)):
+            match = pattern.match(node.target + ".")
+            if match is None:
+                raise TraceFailure(f"experts module '{node.target}' is not inside {layers_path}")
+            info.experts[int(match.group(1))] = node.target
+            node.meta["ef.layer"] = int(match.group(1))
+            node.meta["ef.role"] = "experts"
+        elif node.op == "call_module" and node.target.endswith(".embed_tokens"):
+            node.meta["ef.role"] = "embed"
+    return gm, info

@@ -1,0 +1,154 @@
+"""The expert cache: a fixed number of slots on the device, fed from the host store.
+
+A slot holds one (layer, expert) blob. ``prefetch`` starts copies for predicted experts into
+free or least-recently-used slots and reserves them for their layer; ``wait`` makes every
+expert the router actually chose resident (loading mispredictions on demand: the run-time
+correction) and pins those slots until the compute that reads them is queued.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .store import ExpertLayout, HostStore
+from .streams import CopyEngine, Ticket
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    misses: int = 0
+    predicted: int = 0          # experts named by prefetches
+    predicted_used: int = 0     # of those, chosen by the router
+    needed: int = 0             # distinct experts the router chose, summed over steps
+    prefetch_dropped: int = 0   # predictions with no free slot to go to
+    waves: int = 0
+    bytes_moved: int = 0
+    stall_s: float = 0.0
+
+
+@dataclass
+class Pool:
+    """Slots for every layer whose experts share one layout."""
+
+    tensor: torch.Tensor
+    owner: list[tuple[int, int] | None]
+    where: dict[tuple[int, int], int] = field(default_factory=dict)
+    lru: OrderedDict = field(default_factory=OrderedDict)
+    pinned: set[int] = field(default_factory=set)
+    reserved: dict[int, int] = field(default_factory=dict)  # slot -> layer it was prefetched for
+    tickets: dict[int, Ticket] = field(default_factory=dict)
+
+
+@dataclass
+class Handle:
+    layer: int
+    predicted: list[int]
+
+
+class ExpertCache:
+    def __init__(self, layouts: dict[int, ExpertLayout], store: HostStore, slots: int,
+                 device: torch.device, engine: CopyEngine):
+        self.layouts, self.store, self.slots, self.engine = layouts, store, slots, engine
+        self.stats = {layer: LayerStats() for layer in layouts}
+        self.pools: dict[tuple, Pool] = {}
+        for layout in layouts.values():
+            if layout.signature not in self.pools:
+                tensor = torch.empty(slots, layout.blob_bytes, dtype=torch.uint8, device=device)
+                self.pools[layout.signature] = Pool(tensor, [None] * slots)
+
+    def pool(self, layer: int) -> Pool:
+        return self.pools[self.layouts[layer].signature]
+
+    def _victim(self, pool: Pool, protect: set[int]) -> int | None:
+        for slot, owner in enumerate(pool.owner):
+            if owner is None and slot not in pool.pinned and slot not in pool.reserved:
+                return slot
+        for slot in pool.lru:
+            if slot not in pool.pinned and slot not in pool.reserved and slot not in protect:
+                return slot
+        return None
+
+    def _load(self, pool: Pool, slot: int, layer: int, expert: int) -> None:
+        old = pool.owner[slot]
+        if old is not None:
+            del pool.where[old]
+        pool.owner[slot], pool.where[(layer, expert)] = (layer, expert), slot
+        ticket = self.engine.submit(slot, pool.tensor[slot], self.store.blob(layer, expert))
+        pool.tickets[slot] = ticket
+        self.stats[layer].bytes_moved += ticket.nbytes
+        pool.lru[slot] = None
+        pool.lru.move_to_end(slot)
+
+    def _valid(self, layer: int, ids: torch.Tensor) -> list[int]:
+        n = self.layouts[layer].num_experts
+        return [e for e in torch.unique(ids).tolist() if 0 <= e < n]
+
+    def prefetch(self, layer: int, ids: torch.Tensor) -> Handle:
+        pool, stats = self.pool(layer), self.stats[layer]
+        predicted = self._valid(layer, ids)
+        stats.predicted += len(predicted)
+        protect = {pool.where[(layer, e)] for e in predicted if (layer, e) in pool.where}
+        for e in predicted:
+            slot = pool.where.get((layer, e))
+            if slot is None:
+                slot = self._victim(pool, protect)
+                if slot is None:
+                    stats.prefetch_dropped += 1
+                    continue
+                self._load(pool, slot, layer, e)
+            pool.reserved[slot] = layer
+            protect.add(slot)
+        return Handle(layer, predicted)
+
+    def plan(self, layer: int, handle: Handle | None, top_k_index: torch.Tensor) -> list[list[int]]:
+        """The experts ``top_k_index`` needs, in waves that each fit the slots (resident first)."""
+        pool, stats = self.pool(layer), self.stats[layer]
+        needed = self._valid(layer, top_k_index)
+        stats.needed += len(needed)
+        if handle is not None:
+            stats.predicted_used += len(set(handle.predicted) & set(needed))
+        for slot, owner_layer in list(pool.reserved.items()):
+            if owner_layer == layer:
+                del pool.reserved[slot]
+        needed.sort(key=lambda e: (layer, e) not in pool.where)
+        waves = [needed[i:i + self.slots] for i in range(0, len(needed), self.slots)] or [[]]
+        stats.waves += len(waves)
+        return waves
+
+    def acquire(self, layer: int, experts: list[int]) -> list[int]:
+        """Makes ``experts`` resident and pinned; returns their slots in the same order."""
+        pool, stats = self.pool(layer), self.stats[layer]
+        protect = {pool.where[(layer, e)] for e in experts if (layer, e) in pool.where}
+        slots = []
+        for e in experts:
+            slot = pool.where.get((layer, e))
+            if slot is None:
+                stats.misses += 1
+                slot = self._victim(pool, protect)
+                if slot is None:  # reservations of other layers yield to a compute that must run
+                    slot = next(s for s in pool.lru if s not in pool.pinned and s not in protect)
+                    pool.reserved.pop(slot, None)
+                self._load(pool, slot, layer, e)
+            else:
+                stats.hits += 1
+                pool.lru.move_to_end(slot)
+            pool.pinned.add(slot)
+            protect.add(slot)
+            slots.append(slot)
+        start = time.perf_counter()
+        for slot in slots:
+            ticket = pool.tickets.pop(slot, None)
+            if ticket is not None:
+                ticket.wait()
+        stats.stall_s += time.perf_counter() - start
+        return slots
+
+    def release(self, layer: int, slots: list[int]) -> None:
+        pool = self.pool(layer)
+        self.engine.mark_read(slots)
+        pool.pinned.difference_update(slots)

@@ -1,0 +1,89 @@
+"""The execution context the compiled graph's ExpertFlow ops call into.
+
+``expert_compute`` runs transformers' own experts function (whichever implementation the
+config selects: grouped_mm, batched_mm, eager, ...) on a view of the slot pool, with top-k
+expert ids remapped to slot ids. Activation, bias, clamping, interleaving and dtype handling
+are therefore the model's own, not re-written here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cache import ExpertCache, Handle
+from .store import ExpertLayout
+
+
+def slot_view_module(module: nn.Module, layout: ExpertLayout, pool: torch.Tensor) -> nn.Module:
+    """A shallow copy of ``module`` whose expert-indexed parameters are views of ``pool``."""
+    view = object.__new__(type(module))
+    view.__dict__.update(module.__dict__)
+    view.__dict__["_parameters"] = {k: v for k, v in module._parameters.items()
+                                    if k not in {p.name for p in layout.parts}}
+    view.__dict__.update(layout.views(pool))
+    if hasattr(module, "num_experts"):
+        view.__dict__["num_experts"] = pool.shape[0]
+    return view
+
+
+@dataclass
+class SlotPlan:
+    layer: int
+    waves: list[list[int]]
+    first_slots: list[int]
+
+
+class RuntimeContext:
+    def __init__(self, cache: ExpertCache, modules: dict[int, nn.Module]):
+        self.cache = cache
+        self.views = {layer: slot_view_module(modules[layer], layout, cache.pool(layer).tensor)
+                      for layer, layout in cache.layouts.items()}
+
+    def route(self, layer: int, top_k_index: torch.Tensor) -> None:
+        return None
+
+    def prefetch(self, layer: int, expert_ids: torch.Tensor) -> Handle:
+        return self.cache.prefetch(layer, expert_ids)
+
+    def wait(self, layer: int, handle: Handle | None, top_k_index: torch.Tensor) -> SlotPlan:
+        waves = self.cache.plan(layer, handle, top_k_index)
+        return SlotPlan(layer, waves, self.cache.acquire(layer, waves[0]))
+
+    def _run(self, layer: int, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+             experts: list[int], slots: list[int]) -> torch.Tensor:
+        num = self.cache.layouts[layer].num_experts
+        lut = torch.full((num + 1,), self.cache.slots, dtype=index.dtype, device=index.device)
+        lut[torch.tensor(experts, dtype=index.dtype, device=index.device)] = torch.tensor(
+            slots, dtype=index.dtype, device=index.device)
+        view = self.views[layer]
+        return type(view).forward(view, hidden, lut[index], weights)
+
+    def expert_compute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor, plan: SlotPlan) -> torch.Tensor:
+        if len(plan.waves) == 1:
+            try:
+                return self._run(layer, hidden, top_k_index, top_k_weights, plan.waves[0], plan.first_slots)
+            finally:
+                self.cache.release(layer, plan.first_slots)
+        # More experts than slots: compute in waves. Positions routed outside the wave keep a
+        # valid slot id but weight zero, so each wave adds exactly its own experts' share.
+        out = None
+        for i, wave in enumerate(plan.waves):
+            slots = plan.first_slots if i == 0 else self.cache.acquire(layer, wave)
+            try:
+                wave_ids = torch.tensor(wave, dtype=top_k_index.dtype, device=top_k_index.device)
+                inside = torch.isin(top_k_index, wave_ids)
+                index = torch.where(inside, top_k_index, wave_ids[0])
+                weights = top_k_weights * inside.to(top_k_weights.dtype)
+                part = self._run(layer, hidden, index, weights, wave, slots)
+            finally:
+                self.cache.release(layer, slots)
+            out = part if out is None else out + part
+        return out
+
+    def permute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor):
+        perm = torch.argsort(top_k_index[:, 0], stable=True)
+        return hidden[perm], top_k_index[perm], perm

@@ -1,0 +1,99 @@
+"""The copy stream: moves expert blobs into slots while the compute stream works.
+
+On CUDA it is a real side stream, with events ordering each copy after the last compute that
+read its slot and each compute after the copies it needs. On CPU it is a worker thread, so
+prefetch really overlaps compute there too and CI exercises the same ordering logic.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Ticket:
+    """One copy in flight; ``wait`` orders the caller after it."""
+
+    nbytes: int
+    done: threading.Event = field(default_factory=threading.Event)
+    event: "torch.cuda.Event | None" = None
+    error: BaseException | None = None
+
+    def ready(self) -> bool:
+        return self.event.query() if self.event is not None else self.done.is_set()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)  # GPU-side: the host does not block
+            return
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class CopyEngine:
+    """Host-to-slot copies on a second stream (CUDA) or thread (CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes_moved = 0
+        self.copies = 0
+        self._slot_read: dict[int, torch.cuda.Event] = {}
+        if device.type == "cuda":
+            self._stream = torch.cuda.Stream(device=device)
+        else:
+            self._queue: queue.Queue = queue.Queue()
+            self._thread = threading.Thread(target=self._run, name="expertflow-copy", daemon=True)
+            self._thread.start()
+
+    def submit(self, slot: int, dst: torch.Tensor, src: torch.Tensor) -> Ticket:
+        ticket = Ticket(nbytes=src.numel() * src.element_size())
+        self.bytes_moved += ticket.nbytes
+        self.copies += 1
+        if self.device.type == "cuda":
+            with torch.cuda.stream(self._stream):
+                if slot in self._slot_read:  # the slot's last reader must finish first
+                    self._stream.wait_event(self._slot_read.pop(slot))
+                dst.copy_(src, non_blocking=True)
+                ticket.event = torch.cuda.Event()
+                ticket.event.record(self._stream)
+        else:
+            self._queue.put((dst, src, ticket))
+        return ticket
+
+    def mark_read(self, slots: list[int]) -> None:
+        """Records that the compute stream has queued reads of ``slots`` (CUDA ordering)."""
+        if self.device.type == "cuda":
+            for s in slots:
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream())
+                self._slot_read[s] = ev
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            dst, src, ticket = item
+            try:
+                dst.copy_(src)
+            except BaseException as exc:  # surfaced to the waiter, never lost in the thread
+                ticket.error = exc
+            ticket.done.set()
+
+    def close(self) -> None:
+        if self.device.type != "cuda":
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+
+
+def timed_wait(ticket: Ticket) -> float:
+    """Waits for a ticket; returns the seconds the host was blocked."""
+    start = time.perf_counter()
+    ticket.wait()
+    return time.perf_counter() - start

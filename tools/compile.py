@@ -1,0 +1,130 @@
+"""expertflow-compile: a Hugging Face MoE model in, a compiled directory out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..passes.options import CompileOptions
+from .source import UserError, resolve_model
+
+HELP = __doc__ + """
+
+MODEL is a directory written by save_pretrained, a hub id already in the local Hugging Face
+cache (ExpertFlow never downloads), or a built-in preset (tiny-mixtral, tiny-qwen2-moe,
+tiny-qwen3-moe, tiny-olmoe, tiny-deepseek-v3, tiny-gpt-oss).
+
+The output directory holds manifest.json (checksums, config, memory plan), graph.json (the
+scheduled graph), dense.safetensors, experts.safetensors (one contiguous blob per layer and
+expert) and dumps/ (generated code, node table, Graphviz DOT/SVG, ONNX for Netron).
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="expertflow-compile", description=HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model directory, cached hub id, or preset name")
+    p.add_argument("-o", "--output", required=True, type=Path, help="directory to write (must not exist)")
+    p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    p.add_argument("--lookahead", type=int, default=1,
+                   help="prefetch MoE layer j+LOOKAHEAD while layer j computes (default 1)")
+    p.add_argument("--predictor", choices=["cross_layer_gate", "none"], default="cross_layer_gate",
+                   help="routing predictor driving prefetch: the next layers' routers applied to the "
+                        "current hidden state, or none (every expert loads on demand)")
+    p.add_argument("--no-dumps", action="store_true", help="skip the human-readable graph dumps")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def compile_model(model: str, output: Path, options: CompileOptions, force: bool = False,
+                  dumps: bool = True, quiet: bool = True) -> Path:
+    """Compiles ``model`` into ``output``; raises UserError on bad input."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..ir.skeleton import build_skeleton, config_dtype
+    from ..passes.pipeline import compile_graph
+    from ..passes.trace import TraceFailure
+    from . import artefact
+
+    output = Path(output)
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists; pass --force to replace it")
+    source = resolve_model(model)
+    config = AutoConfig.from_pretrained(source)
+    dtype = config_dtype(config)
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+    say(f"loading {source}")
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+    skeleton = build_skeleton(lm.config, dtype)  # traced on meta: the weights stay where they are
+    bar = tqdm(desc="passes", disable=quiet, unit="pass")
+    try:
+        gm, info = compile_graph(skeleton, options, on_pass=lambda name: (bar.set_postfix_str(name), bar.update()))
+    except TraceFailure as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        bar.close()
+    layouts = artefact.layouts_of(lm, info)
+
+    def build(tmp: Path) -> dict[str, Any]:
+        progress = (lambda it: it) if quiet else (lambda it: tqdm(it, desc="packing experts", unit="layer"))
+        artefact.write_weights(lm, layouts, tmp, progress)
+        artefact.graph_file(gm, tmp)
+        if dumps:
+            from .dumps import write_dumps
+            write_dumps(gm, tmp / "dumps")
+        dense_bytes = (tmp / "dense.safetensors").stat().st_size
+        return {
+            "schema_version": artefact.SCHEMA_VERSION, "source": str(model), "source_path": str(source),
+            "architecture": (config.architectures or [type(lm).__name__])[0], "model_type": config.model_type,
+            "dtype": artefact.dtype_name(dtype), "config": config.to_dict(),
+            "attn_implementation": config._attn_implementation,
+            "experts_implementation": config._experts_implementation,
+            "generation": _generation(lm), "options": {"lookahead": options.lookahead,
+                                                       "predictor": options.predictor},
+            "mask_kinds": info.mask_kinds, "layouts": [lay.to_json() for lay in layouts.values()],
+            "memory_plan": artefact.memory_plan(layouts, dense_bytes),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "torch": torch.__version__,
+        }
+
+    try:
+        return artefact.write_compiled(output, force, build)
+    except FileExistsError:
+        raise UserError(f"{output} already exists; pass --force to replace it") from None
+
+
+def _generation(lm: Any) -> dict[str, Any]:
+    gen = getattr(lm, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+    eos = eos if eos is not None else getattr(lm.config, "eos_token_id", None)
+    return {"eos_token_id": eos, "pad_token_id": pad}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        options = CompileOptions(lookahead=args.lookahead, predictor=args.predictor)
+        out = compile_model(args.model, args.output, options, force=args.force, dumps=not args.no_dumps,
+                            quiet=args.quiet)
+    except (UserError, ValueError, OSError) as exc:
+        print(f"expertflow-compile: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("expertflow-compile: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    plan = json.loads((out / "manifest.json").read_text())["memory_plan"]
+    print(f"compiled {args.model} -> {out} ({plan['moe_layers']} MoE layers, "
+          f"{plan['all_resident_slots']} experts of {plan['expert_blob_bytes']} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

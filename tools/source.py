@@ -1,0 +1,42 @@
+"""Where a model comes from: a save_pretrained directory, a cached hub id, or a built-in preset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def resolve_model(model: str, presets_dir: Path | None = None) -> Path:
+    """The local directory holding ``model``'s config.json and weights; never touches the network."""
+    from . import presets
+
+    if model in presets.PRESETS:
+        return presets.materialize(model, presets_dir)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{model} is a file; pass the directory that save_pretrained wrote")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise UserError(f"{model} is not readable; check its permissions")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{model} has no config.json; pass a directory written by save_pretrained")
+        return path
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        return _from_hub_cache(model)
+    raise UserError(f"{model} does not exist; pass a model directory, a cached hub id, or a preset "
+                    f"({', '.join(presets.PRESETS)})")
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise UserError(f"{repo_id} is not in the local Hugging Face cache and ExpertFlow never downloads; "
+                        f"fetch it first with `hf download {repo_id}`") from None
