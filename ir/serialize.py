@@ -22,6 +22,8 @@ SCHEMA = 1
 ALLOWED_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.functional", "torch.special",
                    "torch.linalg", "operator", "_operator", "math", "expertflow.ir.ops")
 ALLOWED_BUILTINS = {"getattr": getattr, "len": len, "int": int, "float": float, "max": max, "min": min}
+#: Callables in allowlisted modules that touch files: no compiled graph calls them.
+DENIED_FUNCTIONS = frozenset({"torch.save", "torch.load", "torch.from_file"})
 META_KEYS = ("ef.layer", "ef.role", "ef.stream", "ef.slot_group", "ef.module")
 
 
@@ -95,7 +97,7 @@ def resolve_function(name: str) -> Any:
     if name in ALLOWED_BUILTINS:
         return ALLOWED_BUILTINS[name]
     module_name, _, attr = name.rpartition(".")
-    if module_name not in ALLOWED_MODULES:
+    if module_name not in ALLOWED_MODULES or attr.startswith("__") or name in DENIED_FUNCTIONS:
         raise GraphFormatError(f"call target {name!r} is outside the allowlist {ALLOWED_MODULES}")
     obj = getattr(importlib.import_module(module_name), attr, None)
     if not callable(obj):
@@ -129,8 +131,10 @@ def graph_from_json(data: dict[str, Any], root: torch.nn.Module) -> fx.Graph:
         op, target = item["op"], item["target"]
         if op == "call_function":
             target = resolve_function(target)
-        elif op == "call_method" and not (isinstance(target, str) and hasattr(torch.Tensor, target)):
-            raise GraphFormatError(f"method {target!r} is not a torch.Tensor method")
+        elif op == "call_method" and not (isinstance(target, str) and not target.startswith("_")
+                                          and hasattr(torch.Tensor, target)):
+            # Dunder methods (``__call__``, ``__subclasses__``) would let a graph call anything.
+            raise GraphFormatError(f"method {target!r} is not a public torch.Tensor method")
         elif op in ("call_module", "get_attr"):
             try:
                 root.get_submodule(target) if op == "call_module" else operator.attrgetter(target)(root)
@@ -140,6 +144,9 @@ def graph_from_json(data: dict[str, Any], root: torch.nn.Module) -> fx.Graph:
             raise GraphFormatError(f"unknown node op {op!r}")
         args = _decode(item["args"], env)
         kwargs = _decode(item["kwargs"], env)
+        if target is getattr and not (len(args) == 2 and isinstance(args[1], str) and not args[1].startswith("_")):
+            # ``getattr(x, "__class__")`` and friends reach module globals, and from there os.system.
+            raise GraphFormatError(f"getattr of {args[1:]!r} in node {item['name']!r}: only public attributes")
         node = graph.create_node(op, target, tuple(args), dict(kwargs), name=item["name"])
         node.meta.update(item.get("meta", {}))
         env[node.name] = node

@@ -14,21 +14,29 @@ code that star-unpacks ``x.shape`` (DeepSeek, GLM MoE blocks) traces: the tracer
 from __future__ import annotations
 
 import contextlib
+import dis
+import inspect
 import re
+import types
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call, _orig_module_getattr
-from torch.fx.proxy import Proxy
+from torch.fx.proxy import Attribute, Proxy
 
 MASK_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
 EXPERT_FLAGS = ("is_transposed", "is_concatenated", "has_bias", "has_gate")
 
 
 class TraceFailure(RuntimeError):
-    """A module could not be traced; the message names it."""
+    """A module could not be traced; the message names it (``module``: its path, once known)."""
+
+    def __init__(self, message: str, module: str | None = None):
+        super().__init__(message)
+        self.module = module
 
 
 def is_experts_module(module: nn.Module) -> bool:
@@ -66,21 +74,62 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
-class MetaProxy(Proxy):
-    """A proxy that can be iterated when its meta value has a known length."""
+def _static_length(proxy: Proxy) -> int | None:
+    """The length of a traced sequence known while tracing (a shape, a tuple of outputs), else None.
 
-    def __iter__(self):
-        meta = self.node.meta.get("ef.meta")
-        if isinstance(meta, (tuple, list, torch.Size)):
-            return iter([self[i] for i in range(len(meta))])
-        why = self.node.meta.get("ef.meta_error", "its value is data-dependent")
-        raise TraceFailure(f"cannot iterate {self.node.format_node()}: its length is unknown ({why})")
+    Tensors have no static length: their first dimension is the batch or the sequence, which the
+    graph must not fix at the sizes it was traced with.
+    """
+    meta = proxy.node.meta.get("ef.meta")
+    return len(meta) if isinstance(meta, (tuple, list, torch.Size)) else None
+
+
+def _unknown_length(proxy: Proxy, what: str) -> TraceFailure:
+    meta = proxy.node.meta.get("ef.meta")
+    why = (f"it is a tensor of shape {tuple(meta.shape)}, whose length is a run-time size"
+           if isinstance(meta, torch.Tensor) else
+           proxy.node.meta.get("ef.meta_error", "its value is data-dependent"))
+    return TraceFailure(f"cannot {what} {proxy.node.format_node()}: its length is unknown ({why})")
+
+
+class MetaProxy(Proxy):
+    """A proxy that can be iterated and measured when its meta value has a static length.
+
+    ``x.shape`` is the case that matters: fx's proxies refuse ``view(*x.shape)`` and
+    ``a, b = x.shape[:2]`` outside a direct unpacking, but the rank of a tensor is static.
+    """
+
+    def __getattr__(self, k: str) -> "MetaAttribute":
+        return MetaAttribute(self, k)  # fx's own Attribute would lose the meta-aware methods
+
+    def __iter__(self) -> Iterator[Proxy]:
+        n = _static_length(self)
+        if n is None:  # fx's own rule: ``a, b = t`` unpacks as many items as the code names
+            n = _unpack_count(inspect.currentframe())
+        if n is None:
+            raise _unknown_length(self, "iterate")
+        return iter([self[i] for i in range(n)])
 
     def __len__(self) -> int:
-        meta = self.node.meta.get("ef.meta")
-        if isinstance(meta, (tuple, list, torch.Size)):
-            return len(meta)
-        raise TraceFailure(f"len() of a traced value of unknown length: {self.node.format_node()}")
+        n = _static_length(self)
+        if n is None:
+            raise _unknown_length(self, "take len() of")
+        return n
+
+
+def _unpack_count(frame: types.FrameType | None) -> int | None:
+    """N when the caller of ``frame`` is executing ``UNPACK_SEQUENCE N`` (``a, b = proxy``)."""
+    caller = frame.f_back if frame is not None else None
+    if caller is None:
+        return None
+    for inst in dis.get_instructions(caller.f_code):
+        if inst.offset == caller.f_lasti:
+            return inst.argval if inst.opname == "UNPACK_SEQUENCE" else None
+    return None
+
+
+class MetaAttribute(Attribute, MetaProxy):
+    """fx's lazily created attribute proxy (``x.shape``, ``x.view``), with MetaProxy's methods."""
 
 
 class ExpertFlowTracer(fx.Tracer):
@@ -103,11 +152,13 @@ class ExpertFlowTracer(fx.Tracer):
         path = self.path_of_module(m)
         try:
             return super().call_module(m, forward, args, kwargs)
-        except TraceFailure:
-            raise
+        except TraceFailure as exc:
+            if exc.module is not None:
+                raise
+            raise TraceFailure(f"cannot trace module '{path}' ({type(m).__name__}): {exc}", path) from exc
         except Exception as exc:  # name the module that failed, once, at the innermost level
             raise TraceFailure(f"cannot trace module '{path}' ({type(m).__name__}): "
-                               f"{type(exc).__name__}: {exc}") from exc
+                               f"{type(exc).__name__}: {exc}", path) from exc
 
     def proxy(self, node: fx.Node) -> Proxy:
         return MetaProxy(node, self)
@@ -128,16 +179,15 @@ class ExpertFlowTracer(fx.Tracer):
         if kind == "get_attr":
             return _fetch_attr(self.root, target)
         margs, mkwargs = _to_meta(args), _to_meta(kwargs)
-        if True:
-            if kind == "call_function":
-                return target(*margs, **mkwargs)
-            if kind == "call_method":
-                return getattr(margs[0], target)(*margs[1:], **mkwargs)
-            if kind == "call_module":
-                mod = self.root.get_submodule(target)
-                if is_experts_module(mod):
-                    return torch.empty_like(margs[0])
-                return mod(*margs, **mkwargs)
+        if kind == "call_function":
+            return target(*margs, **mkwargs)
+        if kind == "call_method":
+            return getattr(margs[0], target)(*margs[1:], **mkwargs)
+        if kind == "call_module":
+            mod = self.root.get_submodule(target)
+            if is_experts_module(mod):  # experts return a tensor shaped like their hidden input
+                return torch.empty_like(margs[0])
+            return mod(*margs, **mkwargs)
         return None
 
 
@@ -215,7 +265,6 @@ def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphMo
 
     driver = Driver(lm)
     config = lm.config
-    hidden_size = config.hidden_size
     dtype = next(lm.parameters()).dtype
     masks = {k: torch.zeros(batch, 1, seq, seq, dtype=dtype, device="meta") for k in set(driver.mask_kinds)}
     meta = {
@@ -224,7 +273,6 @@ def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphMo
         "past_key_values": DynamicCache(config=config),
         "masks": masks,
     }
-    del hidden_size
     tracer = ExpertFlowTracer(meta)
     try:
         graph = tracer.trace(driver)

@@ -61,6 +61,19 @@ class ExpertCache:
                 tensor = torch.empty(slots, layout.blob_bytes, dtype=torch.uint8, device=device)
                 self.pools[layout.signature] = Pool(tensor, [None] * slots)
 
+    def preload(self) -> None:
+        """Fills the slots in layer order (all experts, when they fit), so a warm start has no misses."""
+        for layer, layout in self.layouts.items():
+            pool = self.pool(layer)
+            for e in range(layout.num_experts):
+                slot = self._victim(pool, set(pool.where.values()))
+                if slot is None:
+                    break
+                self._load(pool, slot, layer, e)
+            for ticket in pool.tickets.values():
+                ticket.wait()
+            pool.tickets.clear()
+
     def pool(self, layer: int) -> Pool:
         return self.pools[self.layouts[layer].signature]
 

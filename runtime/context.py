@@ -39,8 +39,20 @@ class SlotPlan:
 class RuntimeContext:
     def __init__(self, cache: ExpertCache, modules: dict[int, nn.Module]):
         self.cache = cache
-        self.views = {layer: slot_view_module(modules[layer], layout, cache.pool(layer).tensor)
-                      for layer, layout in cache.layouts.items()}
+        self.modules = modules
+        self._views: dict[tuple[int, int, int], nn.Module] = {}
+
+    def _view(self, layer: int, lo: int, hi: int) -> nn.Module:
+        """The experts module over slots lo..hi only: experts functions pay per expert group, so
+        the view spans the slots in use, not the whole pool."""
+        key = (layer, lo, hi)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) > 4096:
+                self._views.clear()
+            pool = self.cache.pool(layer).tensor[lo:hi + 1]
+            view = self._views[key] = slot_view_module(self.modules[layer], self.cache.layouts[layer], pool)
+        return view
 
     def route(self, layer: int, top_k_index: torch.Tensor) -> None:
         return None
@@ -55,10 +67,11 @@ class RuntimeContext:
     def _run(self, layer: int, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
              experts: list[int], slots: list[int]) -> torch.Tensor:
         num = self.cache.layouts[layer].num_experts
-        lut = torch.full((num + 1,), self.cache.slots, dtype=index.dtype, device=index.device)
+        lo, hi = min(slots), max(slots)
+        lut = torch.full((num + 1,), hi - lo + 1, dtype=index.dtype, device=index.device)
         lut[torch.tensor(experts, dtype=index.dtype, device=index.device)] = torch.tensor(
-            slots, dtype=index.dtype, device=index.device)
-        view = self.views[layer]
+            [s - lo for s in slots], dtype=index.dtype, device=index.device)
+        view = self._view(layer, lo, hi)
         return type(view).forward(view, hidden, lut[index], weights)
 
     def expert_compute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,

@@ -95,7 +95,8 @@ class CompiledModel:
         total = {k: sum(s[k] for s in per_layer.values()) for k in next(iter(per_layer.values()))}
         for entry in list(per_layer.values()) + [total]:
             entry["prefetch_precision"] = entry["predicted_used"] / entry["predicted"] if entry["predicted"] else None
-            entry["prefetch_recall"] = entry["predicted_used"] / entry["needed"] if entry["needed"] else None
+            entry["prefetch_recall"] = (entry["predicted_used"] / entry["needed"]
+                                        if entry["needed"] and entry["predicted"] else None)
             lookups = entry["hits"] + entry["misses"]
             entry["hit_rate"] = entry["hits"] / lookups if lookups else None
         return {"slots": self.context.cache.slots, "layers": per_layer, "total": total}

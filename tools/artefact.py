@@ -6,18 +6,18 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import fx, nn
 
 from ..ir.serialize import graph_to_json
 from ..passes.trace import TraceInfo
-from ..runtime.store import ExpertLayout, blob_key
+from ..runtime.store import ALIGN, ExpertLayout, blob_key
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -36,25 +36,121 @@ def layouts_of(lm: nn.Module, info: TraceInfo) -> dict[int, ExpertLayout]:
             for layer, path in sorted(info.experts.items())}
 
 
-def write_weights(lm: nn.Module, layouts: dict[int, ExpertLayout], out: Path,
-                  progress: Callable[[Any], Any]) -> None:
-    """dense.safetensors (everything but experts) and experts.safetensors (one blob per expert)."""
-    expert_names = {f"{lay.module.removeprefix('lm.')}.{p.name}" for lay in layouts.values() for p in lay.parts}
-    dense, seen = {}, {}
-    for name, tensor in lm.state_dict().items():
-        if name in expert_names:
-            continue
-        ptr = tensor.data_ptr()
-        dense[name] = tensor.clone() if ptr in seen else tensor.contiguous()  # tied weights: own copy
-        seen[ptr] = name
-    save_file(dense, str(out / "dense.safetensors"))
-    blobs = {}
-    for layout in progress(layouts.values()):
-        module = lm.get_submodule(layout.module.removeprefix("lm."))
-        tensors = {p.name: module._parameters[p.name].detach() for p in layout.parts}
-        for e in range(layout.num_experts):
-            blobs[blob_key(layout.layer, e)] = layout.pack(tensors, e)
-    save_file(blobs, str(out / "experts.safetensors"))
+def write_weights(weights: nn.Module | Iterable[tuple[Any, dict[str, torch.Tensor]]],
+                  layouts: dict[int, ExpertLayout], out: Path, progress: Callable[[Any], Any]) -> None:
+    """dense.safetensors (everything but experts) and experts.safetensors (one blob per expert).
+
+    ``weights`` is a model or a stream of ``(group, state-dict tensors)`` pairs such as
+    stream_load.WeightStream: each group is written as it arrives and then dropped, so only one
+    decoder layer's tensors are in memory at a time. Tied weights are written under each name.
+    """
+    groups = [(None, dict(weights.state_dict()))] if isinstance(weights, nn.Module) else weights
+    owner = {f"{lay.module.removeprefix('lm.')}.{p.name}": (lay, p.name) for lay in layouts.values() for p in lay.parts}
+    sizes = {blob_key(lay.layer, e): lay.blob_bytes for lay in layouts.values() for e in range(lay.num_experts)}
+    experts, dense = _BlobFile(out / "experts.safetensors", sizes), _DenseFile(out / "dense.safetensors")
+    pending: dict[int, dict[str, torch.Tensor]] = {}  # an experts module's parts until all have come
+    try:
+        for _, tensors in progress(groups):
+            # Emptied as written: a progress bar holding on to the last item holds nothing.
+            for name in list(tensors):
+                tensor = tensors.pop(name)
+                if name not in owner:
+                    dense.add(name, tensor)
+                    continue
+                layout, part = owner[name]
+                parts = pending.setdefault(layout.layer, {})
+                parts[part] = tensor.detach()
+                if len(parts) == len(layout.parts):
+                    for e in range(layout.num_experts):
+                        experts.write(blob_key(layout.layer, e), layout.pack(parts, e))
+                    del pending[layout.layer]
+            del tensors
+        if pending:
+            raise ValueError(f"the experts of layers {sorted(pending)} arrived incomplete")
+        dense.finish()
+        experts.finish()
+    finally:
+        dense.close()
+        experts.close()
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+              torch.float8_e5m2: "F8_E5M2"}
+
+
+def safetensors_header(entries: Iterable[tuple[str, str, list[int], int]]) -> bytes:
+    """A safetensors file's leading bytes for ``(name, dtype, shape, nbytes)`` stored back to back."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGN)  # data starts 64-byte aligned, like every blob inside it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class _BlobFile:
+    """experts.safetensors, blob by blob: every size is known from the layouts, so the header is
+    written first and each blob goes straight to its place."""
+
+    def __init__(self, path: Path, sizes: dict[str, int]):
+        header = safetensors_header((key, "U8", [n], n) for key, n in sizes.items())
+        self._place, offset = {}, len(header)
+        for key, n in sizes.items():
+            self._place[key] = (offset, n)
+            offset += n
+        self._missing = set(sizes)
+        self._file = open(path, "wb")
+        self._file.write(header)
+        self._file.truncate(offset)  # full size now: a blob written out of order leaves no short file
+
+    def write(self, key: str, blob: torch.Tensor) -> None:
+        start, n = self._place[key]
+        if blob.dtype != torch.uint8 or blob.numel() != n:
+            raise ValueError(f"{key}: expected {n} bytes, got {blob.numel()} of {blob.dtype}")
+        self._file.seek(start)
+        self._file.write(blob.contiguous().numpy())
+        self._missing.discard(key)
+
+    def finish(self) -> None:
+        if self._missing:
+            raise ValueError(f"{len(self._missing)} expert blobs were never written, e.g. {min(self._missing)}")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _DenseFile:
+    """dense.safetensors: shapes are known only as tensors arrive, so their bytes go to a spool
+    file and the header goes in front at the end (one extra copy of the small, dense part)."""
+
+    def __init__(self, path: Path):
+        self._path, self._spool_path = path, path.with_name(path.name + ".spool")
+        self._spool = open(self._spool_path, "w+b")
+        self._entries: list[tuple[str, str, list[int], int]] = []
+        self._names: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"{name} arrived twice")
+        tensor = tensor.detach().cpu().contiguous()
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        self._spool.write(data)
+        self._entries.append((name, _ST_DTYPES[tensor.dtype], list(tensor.shape), data.nbytes))
+        self._names.add(name)
+
+    def finish(self) -> None:
+        self._spool.seek(0)
+        with open(self._path, "wb") as f:
+            f.write(safetensors_header(self._entries))
+            shutil.copyfileobj(self._spool, f, 1 << 24)
+
+    def close(self) -> None:
+        self._spool.close()
+        self._spool_path.unlink(missing_ok=True)
 
 
 def memory_plan(layouts: dict[int, ExpertLayout], dense_bytes: int) -> dict[str, Any]:
@@ -66,28 +162,75 @@ def memory_plan(layouts: dict[int, ExpertLayout], dense_bytes: int) -> dict[str,
             "pools": len({lay.signature for lay in layouts.values()})}
 
 
+class OutputExists(FileExistsError):
+    """The output directory exists and replacing it was not asked for."""
+
+
 def write_compiled(out_dir: Path, force: bool, build: Callable[[Path], dict[str, Any]]) -> Path:
-    """Runs ``build(tmp)`` in a temporary sibling of ``out_dir`` and renames it into place."""
-    out_dir = out_dir.resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+    """Runs ``build(tmp)`` in a temporary sibling of ``out_dir`` and renames it into place.
+
+    On any failure, Ctrl-C included, the temporary directory and any parent directories made
+    for it are removed, and an existing ``out_dir`` is left as it was.
+    """
+    out_dir = Path(out_dir).resolve()
+    made = _make_parents(out_dir.parent)
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    except BaseException:
+        _remove_empty(made)
+        raise
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
         manifest = build(tmp)
         manifest["files"] = {p.relative_to(tmp).as_posix(): sha256(p)
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            if not force:
-                raise FileExistsError(out_dir)
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        _move_into_place(tmp, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
     return out_dir
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """Creates ``parent`` and its missing ancestors; returns those it made, deepest first."""
+    missing = []
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for path in reversed(missing):
+        path.mkdir()
+    return missing
+
+
+def _remove_empty(made: list[Path]) -> None:
+    for path in made:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
+def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
+    if not os.path.lexists(out_dir):
+        tmp.rename(out_dir)
+        return
+    if not force:
+        raise OutputExists(out_dir)
+    # Set the old directory aside before the new one moves in, so a failure at any point leaves
+    # either the old or the new directory in place, never a half-deleted one.
+    aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    out_dir.rename(aside / out_dir.name)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        (aside / out_dir.name).rename(out_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def graph_file(gm: fx.GraphModule, out: Path) -> None:

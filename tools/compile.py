@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
@@ -18,7 +21,7 @@ HELP = __doc__ + """
 
 MODEL is a directory written by save_pretrained, a hub id already in the local Hugging Face
 cache (ExpertFlow never downloads), or a built-in preset (tiny-mixtral, tiny-qwen2-moe,
-tiny-qwen3-moe, tiny-olmoe, tiny-deepseek-v3, tiny-gpt-oss).
+tiny-qwen3-moe, tiny-olmoe, tiny-deepseek-v3, tiny-gpt-oss, tiny-granitemoe).
 
 The output directory holds manifest.json (checksums, config, memory plan), graph.json (the
 scheduled graph), dense.safetensors, experts.safetensors (one contiguous blob per layer and
@@ -45,36 +48,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def compile_model(model: str, output: Path, options: CompileOptions, force: bool = False,
                   dumps: bool = True, quiet: bool = True) -> Path:
     """Compiles ``model`` into ``output``; raises UserError on bad input."""
+    output = Path(output)
+    check_output(output, force)  # before the model is loaded: a bad -o should fail in a second
+    with _libraries_quiet(quiet):
+        return _compile(model, output, options, force, dumps, quiet)
+
+
+def _compile(model: str, output: Path, options: CompileOptions, force: bool, dumps: bool,
+             quiet: bool) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..ir.skeleton import build_skeleton, config_dtype
+    from ..passes.manager import PassError
     from ..passes.pipeline import compile_graph
     from ..passes.trace import TraceFailure
     from . import artefact
+    from .stream_load import WeightStream
 
-    output = Path(output)
-    if output.exists() and not force:
-        raise UserError(f"{output} already exists; pass --force to replace it")
     source = resolve_model(model)
-    config = AutoConfig.from_pretrained(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:  # reading the user's files: any failure there is bad input, not a bug
+        raise UserError(f"cannot read the config of {model}: {one_line(exc)}") from None
     dtype = config_dtype(config)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
     say(f"loading {source}")
-    lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+    try:
+        # A meta skeleton and a plan over the shards: tensors are read a decoder layer at a time
+        # while write_weights writes them, so the whole model is never in memory.
+        weights = WeightStream(source, dtype)
+        lm = weights.model
+    except Exception as exc:  # e.g. safetensors' own error type for a truncated weights file
+        raise UserError(f"cannot load the weights of {model}: {one_line(exc)}") from None
     skeleton = build_skeleton(lm.config, dtype)  # traced on meta: the weights stay where they are
     bar = tqdm(desc="passes", disable=quiet, unit="pass")
     try:
         gm, info = compile_graph(skeleton, options, on_pass=lambda name: (bar.set_postfix_str(name), bar.update()))
     except TraceFailure as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(one_line(exc)) from None
+    except PassError as exc:  # a model shape the passes do not handle: say which node, no traceback
+        raise UserError(f"cannot compile {model}: {exc}") from None
     finally:
         bar.close()
     layouts = artefact.layouts_of(lm, info)
 
     def build(tmp: Path) -> dict[str, Any]:
         progress = (lambda it: it) if quiet else (lambda it: tqdm(it, desc="packing experts", unit="layer"))
-        artefact.write_weights(lm, layouts, tmp, progress)
+        artefact.write_weights(weights, layouts, tmp, progress)
         artefact.graph_file(gm, tmp)
         if dumps:
             from .dumps import write_dumps
@@ -96,8 +117,60 @@ def compile_model(model: str, output: Path, options: CompileOptions, force: bool
 
     try:
         return artefact.write_compiled(output, force, build)
-    except FileExistsError:
+    except artefact.OutputExists:  # it appeared while compiling
         raise UserError(f"{output} already exists; pass --force to replace it") from None
+
+
+def check_output(output: Path, force: bool) -> None:
+    """Refuses an output that exists (without ``force``), that ``force`` must not delete, or
+    whose parent cannot hold a directory."""
+    try:
+        if os.path.lexists(output):
+            if not force:
+                raise UserError(f"{output} already exists; pass --force to replace it")
+            if output.is_symlink() or not output.is_dir():
+                raise UserError(f"{output} exists and is not a directory; --force only replaces a compiled "
+                                "directory: remove it yourself or choose another --output")
+            if any(output.iterdir()) and not (output / "manifest.json").is_file():
+                raise UserError(f"{output} is not a compiled ExpertFlow directory (no manifest.json), so "
+                                "--force will not delete it; choose another --output")
+        parent = output.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UserError(f"cannot create {output}: {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"cannot create {output}: {parent} is not writable")
+    except OSError as exc:
+        raise UserError(f"cannot use {output} as the output: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def _libraries_quiet(quiet: bool) -> Iterator[None]:
+    """With ``quiet``, transformers' own progress bars and warnings stay off, then are restored:
+    a failing --quiet run prints exactly one line."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def one_line(exc: BaseException) -> str:
+    """The first paragraph of an error message, on one line (library errors run to several)."""
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, KeyError) and exc.args:
+        text = f"missing key {exc.args[0]!r}"
+    return " ".join(text.split("\n\n")[0].split())
 
 
 def _generation(lm: Any) -> dict[str, Any]:
@@ -114,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         options = CompileOptions(lookahead=args.lookahead, predictor=args.predictor)
         out = compile_model(args.model, args.output, options, force=args.force, dumps=not args.no_dumps,
                             quiet=args.quiet)
-    except (UserError, ValueError, OSError) as exc:
-        print(f"expertflow-compile: error: {exc}", file=sys.stderr)
+    except (UserError, ValueError, OSError, ImportError, KeyError) as exc:
+        print(f"expertflow-compile: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("expertflow-compile: interrupted; nothing was written", file=sys.stderr)

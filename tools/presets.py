@@ -7,12 +7,15 @@ everywhere.
 
 from __future__ import annotations
 
+import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 _COMMON = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=512, tie_word_embeddings=False)
+               max_position_embeddings=512, tie_word_embeddings=False,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-mixtral": ("MixtralConfig", dict(_COMMON, intermediate_size=128, num_hidden_layers=4,
@@ -33,6 +36,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-gpt-oss": ("GptOssConfig", dict(_COMMON, intermediate_size=64, num_hidden_layers=4,
                                           num_local_experts=8, num_experts_per_tok=2, head_dim=16,
                                           sliding_window=8, attn_implementation="eager")),
+    # Multipliers far from 1, so a front end that drops the ones outside the layers is caught.
+    "tiny-granitemoe": ("GraniteMoeConfig", dict(
+        _COMMON, intermediate_size=64, num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2,
+        embedding_multiplier=3.0, logits_scaling=0.25, residual_multiplier=1.5, attention_multiplier=0.125)),
 }
 
 
@@ -53,27 +60,65 @@ def build(name: str, seed: int = 0):
     return model.eval()
 
 
+ROUTER_WEIGHTS = ("mlp.gate.weight", "mlp.router.weight", "block_sparse_moe.router.weight")
+
+
 def _spread_routers(model, seed: int) -> None:
-    """Random init leaves routers near-uniform; wider router weights give realistic, peaked routing."""
+    """Random init leaves routers near-uniform; wider router weights give realistic, peaked routing.
+
+    DeepSeek's selection bias (``e_score_correction_bias``) is zero at init, which would leave
+    that term of the router untested: it gets values as large as the sigmoid scores it shifts.
+    """
     import torch
 
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+            if name.endswith(ROUTER_WEIGHTS):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.3)
+
+
+# Bump when build() makes different weights for the same preset entry (e.g. _spread_routers changes).
+RECIPE = 2
+STAMP = "expertflow-preset.json"
+
+
+def _stamp(name: str) -> str:
+    """What the saved copy was made from: a copy with another stamp is stale and is rebuilt."""
+    class_name, kwargs = PRESETS[name]
+    return json.dumps({"recipe": RECIPE, "class": class_name, "kwargs": kwargs}, sort_keys=True)
 
 
 def materialize(name: str, root: Path | None = None) -> Path:
     """The preset saved with ``save_pretrained`` under ``root`` (a per-user temp dir by default)."""
     root = Path(root) if root else Path(tempfile.gettempdir()) / "expertflow-presets"
     path = root / name
-    if (path / "config.json").is_file():
+    if _is_current(path, name):
         return path
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=_ensure(root)))
     build(name).save_pretrained(tmp)
-    tmp.rename(path)
+    (tmp / STAMP).write_text(_stamp(name))
+    if path.exists():  # stale: made by an older preset entry; set it aside, then replace it
+        old = Path(tempfile.mkdtemp(prefix=f".{name}-stale-", dir=root))
+        path.rename(old / name)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process put a copy there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_current(path, name):
+            raise
     return path
+
+
+def _is_current(path: Path, name: str) -> bool:
+    try:
+        return (path / "config.json").is_file() and (path / STAMP).read_text() == _stamp(name)
+    except OSError:
+        return False
 
 
 def _ensure(root: Path) -> Path:

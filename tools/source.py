@@ -16,19 +16,30 @@ def resolve_model(model: str, presets_dir: Path | None = None) -> Path:
 
     if model in presets.PRESETS:
         return presets.materialize(model, presets_dir)
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(f"{model} is a file; pass the directory that save_pretrained wrote")
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise UserError(f"{model} is not readable; check its permissions")
-        if not (path / "config.json").is_file():
-            raise UserError(f"{model} has no config.json; pass a directory written by save_pretrained")
-        return path
+    try:
+        path = Path(model).expanduser()
+        if path.exists():
+            return _local(model, path)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: expanduser of an unknown ~user
+        raise UserError(f"{model} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
+                        "check the path and its permissions") from None
     if model.count("/") == 1 and not model.startswith((".", "/")):
         return _from_hub_cache(model)
     raise UserError(f"{model} does not exist; pass a model directory, a cached hub id, or a preset "
                     f"({', '.join(presets.PRESETS)})")
+
+
+def _local(model: str, path: Path) -> Path:
+    if not path.is_dir():
+        raise UserError(f"{model} is a file; pass the directory that save_pretrained wrote")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UserError(f"{model} is not readable; check its permissions")
+    config = path / "config.json"
+    if not config.is_file():
+        raise UserError(f"{model} has no config.json; pass a directory written by save_pretrained")
+    if not os.access(config, os.R_OK):
+        raise UserError(f"{config} is not readable; check its permissions")
+    return path
 
 
 def _from_hub_cache(repo_id: str) -> Path:

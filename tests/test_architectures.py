@@ -1,0 +1,195 @@
+"""Every supported architecture, end to end: compile, run at three budgets, match HF exactly.
+
+The budgets: 1 slot (the minimum), EVICT slots (fewer than the experts one layer touches in the
+prefill of the prompt batch, so a single step must evict and compute in waves), and all experts
+resident. At each the logits of the padded two-prompt batch match transformers' own forward and
+32 greedy tokens match transformers' generate. Also: untraceable modules and dense models fail
+with errors that say which module and why.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROMPT_MASK, PROMPTS
+from torch import fx, nn
+
+from expertflow import runtime
+from expertflow.ir import ops
+from expertflow.ir.skeleton import build_skeleton
+from expertflow.passes.options import CompileOptions
+from expertflow.passes.pipeline import compile_graph
+from expertflow.passes.trace import TraceFailure
+from expertflow.runtime.model import CompiledModel
+from expertflow.tools import presets
+from expertflow.tools.compile import compile_model
+from expertflow.tools.source import UserError
+
+
+def _granite_has_experts_interface() -> bool:
+    """Older transformers 5.x built GraniteMoe on JetMoe's ParallelExperts, not the experts interface."""
+    from transformers.models.granitemoe import modeling_granitemoe
+
+    return hasattr(modeling_granitemoe, "GraniteMoeExperts")
+
+
+ARCHS = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v3", "tiny-gpt-oss",
+         pytest.param("tiny-granitemoe", marks=pytest.mark.skipif(
+             not _granite_has_experts_interface(),
+             reason="this transformers' GraniteMoe predates use_experts_implementation"))]
+EVICT = 3
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def hf_reference(model_dir):
+    """``hf_reference(preset)``: (model, logits, generated tokens) from transformers, once per preset."""
+    from transformers import AutoModelForCausalLM
+
+    made: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}
+
+    def make(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        if name not in made:
+            hf = AutoModelForCausalLM.from_pretrained(model_dir(name), dtype=torch.float32).eval()
+            with torch.no_grad():
+                logits = hf(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
+                tokens = hf.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=NEW_TOKENS,
+                                     do_sample=False)
+            made[name] = (hf, logits, tokens)
+        return made[name]
+
+    return make
+
+
+def _moe_layers(path: Path) -> list[int]:
+    return sorted(d["layer"] for d in json.loads((path / "manifest.json").read_text())["layouts"])
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("budget", [1, EVICT, None], ids=["1slot", f"{EVICT}slots", "resident"])
+def test_exact_against_transformers(name: str, budget: int | None, compiled_dir, hf_reference) -> None:
+    path = compiled_dir(name)
+    _, hf_logits, hf_tokens = hf_reference(name)
+    model = runtime.load(path, expert_cache=budget)
+    logits = model(PROMPTS, attention_mask=PROMPT_MASK)
+    torch.testing.assert_close(logits, hf_logits, atol=1e-5, rtol=0)
+    if budget == EVICT:
+        _assert_prefill_evicted(model, len(_moe_layers(path)))
+    tokens = model.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=NEW_TOKENS)
+    # A preset that stops at once would make the token check trivial: the presets are tuned not to.
+    assert hf_tokens.shape[1] >= PROMPTS.shape[1] + 8, f"{name} emits eos early: {hf_tokens.tolist()}"
+    assert torch.equal(tokens, hf_tokens), f"{name} at {budget} slots:\n{tokens}\nHF:\n{hf_tokens}"
+
+
+def _assert_prefill_evicted(model: CompiledModel, moe_layers: int) -> None:
+    """The prefill alone needed more experts in some layer than the budget holds."""
+    stats = model.stats()
+    assert stats["slots"] == EVICT
+    most = max(s["needed"] for s in stats["layers"].values())
+    assert most > EVICT, f"no layer touches more than {EVICT} experts in the prefill: pick a smaller EVICT"
+    assert stats["total"]["waves"] > moe_layers and stats["total"]["misses"] > 0, stats["total"]
+
+
+# Architecture features each preset is meant to exercise: check they are really there.
+
+def test_dense_layers_are_skipped(compiled_dir) -> None:
+    assert _moe_layers(compiled_dir("tiny-qwen2-moe")) == [1, 3]  # decoder_sparse_step=2
+    assert _moe_layers(compiled_dir("tiny-deepseek-v3")) == [1, 2, 3]  # first_k_dense_replace=1
+
+
+def test_gpt_oss_has_sliding_layers(compiled_dir) -> None:
+    kinds = json.loads((compiled_dir("tiny-gpt-oss") / "manifest.json").read_text())["mask_kinds"]
+    assert {"sliding_attention", "full_attention"} <= set(kinds)
+
+
+def test_granite_multipliers_are_not_one(hf_reference) -> None:
+    config = hf_reference("tiny-granitemoe")[0].config
+    for key in ("embedding_multiplier", "logits_scaling", "residual_multiplier", "attention_multiplier"):
+        assert getattr(config, key) != 1.0, key
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for arg in todo.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                todo.append(arg)
+    return seen
+
+
+def test_deepseek_group_mask_scatter_survives(compiled_dir) -> None:
+    """The in-place ``scatter_`` of the group-limited router feeds every router and every predictor."""
+    graph = runtime.load(compiled_dir("tiny-deepseek-v3"), expert_cache=1).graph_module.graph
+    targets = [n for n in graph.nodes if n.target in (ops.route, ops.predict)]
+    assert sorted(n.target.__name__ for n in targets) == ["predict"] * 3 + ["route"] * 3  # 3 MoE layers
+    for node in targets:
+        up = _ancestors(node)
+        assert any(n.op == "call_method" and n.target == "scatter_" for n in up), node.format_node()
+        assert any(n.op == "get_attr" and n.target.endswith("e_score_correction_bias") for n in up), node.name
+
+
+def test_deepseek_correction_bias_matters(hf_reference) -> None:
+    """The preset's non-zero selection bias changes routing, so exactness covers that term."""
+    hf, logits, _ = hf_reference("tiny-deepseek-v3")
+    biases = [b for n, b in hf.named_buffers() if n.endswith("e_score_correction_bias")]
+    assert biases and all(b.abs().sum() > 0 for b in biases)
+    saved = [b.clone() for b in biases]
+    try:
+        for b in biases:
+            b.zero_()
+        with torch.no_grad():
+            unbiased = hf(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
+    finally:
+        for b, s in zip(biases, saved):
+            b.copy_(s)
+    assert (unbiased - logits).abs().max() > 1e-3
+
+
+# Failures: they name the module and the reason.
+
+def _branchy_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.sum() > 0:  # Python control flow on a tensor's value: cannot be traced
+        return hidden_states
+    return -hidden_states
+
+
+def _row_loop_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    return torch.stack([row * 2 for row in hidden_states])  # as many rows as the batch has
+
+
+@pytest.mark.parametrize("forward, reason", [(_branchy_forward, "control flow"),
+                                             (_row_loop_forward, "cannot iterate")])
+def test_untraceable_module_is_named(forward, reason: str, monkeypatch) -> None:
+    skeleton = build_skeleton(_preset_config("tiny-qwen3-moe"), torch.float32)
+    block = type(skeleton.model.layers[0].mlp)
+    monkeypatch.setattr(block, "forward", forward)
+    with pytest.raises(TraceFailure) as err:
+        compile_graph(skeleton)
+    assert err.value.module == "lm.model.layers.0.mlp"
+    assert f"'lm.model.layers.0.mlp' ({block.__name__})" in str(err.value)
+    assert reason in str(err.value)
+
+
+def _preset_config(name: str):
+    import transformers
+
+    class_name, kwargs = presets.PRESETS[name]
+    return getattr(transformers, class_name)(**{k: v for k, v in kwargs.items() if k != "attn_implementation"})
+
+
+def test_dense_model_is_refused(tmp_path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(TraceFailure, match="has no MoE layer"):
+        compile_graph(build_skeleton(config, torch.float32))
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    with pytest.raises(UserError, match="LlamaForCausalLM has no MoE layer"):
+        compile_model(str(tmp_path / "llama"), tmp_path / "out", CompileOptions(), quiet=True)
+    assert not (tmp_path / "out").exists()

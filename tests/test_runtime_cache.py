@@ -1,0 +1,229 @@
+"""The expert cache: real bytes moved into slots, hit/miss accounting, copies on the copy thread
+overlapping compute, pinned slots never reused, waves, budgets, and HF-identical logits at the
+smallest and the largest budget."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from expertflow.runtime import LoadError, load, parse_budget
+from expertflow.runtime.cache import ExpertCache
+from expertflow.runtime.store import ExpertLayout, Part
+from expertflow.runtime.streams import CopyEngine
+
+from conftest import PROMPT_MASK, PROMPTS
+
+BLOB = 64  # bytes per expert in the synthetic cache: one float32 4x4 matrix
+
+
+def layouts_for(layers: int, experts: int, blob: int = BLOB, dtype: str = "float32") -> dict[int, ExpertLayout]:
+    side = int(math.isqrt(blob // 4))
+    part = Part("down_proj", dtype, (side, blob // 4 // side), 0)
+    return {layer: ExpertLayout(layer, f"lm.model.layers.{layer}.mlp.experts", experts, (part,), blob)
+            for layer in range(layers)}
+
+
+class Recording(torch.Tensor):
+    """A host blob that notes which thread copies it (and can make that copy slow)."""
+
+    copies: list[tuple[str, float]] = []
+    delay = 0.0
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is torch.Tensor.copy_:
+            Recording.copies.append((threading.current_thread().name, time.perf_counter()))
+            time.sleep(Recording.delay)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class Store:
+    """Distinct bytes per (layer, expert), so a slot's content says which blob landed in it."""
+
+    def __init__(self, layers: int, experts: int, blob: int = BLOB):
+        self.blobs = {(l, e): torch.full((blob,), 16 * l + e, dtype=torch.uint8).as_subclass(Recording)
+                      for l in range(layers) for e in range(experts)}
+
+    def blob(self, layer: int, expert: int) -> torch.Tensor:
+        return self.blobs[(layer, expert)]
+
+
+@pytest.fixture
+def make_cache() -> Iterator:
+    engines: list[CopyEngine] = []
+    Recording.copies, Recording.delay = [], 0.0
+
+    def make(slots: int, layers: int = 2, experts: int = 8) -> ExpertCache:
+        engines.append(CopyEngine(torch.device("cpu")))
+        return ExpertCache(layouts_for(layers, experts), Store(layers, experts), slots, torch.device("cpu"),
+                           engines[-1])
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def resident(cache: ExpertCache, layer: int) -> dict[int, int]:
+    """expert -> slot for ``layer``, checking every slot holds exactly its owner's bytes."""
+    pool = cache.pool(layer)
+    for ticket in pool.tickets.values():  # prefetches still in flight land first
+        ticket.wait()
+    for (l, e), slot in pool.where.items():
+        assert torch.equal(pool.tensor[slot], cache.store.blob(l, e).as_subclass(torch.Tensor)), (l, e, slot)
+    return {e: s for (l, e), s in pool.where.items() if l == layer}
+
+
+def test_bytes_moved_hits_and_misses(make_cache) -> None:
+    cache = make_cache(slots=2)
+    slots = cache.acquire(0, [1, 2])
+    cache.release(0, slots)
+    assert resident(cache, 0) == {1: slots[0], 2: slots[1]}
+    assert (cache.stats[0].misses, cache.stats[0].hits, cache.stats[0].bytes_moved) == (2, 0, 2 * BLOB)
+    cache.release(0, cache.acquire(0, [2, 1]))  # both resident: no copy
+    assert (cache.stats[0].misses, cache.stats[0].hits, cache.stats[0].bytes_moved) == (2, 2, 2 * BLOB)
+    cache.release(0, cache.acquire(0, [3]))  # evicts the least recently used: expert 2 (used before 1)
+    assert set(resident(cache, 0)) == {1, 3}
+    assert cache.stats[0].bytes_moved == 3 * BLOB == cache.engine.bytes_moved == cache.engine.copies * BLOB
+
+
+def test_prefetch_copies_on_the_copy_thread_while_the_caller_computes(make_cache) -> None:
+    cache = make_cache(slots=4)
+    Recording.delay = 0.1
+    start = time.perf_counter()
+    handle = cache.prefetch(1, torch.tensor([[3, 5]]))
+    issued = time.perf_counter() - start
+    assert issued < 0.1, "prefetch blocked on its copies (two of 0.1 s each)"
+    assert handle.predicted == [3, 5]
+    time.sleep(0.4)  # the compute of the previous layer: the copies land meanwhile
+    waves = cache.plan(1, handle, torch.tensor([[5, 3]]))
+    slots = cache.acquire(1, waves[0])
+    assert [name for name, _ in Recording.copies] == ["expertflow-copy"] * 2
+    assert Recording.copies[0][1] - start < 0.1  # the first copy started before the "compute" ended
+    assert cache.stats[1].stall_s < 0.1 and cache.stats[1].hits == 2 and cache.stats[1].misses == 0
+    assert cache.stats[1].predicted_used == 2
+    assert set(resident(cache, 1)) == {3, 5}
+    cache.release(1, slots)
+
+
+def test_no_slot_is_reused_while_pinned(make_cache) -> None:
+    cache = make_cache(slots=2)
+    pinned = cache.acquire(0, [1, 2])  # the compute reading these slots is not done
+    before = cache.pool(0).tensor.clone()
+    cache.prefetch(1, torch.tensor([4, 6]))
+    assert cache.stats[1].prefetch_dropped == 2  # nowhere to go: both slots pinned
+    assert torch.equal(cache.pool(0).tensor, before) and cache.engine.copies == 2
+    cache.release(0, pinned)
+    cache.prefetch(1, torch.tensor([4, 6]))
+    assert set(resident(cache, 1)) == {4, 6} and cache.engine.copies == 4
+
+
+def test_prefetch_does_not_evict_another_layers_reservation(make_cache) -> None:
+    cache = make_cache(slots=2)
+    cache.prefetch(1, torch.tensor([4, 6]))
+    cache.prefetch(0, torch.tensor([1]))  # layer 1 computes first; its prefetched experts stay
+    assert cache.stats[0].prefetch_dropped == 1 and set(resident(cache, 1)) == {4, 6}
+
+
+def test_waves_when_needed_experts_exceed_slots(make_cache) -> None:
+    cache = make_cache(slots=2, layers=1)
+    cache.release(0, cache.acquire(0, [4]))
+    waves = cache.plan(0, None, torch.tensor([[0, 1], [2, 4], [1, 7]]))
+    assert waves[0][0] == 4, "the resident expert goes first, before any slot is refilled"
+    assert sorted(e for wave in waves for e in wave) == [0, 1, 2, 4, 7]
+    assert [len(w) for w in waves] == [2, 2, 1] and cache.stats[0].waves == 3
+    for wave in waves:
+        slots = cache.acquire(0, wave)
+        assert len(set(slots)) == len(wave) and set(resident(cache, 0)) >= set(wave)
+        cache.release(0, slots)
+    assert cache.stats[0].hits == 1 and cache.stats[0].misses == 1 + 4  # the warm-up load, then 0, 1, 2, 7
+
+
+def test_out_of_range_ids_are_ignored(make_cache) -> None:
+    # Padding rows and predictors may name experts that do not exist; nothing is loaded for them.
+    cache = make_cache(slots=2, layers=1, experts=4)
+    cache.prefetch(0, torch.tensor([-1, 9, 2]))
+    assert cache.stats[0].predicted == 1 and set(resident(cache, 0)) == {2}
+
+
+@pytest.mark.parametrize("budget, slots", [
+    (None, 32), ("all", 32), (5, 5), (100, 32), ("4MiB", 4), ("4 mib", 4), ("4.5MiB", 4), (".5GiB", 32),
+    ("3MB", 2), ("4GiB", 32), ("1048576", 1), ("1MiB", 1),
+])
+def test_parse_budget(budget: Any, slots: int) -> None:
+    assert parse_budget(budget, layouts_for(layers=4, experts=8, blob=2**20)) == slots
+
+
+def test_parse_budget_splits_bytes_between_pools() -> None:
+    # Layers whose experts differ in layout get a pool each, and a byte budget pays for both.
+    layouts = layouts_for(layers=2, experts=8, blob=2**20)
+    layouts.update({l + 2: lay for l, lay in layouts_for(2, 8, 2**20, "int32").items()})
+    assert parse_budget("4MiB", layouts) == 2
+    assert parse_budget(None, layouts) == 16
+    with pytest.raises(LoadError, match="minimum is 1 slot"):
+        parse_budget("1.5MiB", layouts)
+
+
+# --- a real model ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_logits(model_dir) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir("tiny-mixtral")).eval()
+    with torch.no_grad():
+        return hf(PROMPTS, attention_mask=PROMPT_MASK).logits
+
+
+def check_real_bytes(model: Any) -> None:
+    cache = model.context.cache
+    blob = next(iter(cache.layouts.values())).blob_bytes
+    for layer in cache.layouts:
+        resident(cache, layer)
+    total = model.stats()["total"]
+    assert total["bytes_moved"] == cache.engine.copies * blob == cache.engine.bytes_moved
+    assert total["hits"] + total["misses"] == total["needed"]  # each needed expert looked up once
+
+
+def test_minimum_budget_matches_hf(compiled_dir, hf_logits: torch.Tensor) -> None:
+    model = load(compiled_dir("tiny-mixtral"), expert_cache=1)
+    store = model.context.cache.store
+    blob = store.blob
+    store.blob = lambda layer, expert: blob(layer, expert).as_subclass(Recording)
+    Recording.copies, Recording.delay = [], 0.0
+    assert_close(model(PROMPTS, PROMPT_MASK), hf_logits)
+    stats = model.stats()
+    assert stats["slots"] == 1
+    for layer in stats["layers"].values():  # one slot: one wave per needed expert
+        assert layer["waves"] == layer["needed"] > 1
+    assert {name for name, _ in Recording.copies} == {"expertflow-copy"}
+    assert len(Recording.copies) == model.context.cache.engine.copies > 0
+    check_real_bytes(model)
+
+
+def test_three_slots_compute_in_waves_and_match_hf(compiled_dir, hf_logits: torch.Tensor) -> None:
+    model = load(compiled_dir("tiny-mixtral"), expert_cache=3)
+    assert_close(model(PROMPTS, PROMPT_MASK), hf_logits)
+    for layer in model.stats()["layers"].values():
+        assert layer["waves"] == math.ceil(layer["needed"] / 3)
+    check_real_bytes(model)
+
+
+def test_all_resident_matches_hf_and_stops_moving_bytes(compiled_dir, hf_logits: torch.Tensor) -> None:
+    model = load(compiled_dir("tiny-mixtral"), expert_cache=None)
+    assert model.stats()["slots"] == 32
+    assert_close(model(PROMPTS, PROMPT_MASK), hf_logits)
+    check_real_bytes(model)
+    moved = model.stats()["total"]["bytes_moved"]
+    model.reset_stats()
+    assert_close(model(PROMPTS, PROMPT_MASK), hf_logits)  # warm: every expert already has a slot
+    total = model.stats()["total"]
+    assert (total["misses"], total["bytes_moved"]) == (0, 0) and total["hits"] == total["needed"] > 0
+    assert moved > 0

@@ -1,0 +1,167 @@
+"""expertflow-bench: decode speed and cache behaviour of a compiled model against HF eager.
+
+Measures, in one run on one machine:
+- decode time per token of ``runtime.load`` with all experts resident vs transformers eager
+  (the ratio is the cost of the graph and cache machinery);
+- at a smaller budget (default 25% of the experts): decode time, hits, misses, bytes moved,
+  stall time and prefetch precision/recall;
+- peak memory of ``expertflow-compile`` (a child process) against the model's size on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .source import UserError, resolve_model
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="expertflow-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model directory, cached hub id, or preset name (e.g. tiny-mixtral)")
+    p.add_argument("--compiled", type=Path, help="compiled directory of MODEL (default: compile into a temp dir)")
+    p.add_argument("--budget", default="25%", help="expert cache for the offloaded run: slots, a size "
+                   "like '4GiB', or a percentage of all experts (default 25%%)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--batch", type=int, default=1, help="prompts per batch (default 1)")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
+    p.add_argument("--tokens", type=int, default=64, help="decode steps timed (default 64)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions; the median is kept (default 3)")
+    p.add_argument("--skip-compile-memory", action="store_true", help="do not measure compile peak memory")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def _decode_times(step, first_ids: torch.Tensor, tokens: int) -> list[float]:
+    """Per-token wall times of ``tokens`` greedy decode steps after a prefill."""
+    logits = step(first_ids, prefill=True)
+    times = []
+    for _ in range(tokens):
+        nxt = logits[:, -1, :].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        logits = step(nxt, prefill=False)
+        if first_ids.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def hf_stepper(model: Any, device: torch.device):
+    from transformers import DynamicCache
+
+    state: dict[str, Any] = {}
+
+    @torch.inference_mode()
+    def step(ids: torch.Tensor, prefill: bool) -> torch.Tensor:
+        if prefill:
+            state["cache"] = DynamicCache(config=model.config)
+        return model(input_ids=ids.to(device), past_key_values=state["cache"], use_cache=True).logits
+
+    return step
+
+
+def ef_stepper(model: Any):
+    state: dict[str, Any] = {}
+
+    def step(ids: torch.Tensor, prefill: bool) -> torch.Tensor:
+        if prefill:
+            state["cache"] = model.new_cache()
+        return model(ids, past_key_values=state["cache"])
+
+    return step
+
+
+def timed(step, ids: torch.Tensor, tokens: int, repeats: int) -> float:
+    return statistics.median(statistics.median(_decode_times(step, ids, tokens)) for _ in range(repeats))
+
+
+def compile_peak_rss(model: str, out: Path) -> int:
+    """Peak resident memory, in bytes, of a child process running expertflow-compile."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run([sys.executable, "-m", "expertflow.tools.compile", model, "-o", str(out), "--quiet",
+                    "--force", "--no-dumps"], check=True, capture_output=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(peak, before) * 1024  # Linux reports KiB
+
+
+def budget_slots(budget: str, total: int) -> int | str:
+    if budget.endswith("%"):
+        return max(1, round(total * float(budget[:-1]) / 100))
+    return int(budget) if budget.isdigit() else budget
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from .. import runtime
+
+    source = resolve_model(args.model)
+    device = torch.device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="expertflow-bench-"))
+    compiled = args.compiled or work / "compiled"
+    result: dict[str, Any] = {"model": args.model, "device": args.device, "batch": args.batch,
+                              "prompt_len": args.prompt_len, "tokens": args.tokens,
+                              "torch_threads": torch.get_num_threads()}
+    if not args.skip_compile_memory or args.compiled is None:
+        peak = compile_peak_rss(args.model, compiled)
+        disk = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+        result.update(compile_peak_rss=peak, model_bytes_on_disk=disk)
+    gen = torch.Generator().manual_seed(0)
+    hf = AutoModelForCausalLM.from_pretrained(source).eval().to(device)
+    ids = torch.randint(3, hf.config.vocab_size, (args.batch, args.prompt_len), generator=gen)
+    result["hf_eager_s_per_token"] = timed(hf_stepper(hf, device), ids, args.tokens, args.repeats)
+    full = runtime.load(compiled, device=args.device)
+    result["resident_s_per_token"] = timed(ef_stepper(full), ids, args.tokens, args.repeats)
+    result["resident_over_hf"] = result["resident_s_per_token"] / result["hf_eager_s_per_token"]
+    total = full.stats()["slots"]
+    slots = budget_slots(args.budget, total)
+    small = runtime.load(compiled, device=args.device, expert_cache=slots)
+    small.reset_stats()
+    result["offload_s_per_token"] = timed(ef_stepper(small), ids, args.tokens, 1)
+    result["offload_slots"], result["all_slots"] = small.stats()["slots"], total
+    result["offload_stats"] = small.stats()["total"]
+    return result
+
+
+def render(r: dict[str, Any]) -> str:
+    s = r["offload_stats"]
+    lines = [f"model {r['model']} on {r['device']}, batch {r['batch']}, prompt {r['prompt_len']}, "
+             f"{r['tokens']} decode steps, {r['torch_threads']} torch threads",
+             f"decode s/token: HF eager {r['hf_eager_s_per_token']:.5f}, ExpertFlow all resident "
+             f"{r['resident_s_per_token']:.5f} (ratio {r['resident_over_hf']:.2f}x)",
+             f"budget {r['offload_slots']}/{r['all_slots']} slots: {r['offload_s_per_token']:.5f} s/token, "
+             f"hits {s['hits']}, misses {s['misses']}, hit rate {s['hit_rate']:.3f}, bytes moved "
+             f"{s['bytes_moved']}, stall {s['stall_s']:.4f} s, prefetch precision "
+             f"{s['prefetch_precision']:.3f}, recall {s['prefetch_recall']:.3f}"]
+    if "compile_peak_rss" in r:
+        lines.append(f"compile peak RSS {r['compile_peak_rss'] / 2**20:.1f} MiB for "
+                     f"{r['model_bytes_on_disk'] / 2**20:.1f} MiB of weights on disk")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (UserError, ValueError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"expertflow-bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(render(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""expertflow-inspect: what a compiled directory holds, and how its graph overlaps copies with compute."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..ir import graph_view as gv
+
+PROG = "expertflow-inspect"
+# The formats this reader understands. Duplicated from tools.artefact / ir.serialize because those
+# import torch and inspect should start instantly; tests/test_inspect.py checks they agree.
+MANIFEST_SCHEMA = 1
+GRAPH_SCHEMA = 1
+
+HELP = __doc__ + """
+
+COMPILED is a directory written by expertflow-compile. Without an option, a summary: source
+model, dtype, memory plan, MoE layers with the compute each prefetch overlaps, node counts per
+op and stream, and the critical path. Reads manifest.json and graph.json only (no weights, no
+torch). --table, --code, --dot and --onnx show the dumps/ files written at compile time; --table,
+--dot, --svg and --onnx OUT also work on a directory compiled with --no-dumps.
+"""
+
+
+class InspectError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("compiled", type=Path, metavar="COMPILED", help="directory written by expertflow-compile")
+    show = p.add_mutually_exclusive_group()
+    show.add_argument("--summary", action="store_true", help="print the summary (the default)")
+    show.add_argument("--json", action="store_true", help="print the summary as JSON, for scripts")
+    show.add_argument("--table", action="store_true",
+                      help="print the node table: name, op, target, layer, stream, slot group")
+    show.add_argument("--code", action="store_true", help="print the generated Python code (dumps/graph.py)")
+    show.add_argument("--dot", action="store_true", help="print the graph as Graphviz DOT (copy-stream nodes "
+                                                         "light blue, ExpertFlow ops gold)")
+    show.add_argument("--svg", type=Path, metavar="OUT", help="render the graph to the SVG file OUT "
+                                                               "(needs Graphviz's 'dot' on PATH)")
+    show.add_argument("--onnx", nargs="?", const="", type=str, metavar="OUT",
+                      help="print the path of dumps/graph.onnx (open it in Netron); with OUT, write the "
+                           "ONNX view of graph.json to OUT instead")
+    return p.parse_args(argv)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InspectError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except OSError as exc:
+        raise InspectError(f"cannot read {path}: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise InspectError(f"{path} does not hold a JSON object")
+    return data
+
+
+def load_compiled(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(manifest, graph) of a compiled directory; InspectError says what is wrong with it."""
+    if not path.exists():
+        raise InspectError(f"{path} does not exist")
+    if not path.is_dir():
+        raise InspectError(f"{path} is not a directory; pass the directory expertflow-compile wrote")
+    if not (path / "manifest.json").is_file():
+        raise InspectError(f"{path} is not a compiled ExpertFlow directory (no manifest.json)")
+    manifest = _read_json(path / "manifest.json")
+    if manifest.get("schema_version") != MANIFEST_SCHEMA:
+        raise InspectError(f"{path}/manifest.json has schema {manifest.get('schema_version')!r}, "
+                           f"{PROG} reads {MANIFEST_SCHEMA}")
+    if not (path / "graph.json").is_file():
+        raise InspectError(f"{path} has no graph.json; the compiled directory is incomplete")
+    graph = _read_json(path / "graph.json")
+    if graph.get("schema") != GRAPH_SCHEMA or not isinstance(graph.get("nodes"), list):
+        raise InspectError(f"{path}/graph.json has schema {graph.get('schema')!r}, {PROG} reads {GRAPH_SCHEMA}")
+    _check_nodes(path / "graph.json", graph["nodes"])
+    return manifest, graph
+
+
+def _check_nodes(path: Path, nodes: list[Any]) -> None:
+    """Checked up front so a damaged file is one error line, not a traceback from the analysis."""
+    for i, node in enumerate(nodes):
+        if not (isinstance(node, dict) and all(isinstance(node.get(k), str) for k in ("name", "op", "target"))):
+            raise InspectError(f"{path} node {i} lacks a name, op or target")
+    try:
+        records = gv.node_records(nodes)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise InspectError(f"{path} has a malformed argument: {exc}") from None
+    seen: set[str] = set()
+    for rec in records:
+        missing = next((name for name in rec.inputs if name not in seen), None)
+        if missing is not None:
+            raise InspectError(f"{path} node {rec.name!r} uses {missing!r} before it is defined")
+        seen.add(rec.name)
+
+
+def _moe_layers(manifest: dict[str, Any], g: Any, streams: gv.StreamSummary) -> list[dict[str, Any]]:
+    by_layer = {p.layer: p for p in streams.prefetches}
+    # A layer without prefetch still has a slot group: the one its on-demand loads fill.
+    groups = {a["layer"]: a["slot_group"] for _, a in g.nodes(data=True) if a.get("ef_op") == "expert_compute"}
+    rows = []
+    for lay in sorted(manifest.get("layouts", []), key=lambda lay: lay["layer"]):
+        pre = by_layer.get(lay["layer"])
+        rows.append({"layer": lay["layer"], "module": lay.get("module"), "num_experts": lay.get("num_experts"),
+                     "blob_bytes": lay.get("blob_bytes"), "prefetch": pre.prefetch if pre else None,
+                     "wait": pre.wait if pre else None, "slot_group": groups.get(lay["layer"]),
+                     "overlap_nodes": pre.compute_nodes if pre else 0,
+                     "overlap_cost": pre.compute_cost if pre else 0.0})
+    return rows
+
+
+def summarize(path: Path, manifest: dict[str, Any], graph: dict[str, Any]) -> dict[str, Any]:
+    """Everything the summary shows, as JSON-ready data."""
+    g = gv.to_networkx(graph)
+    streams = gv.stream_summary(g)
+    unit_len, unit_path = gv.critical_path(g, gv.unit_cost)
+    weighted_len, weighted_path = gv.critical_path(g, gv.weighted_cost)
+    return {
+        "path": str(path),
+        **{k: manifest.get(k) for k in ("source", "source_path", "architecture", "model_type", "dtype",
+                                        "options", "created", "torch")},
+        "schema": {"manifest": manifest.get("schema_version"), "graph": graph.get("schema")},
+        "memory_plan": manifest.get("memory_plan", {}),
+        "moe_layers": _moe_layers(manifest, g, streams),
+        "graph": {"nodes": g.number_of_nodes(), "edges": g.number_of_edges(), "by_op": gv.count_by(g, "op"),
+                  "by_stream": streams.nodes_per_stream, "expertflow_ops": gv.count_by(g, "ef_op"),
+                  "prefetches": [asdict(p) for p in streams.prefetches],
+                  "on_demand_waits": streams.on_demand_waits},
+        "critical_path": {"unit": {"length": unit_len, "path": unit_path},
+                          "weighted": {"length": weighted_len, "path": weighted_path}},
+    }
+
+
+def _bytes(n: Any) -> str:
+    if not isinstance(n, int):
+        return "?"
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{n:,} B" if unit == "B" else f"{n:,} B ({size:.1f} {unit})"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+
+def _layer_table(rows: list[dict[str, Any]]) -> list[str]:
+    table = [("layer", "experts", "blob", "slot group", "prefetch -> wait", "overlap nodes", "overlap cost")]
+    for r in rows:
+        where = f"{r['prefetch']} -> {r['wait'] or 'nothing'}" if r["prefetch"] else "none (on demand)"
+        group = "" if r["slot_group"] is None else str(r["slot_group"])
+        blob = f"{r['blob_bytes']:,} B" if isinstance(r["blob_bytes"], int) else "?"
+        overlap = (str(r["overlap_nodes"]), f"{r['overlap_cost']:g}") if r["prefetch"] else ("-", "-")
+        table.append((str(r["layer"]), str(r["num_experts"]), blob, group, where, *overlap))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    plan, graph, crit = s["memory_plan"], s["graph"], s["critical_path"]
+    opts = s.get("options") or {}
+    unit, weighted = crit["unit"], crit["weighted"]
+    lines = [
+        f"compiled model  {s['path']}",
+        f"  source        {s['source']} ({s['source_path']})",
+        f"  architecture  {s['architecture']} ({s['model_type']}), dtype {s['dtype']}",
+        f"  schema        manifest {s['schema']['manifest']}, graph {s['schema']['graph']}; "
+        f"built {s['created']} with torch {s['torch']}",
+        f"  options       lookahead {opts.get('lookahead')}, predictor {opts.get('predictor')}",
+        "memory plan",
+        f"  dense weights   {_bytes(plan.get('dense_bytes'))}",
+        f"  expert blob     {_bytes(plan.get('expert_blob_bytes'))} per expert",
+        f"  experts         {plan.get('all_resident_slots')} in {plan.get('moe_layers')} MoE layers "
+        f"({plan.get('experts_per_layer')} per layer), {_bytes(plan.get('expert_bytes_total'))} in all",
+        f"  cache slots     min {plan.get('min_slots')}, all resident {plan.get('all_resident_slots')}, "
+        f"pools {plan.get('pools')}",
+        f"MoE layers ({len(s['moe_layers'])}); overlap = compute nodes issued between a prefetch and its wait",
+        *_layer_table(s["moe_layers"]),
+        "graph",
+        f"  nodes           {graph['nodes']} ({graph['edges']} edges)",
+        f"  per op          {_counts(graph['by_op'])}",
+        f"  per stream      {_counts(graph['by_stream'])}",
+        f"  ExpertFlow ops  {_counts(graph['expertflow_ops'])}",
+        f"  critical path   {unit['length']:g} compute nodes ({len(unit['path'])} nodes in all, "
+        f"{unit['path'][0] if unit['path'] else '-'} -> {unit['path'][-1] if unit['path'] else '-'}); "
+        f"weighted cost {weighted['length']:g}",
+    ]
+    if graph["on_demand_waits"]:
+        lines.append(f"  on demand       {len(graph['on_demand_waits'])} waits have no prefetch")
+    return "\n".join(lines) + "\n"
+
+
+def _dump_file(path: Path, name: str) -> str:
+    f = path / "dumps" / name
+    if not f.is_file():
+        raise InspectError(f"{path} has no dumps/{name} (compiled with --no-dumps?); recompile without it")
+    return f.read_text()
+
+
+def render_svg(dot_text: str, out: Path) -> None:
+    dot = shutil.which("dot")
+    if dot is None:
+        raise InspectError("graphviz 'dot' not found; install graphviz or use --dot")
+    try:
+        done = subprocess.run([dot, "-Tsvg", "-o", str(out)], input=dot_text, text=True, capture_output=True,
+                              timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InspectError(f"graphviz 'dot' failed: {exc}") from None
+    if done.returncode != 0:
+        raise InspectError(f"graphviz 'dot' failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+
+
+def run(args: argparse.Namespace) -> str:
+    """What to print for ``args``; raises InspectError on bad input."""
+    path: Path = args.compiled
+    manifest, graph = load_compiled(path)
+    if args.code:
+        return _dump_file(path, "graph.py")
+    if args.table or args.dot or args.svg:
+        from .dumps import node_table, to_dot
+
+        stored = path / "dumps" / ("nodes.txt" if args.table else "graph.dot")
+        text = stored.read_text() if stored.is_file() else (node_table if args.table else to_dot)(graph)
+        if not args.svg:
+            return text
+        render_svg(text, args.svg)
+        return f"{args.svg}\n"
+    if args.onnx is not None:
+        return _onnx(path, graph, args.onnx)
+    summary = summarize(path, manifest, graph)
+    return json.dumps(summary, indent=2) + "\n" if args.json else format_summary(summary)
+
+
+def _onnx(path: Path, graph: dict[str, Any], out: str) -> str:
+    if not out:
+        stored = path / "dumps" / "graph.onnx"
+        if not stored.is_file():
+            raise InspectError(f"{path} has no dumps/graph.onnx; pass --onnx OUT to write one from graph.json")
+        return f"{stored}\n"
+    try:
+        from .onnx_dump import write_onnx
+    except ImportError as exc:
+        raise InspectError(f"cannot write ONNX: {exc}") from None
+    try:
+        return f"{write_onnx(graph, out)}\n"
+    except OSError as exc:
+        raise InspectError(f"cannot write {out}: {exc.strerror}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        text = run(args)
+    except InspectError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `expertflow-inspect --table | head` is normal use, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is quiet
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
