@@ -27,7 +27,10 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call, _orig_module_getattr
 from torch.fx.proxy import Attribute, Proxy
 
-MASK_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
+#: The attention-mask kinds ExpertFlow builds (runtime/model.py makes each with transformers'
+#: masking_utils). ``indexed_attention`` (DeepSeek sparse attention) is a causal mask that is
+#: always materialised: its indexer reads it.
+MASK_KINDS = ("full_attention", "sliding_attention", "chunked_attention", "indexed_attention")
 EXPERT_FLAGS = ("is_transposed", "is_concatenated", "has_bias", "has_gate")
 
 
@@ -47,15 +50,28 @@ def is_experts_module(module: nn.Module) -> bool:
     return isinstance(down, torch.Tensor) and down.dim() == 3
 
 
-def layer_mask_kinds(config: Any) -> list[str]:
-    """The attention-mask kind of each decoder layer, as transformers' models choose it."""
+def layer_mask_kinds(config: Any, layers_path: str | None = None, layers: Any = None) -> list[str]:
+    """The attention-mask kind of each decoder layer, as transformers' models choose it.
+
+    A layer type that is no attention mask kind (``linear_attention``, ``mamba``, ``conv``...)
+    makes a hybrid model, which ExpertFlow does not compile: the failure names the first such
+    layer when ``layers_path`` (and the ``layers`` themselves) are given.
+    """
     n = config.num_hidden_layers
     types = getattr(config, "layer_types", None)
     if types:
-        unknown = sorted(set(types) - set(MASK_KINDS))
+        unknown = sorted(set(types[:n]) - set(MASK_KINDS))
         if unknown:
-            raise TraceFailure(f"config.layer_types has mask kinds {unknown} that ExpertFlow does not know; "
-                               f"supported: {list(MASK_KINDS)}")
+            first = next(i for i, t in enumerate(types[:n]) if t in unknown)
+            where, module = "", None
+            if layers_path is not None:
+                module = f"{layers_path}.{first}"
+                kind = type(layers[first]).__name__ if layers is not None and first < len(layers) else "layer"
+                where = f"decoder layer '{module}' ({kind}) is a {types[first]!r} layer: "
+            raise TraceFailure(
+                f"{where}config.layer_types has kinds {unknown} that are no attention mask ExpertFlow knows "
+                f"(it knows {list(MASK_KINDS)}). Hybrid models (Mamba, linear-attention, convolution or other "
+                "non-attention layers, which keep their own recurrent state) are out of scope", module)
         return list(types[:n])
     sliding = getattr(config, "sliding_window", None) is not None
     return ["sliding_attention" if sliding else "full_attention"] * n
@@ -116,6 +132,14 @@ class MetaProxy(Proxy):
             raise _unknown_length(self, "take len() of")
         return n
 
+    def __bool__(self) -> bool:
+        """Branching on a value fixed at compile time (a weight's dtype, ``x.dtype == torch.float32``)
+        takes the branch; anything that can change between calls is control flow fx refuses."""
+        meta = self.node.meta.get("ef.meta")
+        if self.node.meta.get("ef.static") and isinstance(meta, bool):
+            return meta
+        return super().__bool__()
+
 
 def _unpack_count(frame: types.FrameType | None) -> int | None:
     """N when the caller of ``frame`` is executing ``UNPACK_SEQUENCE N`` (``a, b = proxy``)."""
@@ -165,12 +189,19 @@ class ExpertFlowTracer(fx.Tracer):
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        node.meta["ef.static"] = _is_static_value(node)
         try:
             with _unpatched_modules():
-                proxy.node.meta["ef.meta"] = self._meta_value(kind, target, args, kwargs)
+                node.meta["ef.meta"] = self._meta_value(kind, target, args, kwargs)
         except Exception as exc:  # data-dependent ops have no meta value; shapes after them are unknown
-            proxy.node.meta["ef.meta"] = None
-            proxy.node.meta["ef.meta_error"] = f"{type(exc).__name__}: {exc}"
+            node.meta["ef.meta"] = None
+            node.meta["ef.meta_error"] = f"{type(exc).__name__}: {exc}"
+            if kind == "call_module" and isinstance(exc, TypeError) and all(
+                    a.meta.get("ef.meta") is not None for a in node.all_input_nodes):
+                # A leaf called with arguments it does not take (a rotary embedding that wants the
+                # layer type, say) would only fail when the compiled model runs: fail now.
+                raise TraceFailure(f"calling it with the traced arguments fails: {type(exc).__name__}: {exc}") from exc
         return proxy
 
     def _meta_value(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
@@ -189,6 +220,25 @@ class ExpertFlowTracer(fx.Tracer):
                 return torch.empty_like(margs[0])
             return mod(*margs, **mkwargs)
         return None
+
+
+_STATIC_ATTRIBUTES = frozenset({"dtype"})
+
+
+def _is_static_value(node: fx.Node) -> bool:
+    """True when the node's value is fixed when the model is compiled: weights and buffers, their
+    shapes, any tensor's dtype, and what is computed from those alone. Not: anything that depends
+    on the input's sizes or values, or on the device (``x.is_cuda``) the compiled model runs on."""
+    if node.op == "get_attr":
+        return True
+    if node.op == "placeholder":
+        return False
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
+            and node.args[1] in _STATIC_ATTRIBUTES:
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    return all(a.meta.get("ef.static", False) for a in node.all_input_nodes)
 
 
 @contextlib.contextmanager

@@ -55,6 +55,9 @@ class ExpertCache:
                  device: torch.device, engine: CopyEngine):
         self.layouts, self.store, self.slots, self.engine = layouts, store, slots, engine
         self.stats = {layer: LayerStats() for layer in layouts}
+        # Expert id -> slot, per layer, on the device: the compute remaps ids with one gather.
+        self.luts = {layer: torch.full((lay.num_experts + 1,), -1, dtype=torch.long, device=device)
+                     for layer, lay in layouts.items()}
         self.pools: dict[tuple, Pool] = {}
         for layout in layouts.values():
             if layout.signature not in self.pools:
@@ -90,7 +93,9 @@ class ExpertCache:
         old = pool.owner[slot]
         if old is not None:
             del pool.where[old]
+            self.luts[old[0]][old[1]] = -1
         pool.owner[slot], pool.where[(layer, expert)] = (layer, expert), slot
+        self.luts[layer][expert] = slot
         ticket = self.engine.submit(slot, pool.tensor[slot], self.store.blob(layer, expert))
         pool.tickets[slot] = ticket
         self.stats[layer].bytes_moved += ticket.nbytes
@@ -144,7 +149,10 @@ class ExpertCache:
                 stats.misses += 1
                 slot = self._victim(pool, protect)
                 if slot is None:  # reservations of other layers yield to a compute that must run
-                    slot = next(s for s in pool.lru if s not in pool.pinned and s not in protect)
+                    slot = next((s for s in pool.lru if s not in pool.pinned and s not in protect), None)
+                    if slot is None:
+                        raise RuntimeError(f"layer {layer}: all {self.slots} expert slots are pinned by "
+                                           "computes in flight; the graph waits twice before computing")
                     pool.reserved.pop(slot, None)
                 self._load(pool, slot, layer, e)
             else:

@@ -66,13 +66,12 @@ class RuntimeContext:
 
     def _run(self, layer: int, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
              experts: list[int], slots: list[int]) -> torch.Tensor:
-        num = self.cache.layouts[layer].num_experts
         lo, hi = min(slots), max(slots)
-        lut = torch.full((num + 1,), hi - lo + 1, dtype=index.dtype, device=index.device)
-        lut[torch.tensor(experts, dtype=index.dtype, device=index.device)] = torch.tensor(
-            [s - lo for s in slots], dtype=index.dtype, device=index.device)
+        local = self.cache.luts[layer][index]  # every id in ``index`` is resident: acquired above
+        if lo:
+            local = local - lo
         view = self._view(layer, lo, hi)
-        return type(view).forward(view, hidden, lut[index], weights)
+        return type(view).forward(view, hidden, local.to(index.dtype), weights)
 
     def expert_compute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor, plan: SlotPlan) -> torch.Tensor:

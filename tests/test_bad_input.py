@@ -28,10 +28,12 @@ OFFLINE_MAIN = ("import socket, sys\n"
 PREFIX = "expertflow-compile: error: "
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None, guarded: bool = True) -> subprocess.CompletedProcess:
+    """The CLI in a fresh interpreter: guarded (no sockets), or exactly as ``python -m`` runs it."""
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run([sys.executable, "-c", OFFLINE_MAIN, *args, "--quiet"], capture_output=True,
-                          text=True, env=full_env, timeout=300)
+    entry = ["-c", OFFLINE_MAIN] if guarded else ["-m", "expertflow.tools.compile"]
+    return subprocess.run([sys.executable, *entry, *args, "--quiet"], capture_output=True, text=True,
+                          env=full_env, timeout=300)
 
 
 def one_line(stderr: str) -> str:
@@ -74,7 +76,7 @@ def test_model_without_moe_layers(llama_dir: Path, tmp_path: Path) -> None:
 
 
 def test_missing_path(tmp_path: Path) -> None:
-    proc = run_cli(str(tmp_path / "nowhere"), "-o", str(tmp_path / "out"))
+    proc = run_cli(str(tmp_path / "nowhere"), "-o", str(tmp_path / "out"), guarded=False)
     assert proc.returncode == 2
     line = one_line(proc.stderr)
     assert "does not exist" in line and "preset" in line
@@ -118,6 +120,28 @@ def test_unreadable_model_dir_even_as_root(mixtral_src: str, tmp_path: Path, cap
     assert main([src, "-o", str(tmp_path / "out"), "--quiet"]) == 2
     assert f"{src} is not readable" in one_line(capsys.readouterr().err)
     assert_untouched(tmp_path, set())
+
+
+def _unknown_architecture(d: Path) -> None:
+    (d / "config.json").write_text(json.dumps({"model_type": "nonsense"}))
+
+
+def _truncated_weights(d: Path) -> None:
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:100])
+
+
+@pytest.mark.parametrize("damage, expected", [
+    # transformers words this one as two paragraphs; safetensors raises its own exception type
+    (_unknown_architecture, "cannot read the config of"), (_truncated_weights, "cannot load the weights of"),
+])
+def test_broken_model_dir(damage, expected: str, mixtral_src: str, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "model"
+    shutil.copytree(mixtral_src, src)
+    damage(src)
+    assert main([str(src), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    assert expected in one_line(capsys.readouterr().err)
+    assert_untouched(tmp_path, {"model"})
 
 
 def test_existing_output_is_refused_without_force(mixtral_src: str, tmp_path: Path, capsys) -> None:

@@ -3,6 +3,7 @@ after (torch.testing.assert_close), (c) a no-op input reports modified=False."""
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -19,9 +20,8 @@ from expertflow.passes.dce import dce
 from expertflow.passes.functionalize_inplace import functionalize_inplace, is_inplace_method
 from expertflow.passes.insert_prefetch import insert_prefetch
 from expertflow.passes.lower_experts import lower_experts
-from expertflow.passes.manager import PassError, PassManager
+from expertflow.passes.manager import PassError, PassManager, PassResult
 from expertflow.passes.options import CompileOptions
-from expertflow.passes.pipeline import PIPELINE
 from expertflow.passes.schedule import schedule
 from expertflow.passes.trace import Driver, TraceInfo, layer_mask_kinds, trace_model
 from expertflow.passes.verify import verify_graph
@@ -56,17 +56,10 @@ class Reference:
         return self.experts[layer](hidden, top_k_index, top_k_weights)
 
 
-@pytest.fixture(scope="module")
-def real() -> Callable[[str], nn.Module]:
-    """Preset models with real weights, built once."""
-    made: dict[str, nn.Module] = {}
-
-    def get(name: str) -> nn.Module:
-        if name not in made:
-            made[name] = presets.build(name)
-        return made[name]
-
-    return get
+@functools.cache
+def real(name: str) -> nn.Module:
+    """A preset with its real (seeded) weights, built once per session."""
+    return presets.build(name)
 
 
 def traced(lm: nn.Module) -> tuple[fx.GraphModule, TraceInfo]:
@@ -147,7 +140,7 @@ def test_functionalize_keeps_an_unused_inplace_result_through_dce() -> None:
     assert not functionalize_inplace(gm).modified and not dce(gm).modified
 
 
-def test_functionalize_inplace_on_deepseek_router(real) -> None:
+def test_functionalize_inplace_on_deepseek_router() -> None:
     lm = real("tiny-deepseek-v3")
     gm, _ = traced(lm)
     scatters = [n for n in gm.graph.nodes if is_inplace_method(n)]
@@ -179,7 +172,7 @@ def test_dce_removes_dead_values_and_keeps_side_effects() -> None:
 
 # --- lower_experts ----------------------------------------------------------------------------
 
-def test_lower_experts_structure(real) -> None:
+def test_lower_experts_structure() -> None:
     gm, info = traced(real("tiny-mixtral"))
     experts = [n for n in gm.graph.nodes if n.op == "call_module" and n.meta.get("ef.role") == "experts"]
     assert [n.meta["ef.layer"] for n in experts] == [0, 1, 2, 3]
@@ -198,7 +191,7 @@ def test_lower_experts_structure(real) -> None:
     assert not lower_experts(gm).modified
 
 
-def test_lower_experts_computes_what_the_modules_computed(real) -> None:
+def test_lower_experts_computes_what_the_modules_computed() -> None:
     lm = real("tiny-mixtral")
     gm, info = traced(lm)
     before = run(gm, lm)
@@ -217,16 +210,175 @@ def test_lower_experts_without_moe_is_a_no_op() -> None:
     gm, info = trace_model(build_skeleton(config, torch.float32))
     code = gm.code
     assert not info.experts
-    for p in PIPELINE:
+    for p in (functionalize_inplace, lower_experts, insert_prefetch):  # the MoE passes
         assert not p(gm, CompileOptions()).modified, p.__name__
     gm.recompile()
-    assert gm.code == code
+    assert gm.code == code and "ef_ctx" not in code
 
 
-def test_lower_experts_names_the_unannotated_node(real) -> None:
+def test_lower_experts_names_the_unannotated_node() -> None:
     gm, _ = traced(real("tiny-mixtral"))
     node = next(n for n in gm.graph.nodes if n.meta.get("ef.role") == "experts")
     del node.meta["ef.layer"]
     with pytest.raises(PassError) as info:
         lower_experts(gm)
     assert str(info.value) == f"[lower_experts] experts call has no ef.layer annotation at {node.format_node()}"
+
+
+# --- insert_prefetch --------------------------------------------------------------------------
+
+def predictor(gm: fx.GraphModule, layer: int) -> tuple[list[fx.Node], str]:
+    """Layer ``layer``'s copied router, and the name of the one value it reads from the graph."""
+    copies = [n for n in gm.graph.nodes if n.meta.get("ef.role") == "predictor" and n.meta["ef.layer"] == layer]
+    (source,) = {a for n in copies for a in n.all_input_nodes if a not in copies}
+    return copies, source.name
+
+
+def test_insert_prefetch_structure() -> None:
+    gm, _ = lowered(real("tiny-mixtral"))
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    computes = of(gm, ops.expert_compute)
+    for j, compute in enumerate(computes):
+        prefetch, route = compute.args[5].args[2], compute.args[3]
+        assert prefetch.target is ops.prefetch and prefetch.args[1] == j
+        assert prefetch.args[2].target is ops.predict and prefetch.args[2].args[1] == j
+        assert order[prefetch] < order[route], f"layer {j}: prefetch issued after its own route"
+        copies, source = predictor(gm, j)
+        assert {n.target for n in copies if n.op == "get_attr"} == {f"lm.model.layers.{j}.mlp.gate.weight"}
+        assert source == ("lm_model_embed_tokens" if j == 0 else f"lm_model_layers_{j - 1}_post_attention_layernorm")
+        if j > 0:  # it overlaps layer j-1's experts: nothing of that compute feeds it
+            assert computes[j - 1] not in ancestors(prefetch) and order[prefetch] < order[computes[j - 1]]
+    assert not insert_prefetch(gm, CompileOptions()).modified  # every wait already has a handle
+
+
+def test_insert_prefetch_predicts_with_the_next_router() -> None:
+    lm = real("tiny-mixtral")
+    gm, info = lowered(lm)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [lm.model.embed_tokens.register_forward_hook(lambda m, a, out: seen.__setitem__("embed", out))]
+    for i, layer in enumerate(lm.model.layers):
+        hooks.append(layer.mlp.register_forward_pre_hook(
+            lambda m, args, i=i: seen.__setitem__(f"moe{i}", args[0])))
+    try:
+        expected_logits = hf_logits(lm)
+    finally:
+        for h in hooks:
+            h.remove()
+    ref = Reference(lm, info)
+    assert_close(run(gm, lm, ref), expected_logits)  # predicting changes no number
+    for j in range(4):
+        hidden = seen["embed"] if j == 0 else seen[f"moe{j - 1}"]
+        with torch.no_grad():
+            _, _, expected = lm.model.layers[j].mlp.gate(hidden)
+        assert torch.equal(ref.predicted[j], expected), f"layer {j}"
+    assert ref.calls.index(("prefetch", 1)) < ref.calls.index(("compute", 0))
+    assert ref.calls.index(("prefetch", 3)) < ref.calls.index(("compute", 2))
+
+
+def test_insert_prefetch_lookahead_and_none() -> None:
+    gm, _ = lowered(real("tiny-mixtral"), lookahead=2)
+    assert [predictor(gm, j)[1] for j in range(4)] == [
+        "lm_model_embed_tokens", "lm_model_embed_tokens",
+        "lm_model_layers_0_post_attention_layernorm", "lm_model_layers_1_post_attention_layernorm"]
+    gm, _ = traced(real("tiny-mixtral"))
+    lower_experts(gm)
+    assert not insert_prefetch(gm, CompileOptions(predictor="none")).modified
+    assert not of(gm, ops.prefetch) and all(w.args[2] is None for w in of(gm, ops.wait))
+
+
+# --- schedule ---------------------------------------------------------------------------------
+
+def test_schedule_streams_and_double_buffer() -> None:
+    lm = real("tiny-qwen2-moe")
+    gm, info = lowered(lm)  # MoE on layers 1 and 3: groups follow depth, not index
+    dce(gm)
+    gm.recompile()
+    code = gm.code
+    assert schedule(gm).modified
+    for node in gm.graph.nodes:
+        name = ops.op_name(node.target)
+        assert node.meta["ef.stream"] == ("copy" if name in ("prefetch", "wait") else "compute"), node.name
+        if name in ("prefetch", "wait", "route", "expert_compute"):
+            assert node.meta["ef.slot_group"] == {1: 0, 3: 1}[node.args[1]], node.name
+        else:
+            assert "ef.slot_group" not in node.meta
+    gm.recompile()
+    assert gm.code == code  # metadata only: the program, hence every number, is unchanged
+    assert not schedule(gm).modified
+    assert_close(run(gm, lm, Reference(lm, info)), hf_logits(lm))  # the whole pipeline, end to end
+
+
+# --- verify_graph and the manager ---------------------------------------------------------------
+
+def two_layers(groups: tuple[int, int]) -> fx.GraphModule:
+    """Expected shape of two lowered layers; ``groups`` are the slot groups of layers 0 and 1."""
+    g = fx.Graph()
+    x, idx, w, ctx = (g.placeholder(n) for n in ("x", "idx", "w", "ef_ctx"))
+    routes = [g.call_function(ops.route, (ctx, layer, idx)) for layer in (0, 1)]
+    waits = [g.call_function(ops.wait, (ctx, layer, None, routes[layer])) for layer in (0, 1)]
+    out = x
+    for layer in (0, 1):
+        out = g.call_function(ops.expert_compute, (ctx, layer, out, routes[layer], w, waits[layer]))
+    g.output(out)
+    for n in g.nodes:
+        n.meta["ef.stream"] = "copy" if n.target is ops.wait else "compute"
+        if n.op == "call_function":
+            n.meta["ef.slot_group"] = groups[n.args[1]]
+    return fx.GraphModule(nn.Module(), g)
+
+
+def verify_error(gm: fx.GraphModule, node: fx.Node, message: str, after: str = "") -> None:
+    with pytest.raises(PassError) as info:
+        verify_graph(gm, after)
+    assert str(info.value) == f"[verify{' after ' + after if after else ''}] {message} at {node.format_node()}"
+
+
+def test_verify_slot_group_refilled_while_read() -> None:
+    verify_graph(two_layers((0, 1)))  # both waits first is fine when they fill different halves
+    gm = two_layers((0, 0))
+    wait0 = of(gm, ops.wait)[0]
+    verify_error(gm, wait0, "slot group 0 is refilled by wait_1 while its compute reads it")
+
+
+def test_verify_compute_without_wait_and_wait_without_compute() -> None:
+    gm, _ = lowered(real("tiny-mixtral"), predictor="none")
+    verify_graph(gm)
+    compute = of(gm, ops.expert_compute)[2]
+    compute.update_arg(5, compute.args[3])  # reads the route, not a wait
+    wait = of(gm, ops.wait)[2]
+    verify_error(gm, wait, "wait feeds 0 expert_compute nodes, expected 1")
+    gm.graph.erase_node(wait)
+    verify_error(gm, compute, "expert_compute does not read its own layer's wait")
+
+
+def test_verify_prefetch_waited_by_another_layer() -> None:
+    gm, _ = lowered(real("tiny-mixtral"))
+    verify_graph(gm)
+    prefetches, waits = of(gm, ops.prefetch), of(gm, ops.wait)
+    waits[1].update_arg(2, prefetches[0])
+    verify_error(gm, prefetches[0], "prefetch is not waited on by its own layer, after it", after="test")
+
+
+def test_verify_unlowered_experts() -> None:
+    gm, _ = traced(real("tiny-mixtral"))
+    hidden = next(n for n in gm.graph.nodes if n.meta.get("ef.layer") == 2)
+    hidden.meta["ef.role"] = "hidden-from-lowering"
+    lower_experts(gm)
+    hidden.meta["ef.role"] = "experts"
+    verify_error(gm, hidden, "MoE layer is not lowered")
+
+
+def test_manager_verifies_after_each_pass_and_names_it() -> None:
+    def forget_a_stream(gm: fx.GraphModule, options: Any) -> PassResult:  # a buggy pass after schedule
+        node = of(gm, ops.expert_compute)[1]
+        del node.meta["ef.stream"]
+        forget_a_stream.node = node
+        return PassResult(gm, True)
+
+    gm, _ = traced(real("tiny-mixtral"))
+    manager = PassManager([functionalize_inplace, lower_experts, insert_prefetch, dce, schedule, forget_a_stream],
+                          verify=verify_graph)
+    with pytest.raises(PassError) as info:
+        manager(gm, CompileOptions())
+    assert str(info.value) == (f"[verify after forget_a_stream] node has no stream at "
+                               f"{forget_a_stream.node.format_node()}")

@@ -74,10 +74,12 @@ def write_weights(weights: nn.Module | Iterable[tuple[Any, dict[str, torch.Tenso
         experts.close()
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-              torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
-              torch.float8_e5m2: "F8_E5M2"}
+# safetensors' dtype names; the getattr ones are missing from some torch builds.
+_ST_DTYPES = {getattr(torch, name): code for name, code in [
+    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("int64", "I64"),
+    ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"),
+    ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2")] if hasattr(torch, name)}
 
 
 def safetensors_header(entries: Iterable[tuple[str, str, list[int], int]]) -> bytes:
@@ -136,6 +138,8 @@ class _DenseFile:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._names:
             raise ValueError(f"{name} arrived twice")
+        if tensor.dtype not in _ST_DTYPES:
+            raise ValueError(f"{name}: safetensors cannot store {tensor.dtype}")
         tensor = tensor.detach().cpu().contiguous()
         data = tensor.reshape(-1).view(torch.uint8).numpy()
         self._spool.write(data)

@@ -99,8 +99,12 @@ def materialize(name: str, root: Path | None = None) -> Path:
     if _is_current(path, name):
         return path
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=_ensure(root)))
-    build(name).save_pretrained(tmp)
-    (tmp / STAMP).write_text(_stamp(name))
+    try:
+        build(name).save_pretrained(tmp)
+        (tmp / STAMP).write_text(_stamp(name))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():  # stale: made by an older preset entry; set it aside, then replace it
         old = Path(tempfile.mkdtemp(prefix=f".{name}-stale-", dir=root))
         path.rename(old / name)
