@@ -7,6 +7,7 @@ a ``torch.Tensor`` method name, or a submodule/attribute path of the model skele
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import operator
@@ -92,6 +93,17 @@ def function_name(target: Any) -> str:
     return f"expertflow.ir.ops.{name}" if name else _get_qualified_name(target)
 
 
+@functools.lru_cache(maxsize=1)
+def _torch_callables() -> frozenset:
+    """Torch functions a graph may call: those that dispatch on tensors, plus the factories."""
+    from torch.overrides import get_overridable_functions
+
+    funcs = set().union(*get_overridable_functions().values())
+    funcs |= {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.tensor,
+              torch.linspace, torch.eye, torch.finfo, torch.iinfo, torch.randn, torch.rand}
+    return frozenset(f for f in funcs if f not in (torch.save, torch.load, torch.from_file))
+
+
 def resolve_function(name: str) -> Any:
     """The callable for a qualified name, if it lies in the allowlist."""
     if name in ALLOWED_BUILTINS:
@@ -100,6 +112,9 @@ def resolve_function(name: str) -> Any:
     if module_name not in ALLOWED_MODULES or attr.startswith("__") or name in DENIED_FUNCTIONS:
         raise GraphFormatError(f"call target {name!r} is outside the allowlist {ALLOWED_MODULES}")
     obj = getattr(importlib.import_module(module_name), attr, None)
+    if module_name.startswith("torch") and obj not in _torch_callables():
+        raise GraphFormatError(f"call target {name!r} is not a tensor operation; ExpertFlow graphs call "
+                               "only torch functions that take tensors and the tensor factories")
     if not callable(obj):
         raise GraphFormatError(f"call target {name!r} does not exist in this torch/ExpertFlow version")
     return obj

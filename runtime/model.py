@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 from typing import Any
 
@@ -15,7 +16,9 @@ def _mask_functions() -> dict[str, Any]:
     from transformers import masking_utils as mu
 
     return {"full_attention": mu.create_causal_mask, "sliding_attention": mu.create_sliding_window_causal_mask,
-            "chunked_attention": mu.create_chunked_causal_mask}
+            "chunked_attention": mu.create_chunked_causal_mask,
+            # DeepSeek sparse attention: its indexer reads the mask, so it is never skipped as causal
+            "indexed_attention": functools.partial(mu.create_causal_mask, allow_is_causal_skip=False)}
 
 
 class CompiledModel:

@@ -64,6 +64,8 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
     from ..passes.pipeline import compile_graph
     from ..passes.trace import TraceFailure
     from . import artefact
+    from safetensors import SafetensorError
+
     from .stream_load import WeightStream
 
     source = resolve_model(model)
@@ -95,7 +97,10 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
 
     def build(tmp: Path) -> dict[str, Any]:
         progress = (lambda it: it) if quiet else (lambda it: tqdm(it, desc="packing experts", unit="layer"))
-        artefact.write_weights(weights, layouts, tmp, progress)
+        try:
+            artefact.write_weights(weights, layouts, tmp, progress)
+        except (OSError, SafetensorError) as exc:  # the user's shards, read lazily while writing
+            raise UserError(f"cannot read the weights of {model}: {one_line(exc)}") from None
         artefact.graph_file(gm, tmp)
         if dumps:
             from .dumps import write_dumps
