@@ -9,16 +9,22 @@ traced, so the router's math is visible in the graph.
 
 Every proxy carries a meta-device value (``node.meta["ef.meta"]``) computed while tracing, so
 code that star-unpacks ``x.shape`` (DeepSeek, GLM MoE blocks) traces: the tracer knows the rank.
+Python branches on values fixed at compile time (``weight.dtype == torch.float32``) are taken;
+branches on anything else (input values or sizes, the device) fail naming the module.
+
+The Driver is only equivalent to models whose own top-level forward does what it does, so
+:func:`check_supported` reads that forward (its source, from the causal LM down to the decoder
+stack) before tracing and refuses, naming the module, any model that uses parts or settings the
+Driver does not know, passes its decoder layers other arguments, or threads more than the hidden
+state between them. Hybrid models (layer types that are not attention) are refused likewise.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dis
 import inspect
 import re
-import textwrap
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,55 +35,9 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call, _orig_module_getattr
 from torch.fx.proxy import Attribute, Proxy
 
-#: The attention-mask kinds ExpertFlow builds (runtime/model.py makes each with transformers'
-#: masking_utils). ``indexed_attention`` (DeepSeek sparse attention) is a causal mask that is
-#: always materialised: its indexer reads it.
-MASK_KINDS = ("full_attention", "sliding_attention", "chunked_attention", "indexed_attention")
-EXPERT_FLAGS = ("is_transposed", "is_concatenated", "has_bias", "has_gate")
-
-
-class TraceFailure(RuntimeError):
-    """A module could not be traced; the message names it (``module``: its path, once known)."""
-
-    def __init__(self, message: str, module: str | None = None):
-        super().__init__(message)
-        self.module = module
-
-
-def is_experts_module(module: nn.Module) -> bool:
-    """True for modules built with transformers' ``use_experts_implementation`` interface."""
-    if not all(hasattr(module, flag) for flag in EXPERT_FLAGS):
-        return False
-    down = module._parameters.get("down_proj")  # not getattr: fx patches Module.__getattr__ while tracing
-    return isinstance(down, torch.Tensor) and down.dim() == 3
-
-
-def layer_mask_kinds(config: Any, layers_path: str | None = None, layers: Any = None) -> list[str]:
-    """The attention-mask kind of each decoder layer, as transformers' models choose it.
-
-    A layer type that is no attention mask kind (``linear_attention``, ``mamba``, ``conv``...)
-    makes a hybrid model, which ExpertFlow does not compile: the failure names the first such
-    layer when ``layers_path`` (and the ``layers`` themselves) are given.
-    """
-    n = config.num_hidden_layers
-    types = getattr(config, "layer_types", None)
-    if types:
-        unknown = sorted(set(types[:n]) - set(MASK_KINDS))
-        if unknown:
-            first = next(i for i, t in enumerate(types[:n]) if t in unknown)
-            where, module = "", None
-            if layers_path is not None:
-                module = f"{layers_path}.{first}"
-                kind = type(layers[first]).__name__ if layers is not None and first < len(layers) else "layer"
-                where = f"decoder layer '{module}' ({kind}) is a {types[first]!r} layer: "
-            raise TraceFailure(
-                f"{where}config.layer_types has kinds {unknown} that are no attention mask ExpertFlow knows "
-                f"(it knows {list(MASK_KINDS)}). Hybrid models (Mamba, linear-attention, convolution or other "
-                "non-attention layers, which keep their own recurrent state) are out of scope", module)
-        return list(types[:n])
-    sliding = getattr(config, "sliding_window", None) is not None
-    return ["sliding_attention" if sliding else "full_attention"] * n
-
+from .driver import (EXPERT_FLAGS, MASK_KINDS, Driver, TraceFailure, is_experts_module,  # noqa: F401
+                     layer_mask_kinds)
+from .support import check_supported
 
 def _to_meta(value: Any) -> Any:
     if isinstance(value, Proxy):
@@ -140,7 +100,25 @@ class MetaProxy(Proxy):
         meta = self.node.meta.get("ef.meta")
         if self.node.meta.get("ef.static") and isinstance(meta, bool):
             return meta
-        return super().__bool__()
+        raise TraceFailure(f"Python control flow on {_describe(self.node)}, whose value is not fixed when the "
+                           "model is compiled (it depends on the input's values or sizes, or on the device the "
+                           "compiled model runs on); one graph cannot follow both branches")
+
+
+def _describe(node: fx.Node, depth: int = 3) -> str:
+    """A short expression for ``node`` (``hidden_states.is_cuda``, ``x.sum() > 0``) for messages."""
+    if depth == 0 or node.op in ("placeholder", "get_attr", "call_module"):
+        return node.name if node.op != "get_attr" else str(node.target)
+
+    def arg(a: Any) -> str:
+        return _describe(a, depth - 1) if isinstance(a, fx.Node) else repr(a)
+
+    if node.op == "call_function" and node.target is getattr:
+        return f"{arg(node.args[0])}.{node.args[1]}"
+    if node.op == "call_method":
+        return f"{arg(node.args[0])}.{node.target}({', '.join(arg(a) for a in node.args[1:])})"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"{name}({', '.join(arg(a) for a in node.args)})"
 
 
 def _unpack_count(frame: types.FrameType | None) -> int | None:
@@ -259,266 +237,6 @@ def _fetch_attr(root: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-class Driver(nn.Module):
-    """The generic decoder-stack forward that is traced in place of the model's own.
-
-    It reproduces what transformers' causal LMs do around their decoder layers: embeddings (and
-    ``embedding_multiplier``), rotary embeddings (one per layer type when the rotary module takes
-    the layer type), one attention mask per layer type, the final norm, the output embeddings
-    and the logit transforms kept outside the layers (``logits_scaling``, ``logit_scale``,
-    ``final_logit_softcapping``). :func:`check_supported` refuses models whose own forward does
-    anything else, so this forward never silently differs from theirs.
-    """
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-        inner = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-        config = getattr(inner, "config", None) or lm.config  # a multimodal model's text config
-        self.inner_path = _path_in(lm, inner)
-        layers_path = f"lm.{self.inner_path}.layers" if self.inner_path else "lm.layers"
-        self.num_layers = config.num_hidden_layers
-        self.mask_kinds = layer_mask_kinds(config, layers_path, getattr(inner, "layers", None))
-        self.embedding_multiplier = getattr(inner, "embedding_multiplier", None) or getattr(
-            config, "embedding_multiplier", None)
-        self.logits_scaling = getattr(config, "logits_scaling", None)
-        scale = getattr(lm, "logit_scale", None)
-        self.logit_scale = scale if isinstance(scale, (int, float)) else getattr(config, "logit_scale", None)
-        self.softcap = getattr(config, "final_logit_softcapping", None)
-        rotary = getattr(inner, "rotary_emb", None)
-        self.rotary_per_kind = rotary is not None and "layer_type" in _parameters(type(rotary).forward)
-
-    def forward(self, input_ids, position_ids, past_key_values, masks):
-        inner = self.lm.get_submodule(self.inner_path) if self.inner_path else self.lm
-        hidden = inner.embed_tokens(input_ids)
-        if self.embedding_multiplier not in (None, 1, 1.0):
-            hidden = hidden * self.embedding_multiplier
-        pos: Any = None
-        if self.rotary_per_kind:
-            pos = {kind: inner.rotary_emb(hidden, position_ids, kind) for kind in dict.fromkeys(self.mask_kinds)}
-        elif hasattr(inner, "rotary_emb"):
-            pos = inner.rotary_emb(hidden, position_ids)
-        for i, layer in enumerate(inner.layers[: self.num_layers]):
-            kind = self.mask_kinds[i]
-            out = layer(hidden, attention_mask=masks[kind], position_ids=position_ids,
-                        past_key_values=past_key_values, use_cache=True,
-                        position_embeddings=pos[kind] if self.rotary_per_kind else pos)
-            hidden = out[0] if isinstance(out, tuple) else out
-        hidden = inner.norm(hidden)
-        logits = self.lm.get_output_embeddings()(hidden)
-        if self.logits_scaling not in (None, 1, 1.0):
-            logits = logits / self.logits_scaling
-        if self.logit_scale not in (None, 1, 1.0):
-            logits = logits * self.logit_scale
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-
-#: The keyword arguments the Driver gives every decoder layer (besides the hidden state).
-LAYER_KWARGS = frozenset({"attention_mask", "position_ids", "past_key_values", "use_cache", "position_embeddings"})
-
-#: What the model's own top-level forwards may read (``self.X``, ``self.config.X``) for the
-#: Driver to be equivalent to them: the parts it calls, the settings it applies, and what only
-#: training or optional outputs use. Reading anything else (hyper-connection heads, per-layer
-#: inputs, extra scalings...) means the model does something the Driver does not: the trace
-#: fails, naming the module, rather than compile a model with wrong logits.
-HANDLED_READS = frozenset({
-    # decoder stack
-    "self.config", "self.embed_tokens", "self.layers", "self.norm", "self.rotary_emb",
-    "config.num_hidden_layers", "config.layer_types", "config.sliding_window",
-    "self.embedding_multiplier", "config.embedding_multiplier",
-    "self.gradient_checkpointing", "self.training", "config.use_cache",
-    # causal-LM head
-    "self.lm_head", "config.logits_scaling", "self.logit_scale", "config.logit_scale",
-    "config.final_logit_softcapping", "config.vocab_size", "self.vocab_size",
-    # training losses and router statistics (not part of the logits)
-    "self.loss_function", "self.num_experts", "self.num_experts_per_tok", "self.router_aux_loss_coef",
-    "config.output_router_logits", "config.router_aux_loss_coef", "config.num_experts",
-    "config.num_local_experts", "config.num_experts_per_tok",
-})
-
-
-def _parameters(fn: Any) -> set[str]:
-    try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-_UNKNOWN = object()
-
-
-class _ForwardReads(ast.NodeVisitor):
-    """What a module's forward reads of ``self`` and ``self.config``, skipping the branches that
-    cannot run for this model (``if self.config.mup_enabled:`` with the flag off)."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.reads: set[str] = set()
-        self.layer_loops: list[ast.For] = []
-
-    # -- static evaluation of branch conditions on the module and its config
-    def _value(self, expr: ast.AST) -> Any:
-        if isinstance(expr, ast.Constant):
-            return expr.value
-        if isinstance(expr, ast.Attribute):
-            base = self.module if isinstance(expr.value, ast.Name) and expr.value.id == "self" else self._value(expr.value)
-            return _UNKNOWN if base is _UNKNOWN else getattr(base, expr.attr, _UNKNOWN)
-        return _UNKNOWN
-
-    def _truth(self, expr: ast.AST) -> bool | None:
-        if isinstance(expr, ast.UnaryOp) and isinstance(expr.op, ast.Not):
-            inner = self._truth(expr.operand)
-            return None if inner is None else not inner
-        if isinstance(expr, ast.BoolOp):
-            values = [self._truth(v) for v in expr.values]
-            if isinstance(expr.op, ast.And):
-                return False if False in values else (True if all(v is True for v in values) else None)
-            return True if True in values else (False if all(v is False for v in values) else None)
-        if isinstance(expr, ast.Compare) and len(expr.ops) == 1:
-            left, right = self._value(expr.left), self._value(expr.comparators[0])
-            if left is _UNKNOWN or right is _UNKNOWN:
-                return None
-            op = expr.ops[0]
-            table = {ast.Is: lambda a, b: a is b, ast.IsNot: lambda a, b: a is not b,
-                     ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b}
-            fn = table.get(type(op))
-            return None if fn is None else bool(fn(left, right))
-        value = self._value(expr)
-        if value is _UNKNOWN or isinstance(value, (torch.Tensor, nn.Module)):
-            return None
-        try:
-            return bool(value)
-        except Exception:
-            return None
-
-    def _branch(self, node: ast.If | ast.IfExp) -> None:
-        truth = self._truth(node.test)
-        if truth is None:
-            self.generic_visit(node)
-            return
-        if truth:  # the branch runs: what decides it counts too
-            self.visit(node.test)
-        taken = node.body if truth else node.orelse
-        for item in taken if isinstance(taken, list) else [taken]:
-            self.visit(item)
-
-    visit_If = _branch
-    visit_IfExp = _branch
-
-    # -- reads
-    def visit_Attribute(self, node: ast.Attribute) -> None:
-        value = node.value
-        if isinstance(value, ast.Name) and value.id == "self":
-            self.reads.add(f"self.{node.attr}")
-        elif (isinstance(value, ast.Attribute) and value.attr == "config" and isinstance(value.value, ast.Name)
-              and value.value.id == "self"):
-            self.reads.add(f"config.{node.attr}")
-        self.generic_visit(node)
-
-    def visit_Call(self, node: ast.Call) -> None:
-        if isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr") and len(node.args) >= 2 \
-                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
-            owner = node.args[0]
-            if isinstance(owner, ast.Name) and owner.id == "self":
-                self.reads.add(f"self.{node.args[1].value}")
-            elif isinstance(owner, ast.Attribute) and owner.attr == "config":
-                self.reads.add(f"config.{node.args[1].value}")
-        self.generic_visit(node)
-
-    def visit_For(self, node: ast.For) -> None:
-        if any(isinstance(n, ast.Attribute) and n.attr == "layers" for n in ast.walk(node.iter)):
-            self.layer_loops.append(node)
-        self.generic_visit(node)
-
-
-def _forward_source(module: nn.Module, path: str) -> ast.AST:
-    fn = inspect.unwrap(type(module).forward)
-    try:
-        source = textwrap.dedent(inspect.getsource(fn))
-        return ast.parse(source)
-    except (OSError, TypeError, SyntaxError) as exc:
-        raise TraceFailure(f"cannot read the source of {type(module).__name__}.forward ({exc}), so cannot check "
-                           f"that ExpertFlow's generic forward does what it does", path) from exc
-
-
-def _layer_calls(loop: ast.For) -> tuple[list[ast.Call], list[ast.AST]]:
-    """The calls of the loop variable (the decoder layer) in a ``for ... in self.layers`` loop, and
-    the targets their results are assigned to."""
-    target = loop.target.elts[-1] if isinstance(loop.target, ast.Tuple) else loop.target
-    name = target.id if isinstance(target, ast.Name) else None
-    calls, targets = [], []
-    for stmt in ast.walk(loop):
-        if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Call):
-            fn = stmt.value.func
-            if isinstance(fn, ast.Name) and fn.id == name:
-                targets.extend(stmt.targets)
-        if isinstance(stmt, ast.Call) and isinstance(stmt.func, ast.Name) and stmt.func.id == name:
-            calls.append(stmt)
-    return calls, targets
-
-
-def check_supported(driver: Driver) -> None:
-    """Refuses (TraceFailure naming the module) a model whose own forward, from the causal LM down
-    to its decoder stack, does something the Driver does not: reads a part or setting outside
-    :data:`HANDLED_READS`, gives its decoder layers other arguments than :data:`LAYER_KWARGS`, or
-    takes more than the hidden state back from them."""
-    lm = driver.lm
-    chain = [("", lm)]
-    if driver.inner_path:
-        parts = driver.inner_path.split(".")
-        for i in range(len(parts)):
-            chain.append((".".join(parts[: i + 1]), lm.get_submodule(".".join(parts[: i + 1]))))
-    for depth, (path, module) in enumerate(chain):
-        where = f"lm.{path}" if path else "lm"
-        visitor = _ForwardReads(module)
-        visitor.visit(_forward_source(module, where))
-        allowed = set(HANDLED_READS)
-        if depth + 1 < len(chain):  # the way down to the decoder stack
-            allowed.add(f"self.{chain[depth + 1][0].rsplit('.', 1)[-1]}")
-        unknown = sorted(visitor.reads - allowed)
-        if unknown:
-            raise TraceFailure(
-                f"the forward of '{where}' ({type(module).__name__}) uses {', '.join(unknown)}, which ExpertFlow's "
-                "generic decoder-stack forward does not reproduce; compiling it would give different logits", where)
-        if depth + 1 == len(chain):
-            _check_layer_loop(visitor, module, where)
-
-
-def _check_layer_loop(visitor: _ForwardReads, module: nn.Module, where: str) -> None:
-    name = type(module).__name__
-    calls: list[ast.Call] = []
-    targets: list[ast.AST] = []
-    for loop in visitor.layer_loops:
-        found, assigned = _layer_calls(loop)
-        calls += found
-        targets += assigned
-    if not calls:
-        raise TraceFailure(f"cannot find where {name}.forward calls its decoder layers (a loop over self.layers), "
-                           "so cannot check that ExpertFlow's generic forward calls them the same way", where)
-    for call in calls:
-        extra = sorted({k.arg for k in call.keywords if k.arg is not None} - LAYER_KWARGS)
-        if extra or len(call.args) > 1:
-            what = ", ".join(extra) if extra else f"{len(call.args)} positional arguments"
-            raise TraceFailure(f"{name}.forward gives its decoder layers {what}, which ExpertFlow's generic forward "
-                               f"does not (it gives the hidden state and {sorted(LAYER_KWARGS)})", f"{where}.layers")
-    for target in targets:
-        if isinstance(target, (ast.Tuple, ast.List)):
-            kept = [e for e in target.elts if not (isinstance(e, ast.Name) and e.id == "_")]
-            if len(kept) > 1:
-                raise TraceFailure(f"{name}.forward takes {len(kept)} values back from each decoder layer and "
-                                   "threads them on; ExpertFlow's generic forward threads only the hidden state",
-                                   f"{where}.layers")
-
-
-def _path_in(root: nn.Module, target: nn.Module) -> str:
-    for name, mod in root.named_modules():
-        if mod is target:
-            return name
-    raise TraceFailure(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import fx
 
 from ..ir.serialize import GraphFormatError, graph_from_json
 from ..ir.skeleton import assign_weights, build_skeleton
-from ..passes.trace import Driver
+from ..passes.driver import Driver
 from .cache import ExpertCache
 from .context import RuntimeContext
 from .model import CompiledModel

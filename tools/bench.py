@@ -82,8 +82,18 @@ def ef_stepper(model: Any):
     return step
 
 
-def timed(step, ids: torch.Tensor, tokens: int, repeats: int) -> float:
-    return statistics.median(statistics.median(_decode_times(step, ids, tokens)) for _ in range(repeats))
+def timed_pair(steps: list, ids: torch.Tensor, tokens: int, repeats: int,
+               after_warmup=lambda: None) -> list[float]:
+    """Median per-token time of each stepper; repeats alternate between them so background load
+    on a shared machine hits both alike (the ratio is what is comparable)."""
+    for step in steps:  # warm-up: first calls allocate and fill caches
+        _decode_times(step, ids, min(tokens, 4))
+    after_warmup()
+    samples: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            samples[i].append(statistics.median(_decode_times(step, ids, tokens)))
+    return [statistics.median(s) for s in samples]
 
 
 def compile_peak_rss(model: str, out: Path) -> int:
@@ -120,15 +130,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     hf = AutoModelForCausalLM.from_pretrained(source).eval().to(device)
     ids = torch.randint(3, hf.config.vocab_size, (args.batch, args.prompt_len), generator=gen)
-    result["hf_eager_s_per_token"] = timed(hf_stepper(hf, device), ids, args.tokens, args.repeats)
     full = runtime.load(compiled, device=args.device)
-    result["resident_s_per_token"] = timed(ef_stepper(full), ids, args.tokens, args.repeats)
+    result["hf_eager_s_per_token"], result["resident_s_per_token"] = timed_pair(
+        [hf_stepper(hf, device), ef_stepper(full)], ids, args.tokens, args.repeats)
     result["resident_over_hf"] = result["resident_s_per_token"] / result["hf_eager_s_per_token"]
     total = full.stats()["slots"]
     slots = budget_slots(args.budget, total)
     small = runtime.load(compiled, device=args.device, expert_cache=slots)
-    small.reset_stats()
-    result["offload_s_per_token"] = timed(ef_stepper(small), ids, args.tokens, 1)
+    (result["offload_s_per_token"],) = timed_pair([ef_stepper(small)], ids, args.tokens, 1, small.reset_stats)
     result["offload_slots"], result["all_slots"] = small.stats()["slots"], total
     result["offload_stats"] = small.stats()["total"]
     return result

@@ -1,4 +1,4 @@
-"""tiny_config: any transformers model type's default config, shrunk to a few-kilobyte model.
+"""tiny_config: any transformers model type's default config, shrunk to a model of ~200k parameters.
 
 Generic: the default config of ``model_type`` is read, and every attribute whose *name* says
 what it is (a width, a head count, an expert count, a rank, a window, a period, a per-layer
@@ -18,7 +18,6 @@ Used by the architecture sweep (``tests/test_sweep.py``)::
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -52,7 +51,8 @@ def _kv_heads(value: int, cfg: dict[str, Any]) -> int:
 
 
 def _experts(value: int, cfg: dict[str, Any]) -> int:
-    return min(value, EXPERTS) if value else value
+    """At most EXPERTS, at least 4 (a default of one expert is a dense model in MoE clothing)."""
+    return max(min(value, EXPERTS), 4) if value else value
 
 
 def _shared_experts(value: int, cfg: dict[str, Any]) -> int:
@@ -147,15 +147,15 @@ RULES: list[tuple[str, Callable[[Any, dict[str, Any]], Any]]] = [
     (r"^index_topk_blocks$", _size(2)),
     (r"^(index_block_size|block_size)$", _size(4)),
     (r"^index_local_blocks$", lambda v, c: min(v, 1)),
-    (r"^max_position_embeddings$", lambda v, c: min(v, 512) if v else v),
 ]
 
 #: Attributes no name-based rule gets right, with the reason. Keep this table small.
 EXCEPTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "dots3_note_text": ({"swa_num_attention_heads": HEADS, "swa_num_key_value_heads": HEADS, "swa_q_lora_rank": 32,
-                         "swa_kv_lora_rank": 32, "swa_head_dim": HEAD_DIM, "swa_qk_nope_head_dim": HEAD_DIM // 2},
-                        "its sliding layers' sizes are __post_init__ keyword arguments (swa_*) with "
-                        "full-size defaults, not config attributes a rule can see"),
+                          "swa_kv_lora_rank": 32, "swa_head_dim": HEAD_DIM, "swa_qk_nope_head_dim": HEAD_DIM // 2,
+                         "swa_v_head_dim": HEAD_DIM},
+                        "its sliding layers' sizes are __post_init__ keyword arguments whose names are built "
+                        "at run time (f'swa_{name}'), which the scan of __post_init__ cannot see"),
     "lfm2_moe": ({"layer_types": ["conv", "full_attention", "conv"]},
                  "the default config has no layer_types, which the model needs (one per layer)"),
     "qwen4_exp_text": ({"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM,
@@ -179,9 +179,16 @@ def _fill(name: str) -> Any:
     return next((value for pattern, value in FILL_WHEN_NONE if re.search(pattern, name)), None)
 
 
+#: Lists of layer indices (``mlp_only_layers=[0, 1]``): at most the first index is kept, so the
+#: shallow model still has MoE layers after it.
+LAYER_INDEX_LISTS = r"(only_layers|layer_ids)$"
+
+
 def _shrink_value(name: str, value: Any, defaults: dict[str, Any]) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, list)) and value is not None:
-        return value
+    if isinstance(value, list) and re.search(LAYER_INDEX_LISTS, name):
+        return sorted(value)[:1]
+    if isinstance(value, bool) or (value is not None and not isinstance(value, (int, list))):
+        return value  # flags, floats and strings keep their defaults
     for pattern, rule in RULES:
         if re.search(pattern, name):
             if value is None:
@@ -232,7 +239,36 @@ def _own_defaults(cls) -> dict[str, Any]:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             out[f.name] = _DERIVED
+    for alias, stored in getattr(cls, "attribute_map", {}).items():  # a field stored under another name
+        if alias in out and stored not in out:
+            out[stored] = out[alias]
     return out
+
+
+def _post_init_kwargs(cls) -> dict[str, Any]:
+    """Keyword arguments ``__post_init__`` pops with a constant default (``kwargs.pop("global_head_dim",
+    512)``): sizes that are no config attribute, so the attribute scan misses them."""
+    import ast
+    import inspect
+    import textwrap
+
+    found: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        fn = klass.__dict__.get("__post_init__")
+        if fn is None or not klass.__module__.startswith("transformers.models."):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("pop", "get") and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "kwargs" and len(node.args) == 2
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+                    and isinstance(node.args[1], ast.Constant)):
+                found[node.args[0].value] = node.args[1].value
+    return found
 
 
 def _config_class(model_type: str):
@@ -245,44 +281,66 @@ def tiny_config(model_type: str, layers: int = LAYERS, **overrides: Any):
     """The default config of ``model_type`` with every known size shrunk (see :data:`RULES`)."""
     cls = _config_class(model_type)
     default = cls()
-    if getattr(default, "sub_configs", None):
-        kwargs = {}
-        for key, sub in default.sub_configs.items():
+    if getattr(default, "sub_configs", None):  # a composite (multimodal) config: shrink each part
+        parts = {}
+        for key in default.sub_configs:
             sub_default = getattr(default, key, None)
-            if sub_default is not None and hasattr(sub_default, "model_type") and sub_default.model_type:
+            if getattr(sub_default, "model_type", None):
                 try:
-                    kwargs[key] = tiny_config(sub_default.model_type, layers).to_dict()
-                except Exception:  # a sub-config with no registered model type keeps its default
+                    parts[key] = tiny_config(sub_default.model_type, layers).to_dict()
+                except Exception:  # a part with no registered model type keeps its default
                     pass
-        return cls(**kwargs, **overrides)
+        return cls(**parts, **overrides)
     defaults = default.to_dict()
     depth = defaults.get("num_hidden_layers")
     own = _own_defaults(cls)
     kwargs: dict[str, Any] = {}
+    derived: list[str] = []
     for name, value in defaults.items():
         if name in ("model_type", "transformers_version", "architectures", "id2label", "label2id"):
             continue
         if name not in own or (own[name] is not _DERIVED and own[name] != value):
-            continue  # derived in __post_init__ from other attributes (head_dim = qk_rope_head_dim): re-derived
-        new = _shrink_nested(value, defaults) if isinstance(value, dict) else _shrink_value(name, value, defaults)
-        if name == "num_hidden_layers":
-            new = layers
+            derived.append(name)  # computed in __post_init__ (head_dim = qk_rope_head_dim): re-derived
+            continue
+        new = layers if name == "num_hidden_layers" else _shrink_any(name, value, defaults)
         if new is not value and new != value:
             kwargs[name] = new
-    per_layer = {k: v for k, v in defaults.items()
-                 if isinstance(v, list) and depth and len(v) == depth and k != "layer_rope_theta"}
-    per_layer.update({k: v for k, v in defaults.items() if k == "layer_rope_theta" and isinstance(v, list)})
+    for name, value in _post_init_kwargs(cls).items():  # sizes the config only takes as keywords
+        new = _shrink_value(name, value, defaults)
+        if new is not value and new != value:
+            kwargs[name] = new
     kwargs.update(EXCEPTIONS.get(model_type, ({}, ""))[0])
     kwargs.update(overrides)
-    if "per_layer_config" in defaults and isinstance(defaults["per_layer_config"], dict):
-        kwargs.pop("per_layer_config", None)  # regenerated from the shrunk sizes
+    if isinstance(defaults.get("per_layer_config"), dict):
+        kwargs.pop("per_layer_config", None)  # keyed by the default's layer numbers: regenerated
+    per_layer = {k: v for k, v in defaults.items() if isinstance(v, list) and depth and len(v) == depth}
+    config = _build(cls, kwargs, per_layer, layers, defaults)
+    # A derived value the config did not re-derive from the shrunk sizes is still full size
+    # (flint's mlp_only_layers=[0, 1] from a None default): shrink it like any other.
+    fixes = {}
+    for name in derived:
+        value = config.to_dict().get(name)
+        if name not in per_layer and value == defaults[name]:
+            new = _shrink_any(name, value, defaults)
+            if new is not value and new != value:
+                fixes[name] = new
+    if fixes:
+        config = _build(cls, {**kwargs, **fixes}, per_layer, layers, defaults)
+    _check_heads(config)
+    return config
+
+
+def _shrink_any(name: str, value: Any, defaults: dict[str, Any]) -> Any:
+    return _shrink_nested(value, defaults) if isinstance(value, dict) else _shrink_value(name, value, defaults)
+
+
+def _build(cls, kwargs: dict[str, Any], per_layer: dict[str, list[Any]], layers: int, defaults: dict[str, Any]):
     config = _regenerated(cls, kwargs, per_layer, layers)
     if config is None:
         idx = _cover(per_layer, layers)
-        lists = {k: [v[i] for i in idx] for k, v in per_layer.items()}
-        lists = {k: [_shrink_value(k, x, defaults) if isinstance(x, int) else x for x in v] for k, v in lists.items()}
+        lists = {k: [_shrink_value(k, v[i], defaults) if isinstance(v[i], int) else v[i] for i in idx]
+                 for k, v in per_layer.items()}
         config = cls(**{**kwargs, **lists})
-    _check_heads(config)
     return config
 
 
@@ -357,4 +415,4 @@ def shrink_report(model_type: str) -> dict[str, tuple[Any, Any]]:
     """What :func:`tiny_config` changed: ``{attribute: (default, tiny)}`` (for reading, not testing)."""
     default = _config_class(model_type)().to_dict()
     tiny = tiny_config(model_type).to_dict()
-    return {k: (default.get(k), v) for k, v in tiny.items() if default.get(k) != v and not math.isnan(0)}
+    return {k: (default.get(k), v) for k, v in tiny.items() if default.get(k) != v}
