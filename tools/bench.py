@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -96,13 +95,25 @@ def timed_pair(steps: list, ids: torch.Tensor, tokens: int, repeats: int,
     return [statistics.median(s) for s in samples]
 
 
+_PEAK_CHILD = """
+import sys
+from expertflow.tools.compile import main
+rc = main(sys.argv[1:])
+status = open("/proc/self/status").read()
+print(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")), file=sys.stderr)
+sys.exit(rc)
+"""
+
+
 def compile_peak_rss(model: str, out: Path) -> int:
-    """Peak resident memory, in bytes, of a child process running expertflow-compile."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", "expertflow.tools.compile", model, "-o", str(out), "--quiet",
-                    "--force", "--no-dumps"], check=True, capture_output=True)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(peak, before) * 1024  # Linux reports KiB
+    """Peak resident memory, in bytes, of expertflow-compile in a fresh process.
+
+    Read from the child's own /proc/self/status (VmHWM, reset by exec): the children's rusage
+    would count the pages this process held when it forked.
+    """
+    proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, model, "-o", str(out), "--quiet", "--force",
+                           "--no-dumps"], check=True, capture_output=True, text=True)
+    return int(proc.stderr.strip().splitlines()[-1]) * 1024  # VmHWM is in kB
 
 
 def budget_slots(budget: str, total: int) -> int | str:

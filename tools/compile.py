@@ -21,7 +21,8 @@ HELP = __doc__ + """
 
 MODEL is a directory written by save_pretrained, a hub id already in the local Hugging Face
 cache (ExpertFlow never downloads), or a built-in preset (tiny-mixtral, tiny-qwen2-moe,
-tiny-qwen3-moe, tiny-olmoe, tiny-deepseek-v3, tiny-gpt-oss, tiny-granitemoe).
+tiny-qwen3-moe, tiny-olmoe, tiny-deepseek-v3, tiny-gpt-oss, tiny-granitemoe; bench-mixtral-240m
+is a 459 MiB bfloat16 Mixtral for benchmarks).
 
 The output directory holds manifest.json (checksums, config, memory plan), graph.json (the
 scheduled graph), dense.safetensors, experts.safetensors (one contiguous blob per layer and

@@ -37,6 +37,11 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                           num_local_experts=8, num_experts_per_tok=2, head_dim=16,
                                           sliding_window=8, attn_implementation="eager")),
     # Multipliers far from 1, so a front end that drops the ones outside the layers is caught.
+    # Not tiny: ~240M parameters (459 MiB) in bfloat16, for benchmarks (compile memory, decode).
+    "bench-mixtral-240m": ("MixtralConfig", dict(
+        _COMMON, vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=4, num_local_experts=16, num_experts_per_tok=2,
+        max_position_embeddings=1024, dtype="bfloat16")),
     "tiny-granitemoe": ("GraniteMoeConfig", dict(
         _COMMON, intermediate_size=64, num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2,
         embedding_multiplier=3.0, logits_scaling=0.25, residual_multiplier=1.5, attention_multiplier=0.125)),
@@ -44,18 +49,20 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def build(name: str, seed: int = 0):
-    """The preset's model, with seeded random weights, in float32."""
+    """The preset's model, with seeded random weights, in its config's dtype (float32 by default)."""
     import torch
     import transformers
 
     class_name, kwargs = PRESETS[name]
     kwargs = dict(kwargs)
     attn = kwargs.pop("attn_implementation", None)
+    dtype = getattr(torch, kwargs.pop("dtype", "float32"))
     config = getattr(transformers, class_name)(**kwargs)
+    config.dtype = dtype
     if attn:
         config._attn_implementation = attn
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     _spread_routers(model, seed)
     return model.eval()
 
