@@ -14,7 +14,6 @@ slice is self-contained reads a prefetch handle; the others keep None and load o
 
 from __future__ import annotations
 
-from typing import Any
 
 from torch import fx
 
@@ -26,24 +25,25 @@ from .options import CompileOptions
 PASS = "insert_prefetch"
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
+def _closure(node: fx.Node, step: str) -> set[fx.Node]:
     seen, todo = set(), [node]
     while todo:
-        for user in todo.pop().users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
+        current = todo.pop()
+        for nxt in (current.users if step == "users" else current.all_input_nodes):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
     return seen
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for arg in todo.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                todo.append(arg)
-    return seen
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """Every node that reads ``node``, directly or not."""
+    return _closure(node, "users")
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node ``node`` reads, directly or not."""
+    return _closure(node, "inputs")
 
 
 def _is_static(node: fx.Node) -> bool:
@@ -56,7 +56,7 @@ def router_slice(block_input: fx.Node, index: fx.Node) -> list[fx.Node] | None:
 
     None when the router reads any other per-token value (then it cannot be moved).
     """
-    inside = (_ancestors(index) | {index}) & _descendants(block_input)
+    inside = (ancestors(index) | {index}) & descendants(block_input)
     needed = set(inside)
     for node in inside:
         for arg in node.all_input_nodes:
@@ -64,7 +64,7 @@ def router_slice(block_input: fx.Node, index: fx.Node) -> list[fx.Node] | None:
                 continue
             if not _is_static(arg):
                 return None
-            needed |= {arg} | _ancestors(arg)
+            needed |= {arg} | ancestors(arg)
     return [n for n in block_input.graph.nodes if n in needed]
 
 

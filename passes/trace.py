@@ -39,6 +39,9 @@ from .driver import (EXPERT_FLAGS, MASK_KINDS, Driver, TraceFailure, is_experts_
                      layer_mask_kinds)
 from .support import check_supported
 
+__all__ = ["EXPERT_FLAGS", "MASK_KINDS", "Driver", "ExpertFlowTracer", "TraceFailure", "TraceInfo",
+           "is_experts_module", "layer_mask_kinds", "trace_model"]
+
 def _to_meta(value: Any) -> Any:
     if isinstance(value, Proxy):
         return value.node.meta.get("ef.meta")

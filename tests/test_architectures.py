@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PROMPT_MASK, PROMPTS
-from torch import fx, nn
+from torch import nn
 
 from expertflow import runtime
 from expertflow.ir import ops
 from expertflow.ir.skeleton import build_skeleton
+from expertflow.passes.insert_prefetch import ancestors
 from expertflow.passes.options import CompileOptions
 from expertflow.passes.pipeline import compile_graph
 from expertflow.passes.trace import TraceFailure
@@ -111,23 +112,13 @@ def test_granite_multipliers_are_not_one(hf_reference) -> None:
         assert getattr(config, key) != 1.0, key
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for arg in todo.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                todo.append(arg)
-    return seen
-
-
 def test_deepseek_group_mask_scatter_survives(compiled_dir) -> None:
     """The in-place ``scatter_`` of the group-limited router feeds every router and every predictor."""
     graph = runtime.load(compiled_dir("tiny-deepseek-v3"), expert_cache=1).graph_module.graph
     targets = [n for n in graph.nodes if n.target in (ops.route, ops.predict)]
     assert sorted(n.target.__name__ for n in targets) == ["predict"] * 3 + ["route"] * 3  # 3 MoE layers
     for node in targets:
-        up = _ancestors(node)
+        up = ancestors(node)
         assert any(n.op == "call_method" and n.target == "scatter_" for n in up), node.format_node()
         assert any(n.op == "get_attr" and n.target.endswith("e_score_correction_bias") for n in up), node.name
 

@@ -18,7 +18,7 @@ from expertflow.ir import ops
 from expertflow.ir.skeleton import build_skeleton
 from expertflow.passes.dce import dce
 from expertflow.passes.functionalize_inplace import functionalize_inplace, is_inplace_method
-from expertflow.passes.insert_prefetch import insert_prefetch
+from expertflow.passes.insert_prefetch import ancestors, insert_prefetch
 from expertflow.passes.lower_experts import lower_experts
 from expertflow.passes.manager import PassError, PassManager, PassResult
 from expertflow.passes.options import CompileOptions
@@ -92,16 +92,6 @@ def hf_logits(lm: nn.Module) -> torch.Tensor:
 
 def of(gm: fx.GraphModule, op: Callable) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.target is op]
-
-
-def ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for arg in todo.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                todo.append(arg)
-    return seen
 
 
 def lowered(lm: nn.Module, **options: Any) -> tuple[fx.GraphModule, TraceInfo]:
