@@ -39,6 +39,15 @@ class LoadError(ValueError):
 REQUIRED_FILES = ("graph.json", "dense.safetensors", "experts.safetensors")
 
 
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise LoadError(f"{path} does not exist; pass the directory expertflow-compile wrote")
@@ -68,14 +77,11 @@ def _check_files(path: Path, manifest: dict[str, Any]) -> None:
         file = path / name
         if not file.is_file():
             raise LoadError(f"{file} is missing; recompile the model")
-        digest = hashlib.sha256()
         try:
-            with open(file, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
+            actual = sha256(file)
         except OSError as exc:
             raise LoadError(f"{file} is unreadable ({exc.strerror or exc}); check its permissions") from None
-        if digest.hexdigest() != expected:
+        if actual != expected:
             raise LoadError(f"{file} does not match its checksum (edited or truncated); recompile the model")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,18 +16,10 @@ from torch import fx, nn
 
 from ..ir.serialize import graph_to_json
 from ..passes.trace import TraceInfo
+from ..runtime.load import SCHEMA_VERSION, sha256  # noqa: F401  (SCHEMA_VERSION: the manifest's)
 from ..runtime.store import ALIGN, ExpertLayout, blob_key
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def layouts_of(lm: nn.Module, info: TraceInfo) -> dict[int, ExpertLayout]:
