@@ -58,8 +58,14 @@ class CompiledModel:
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prompt plus new tokens, as transformers' generate returns them (left-padded batches)."""
+                 top_p: float = 1.0, top_k: int = 50, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prompt plus new tokens, as transformers' generate returns them (left-padded batches).
+
+        Greedy by default. With ``do_sample``: temperature, then ``top_k`` (HF's default 50; 0
+        turns it off), then ``top_p``, drawn from ``generator`` (the global RNG when None, as HF).
+        Sequences that emit the model's eos token are padded after it; generation stops when all
+        have.
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         input_ids = input_ids.to(self.device)
@@ -72,7 +78,7 @@ class CompiledModel:
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=self.device)
         for _ in range(max_new_tokens):
             logits = self.forward(step_ids, attention_mask, position_ids, cache)[:, -1, :].float()
-            next_tokens = _choose(logits, do_sample, temperature, top_p, generator)
+            next_tokens = _choose(logits, do_sample, temperature, top_k, top_p, generator)
             if eos is not None:
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
                 unfinished &= ~torch.isin(next_tokens, eos)
@@ -111,17 +117,24 @@ class CompiledModel:
             self.context.cache.stats[layer] = LayerStats()
 
 
-def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
             generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy, or sampling with transformers' warpers in transformers' order (temperature, top-k,
+    top-p) and one multinomial draw per step, so a seeded run draws the tokens HF draws."""
     if not do_sample:
         return logits.argmax(dim=-1)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    logits = logits / temperature
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop[..., -1:] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
