@@ -58,6 +58,8 @@ class ExpertCache:
         # Expert id -> slot, per layer, on the device: the compute remaps ids with one gather.
         self.luts = {layer: torch.full((lay.num_experts + 1,), -1, dtype=torch.long, device=device)
                      for layer, lay in layouts.items()}
+        self.order = {layer: i for i, layer in enumerate(sorted(layouts))}
+        self.now: int | None = None  # position in ``order`` of the layer being computed
         self.pools: dict[tuple, Pool] = {}
         for layout in layouts.values():
             if layout.signature not in self.pools:
@@ -80,14 +82,27 @@ class ExpertCache:
     def pool(self, layer: int) -> Pool:
         return self.pools[self.layouts[layer].signature]
 
+    def _next_use(self, layer: int) -> int:
+        """How many MoE layers from now ``layer`` runs again (layers run in a cycle per token)."""
+        if self.now is None:
+            return 0
+        n = len(self.order)
+        return (self.order[layer] - self.now - 1) % n + 1
+
     def _victim(self, pool: Pool, protect: set[int]) -> int | None:
+        """An empty slot, else the one whose layer runs again last (least recently used among
+        those). Plain LRU would evict exactly the next layer's experts: layers run in a cycle."""
         for slot, owner in enumerate(pool.owner):
             if owner is None and slot not in pool.pinned and slot not in pool.reserved:
                 return slot
-        for slot in pool.lru:
-            if slot not in pool.pinned and slot not in pool.reserved and slot not in protect:
-                return slot
-        return None
+        best, best_use = None, -1
+        for slot in pool.lru:  # oldest first, so ties keep LRU order
+            if slot in pool.pinned or slot in pool.reserved or slot in protect:
+                continue
+            use = self._next_use(pool.owner[slot][0])
+            if use > best_use:
+                best, best_use = slot, use
+        return best
 
     def _load(self, pool: Pool, slot: int, layer: int, expert: int) -> None:
         old = pool.owner[slot]
@@ -128,6 +143,7 @@ class ExpertCache:
         pool, stats = self.pool(layer), self.stats[layer]
         needed = self._valid(layer, top_k_index)
         stats.needed += len(needed)
+        self.now = self.order[layer]
         if handle is not None:
             stats.predicted_used += len(set(handle.predicted) & set(needed))
         for slot, owner_layer in list(pool.reserved.items()):
