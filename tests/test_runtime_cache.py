@@ -227,3 +227,31 @@ def test_all_resident_matches_hf_and_stops_moving_bytes(compiled_dir, hf_logits:
     total = model.stats()["total"]
     assert (total["misses"], total["bytes_moved"]) == (0, 0) and total["hits"] == total["needed"] > 0
     assert moved > 0
+
+
+def step(cache: ExpertCache, layer: int, experts: list[int]) -> list[int]:
+    """One layer's wait and compute, as the graph runs them: plan, acquire, release."""
+    waves = cache.plan(layer, None, torch.tensor([experts]))
+    slots = cache.acquire(layer, waves[0])
+    cache.release(layer, slots)
+    return slots
+
+
+def test_eviction_follows_the_layer_cycle_not_lru(make_cache) -> None:
+    # Three MoE layers, one expert each per token, three slots: every layer's expert fits.
+    cache = make_cache(slots=3, layers=3)
+    for layer in range(3):
+        step(cache, layer, [layer])
+    # Layer 0 of the next token needs a new expert: layer 0 itself runs again last, so its old
+    # slot is freed (LRU agrees here: it is also the oldest).
+    step(cache, 0, [5])
+    pool = next(iter(cache.pools.values()))
+    assert (0, 0) not in pool.where and {(1, 1), (2, 2), (0, 5)} == set(pool.where)
+    # Layer 1 needs a second expert. LRU would evict layer 2's (the oldest), which runs next;
+    # the layer cycle evicts layer 0's, which runs again only after layer 2.
+    before = cache.stats[1].hits
+    step(cache, 1, [1])
+    assert cache.stats[1].hits == before + 1
+    step(cache, 1, [1, 6])
+    assert (1, 1) in pool.where and (1, 6) in pool.where and (2, 2) in pool.where
+    assert (0, 5) not in pool.where
