@@ -15,7 +15,8 @@ from torch import nn
 #: The attention-mask kinds ExpertFlow builds (runtime/model.py makes each with transformers'
 #: masking_utils). ``indexed_attention`` (DeepSeek sparse attention) is a causal mask that is
 #: always materialised: its indexer reads it.
-MASK_KINDS = ("full_attention", "sliding_attention", "chunked_attention", "indexed_attention")
+MASK_KINDS = ("full_attention", "sliding_attention", "chunked_attention", "indexed_attention",
+              "deepseek_sparse_attention")  # the name transformers < 5.23 gives indexed_attention
 EXPERT_FLAGS = ("is_transposed", "is_concatenated", "has_bias", "has_gate")
 
 

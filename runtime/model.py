@@ -15,10 +15,12 @@ from .context import RuntimeContext
 def _mask_functions() -> dict[str, Any]:
     from transformers import masking_utils as mu
 
+    # DeepSeek sparse attention: its indexer reads the mask, so it is never skipped as causal.
+    # transformers < 5.23 names that layer kind "deepseek_sparse_attention".
+    indexed = functools.partial(mu.create_causal_mask, allow_is_causal_skip=False)
     return {"full_attention": mu.create_causal_mask, "sliding_attention": mu.create_sliding_window_causal_mask,
-            "chunked_attention": mu.create_chunked_causal_mask,
-            # DeepSeek sparse attention: its indexer reads the mask, so it is never skipped as causal
-            "indexed_attention": functools.partial(mu.create_causal_mask, allow_is_causal_skip=False)}
+            "chunked_attention": mu.create_chunked_causal_mask, "indexed_attention": indexed,
+            "deepseek_sparse_attention": indexed}
 
 
 class CompiledModel:

@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from conftest import PROMPT_MASK, PROMPTS
 
 NEW_TOKENS = 16
@@ -119,7 +121,9 @@ def test_sweep_covers_the_interface() -> None:
     found = experts_architectures()
     assert len(found) >= 30, f"only {len(found)} architectures use the experts interface: is discovery broken?"
     stale = sorted(set(EXPECTED_FAILURES) - set(found))
-    assert not stale, f"EXPECTED_FAILURES names architectures this transformers does not have: {stale}"
+    # The table was written against transformers 5.23; older releases lack some of its models.
+    if Version(transformers.__version__) >= Version("5.23"):
+        assert not stale, f"EXPECTED_FAILURES names architectures this transformers does not have: {stale}"
     assert {"mixtral", "qwen3_moe", "deepseek_v3"} <= set(expected_to_pass())
 
 
@@ -132,6 +136,8 @@ def test_refused_with_the_module_named(model_type: str) -> None:
     from expertflow.passes.trace import TraceFailure
     from expertflow.tools.tiny_config import tiny_config
 
+    if model_type not in experts_architectures():
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
     expected = EXPECTED_FAILURES[model_type]
     skeleton = build_skeleton(tiny_config(model_type), torch.float32)
     with pytest.raises(TraceFailure) as err:
