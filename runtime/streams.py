@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -23,9 +22,6 @@ class Ticket:
     done: threading.Event = field(default_factory=threading.Event)
     event: "torch.cuda.Event | None" = None
     error: BaseException | None = None
-
-    def ready(self) -> bool:
-        return self.event.query() if self.event is not None else self.done.is_set()
 
     def wait(self) -> None:
         if self.event is not None:
@@ -91,9 +87,3 @@ class CopyEngine:
             self._queue.put(None)
             self._thread.join(timeout=5)
 
-
-def timed_wait(ticket: Ticket) -> float:
-    """Waits for a ticket; returns the seconds the host was blocked."""
-    start = time.perf_counter()
-    ticket.wait()
-    return time.perf_counter() - start

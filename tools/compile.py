@@ -58,7 +58,7 @@ def compile_model(model: str, output: Path, options: CompileOptions, force: bool
 def _compile(model: str, output: Path, options: CompileOptions, force: bool, dumps: bool,
              quiet: bool) -> Path:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ..ir.skeleton import build_skeleton, config_dtype
     from ..passes.manager import PassError
