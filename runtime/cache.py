@@ -65,6 +65,8 @@ class ExpertCache:
             if layout.signature not in self.pools:
                 tensor = torch.empty(slots, layout.blob_bytes, dtype=torch.uint8, device=device)
                 self.pools[layout.signature] = Pool(tensor, [None] * slots)
+        # Per-layer lookup, built once: the signature tuple is too costly to rebuild per op.
+        self._pool_of = {layer: self.pools[lay.signature] for layer, lay in layouts.items()}
 
     def preload(self) -> None:
         """Fills the slots in layer order (all experts, when they fit), so a warm start has no misses."""
@@ -80,7 +82,7 @@ class ExpertCache:
             pool.tickets.clear()
 
     def pool(self, layer: int) -> Pool:
-        return self.pools[self.layouts[layer].signature]
+        return self._pool_of[layer]
 
     def _next_use(self, layer: int) -> int:
         """How many MoE layers from now ``layer`` runs again (layers run in a cycle per token)."""

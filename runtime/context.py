@@ -65,7 +65,7 @@ class RuntimeContext:
         return SlotPlan(layer, waves, self.cache.acquire(layer, waves[0]))
 
     def _run(self, layer: int, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
-             experts: list[int], slots: list[int]) -> torch.Tensor:
+             slots: list[int]) -> torch.Tensor:
         lo, hi = min(slots), max(slots)
         local = self.cache.luts[layer][index]  # every id in ``index`` is resident: acquired above
         if lo:
@@ -77,7 +77,7 @@ class RuntimeContext:
                        top_k_weights: torch.Tensor, plan: SlotPlan) -> torch.Tensor:
         if len(plan.waves) == 1:
             try:
-                return self._run(layer, hidden, top_k_index, top_k_weights, plan.waves[0], plan.first_slots)
+                return self._run(layer, hidden, top_k_index, top_k_weights, plan.first_slots)
             finally:
                 self.cache.release(layer, plan.first_slots)
         # More experts than slots: compute in waves. Positions routed outside the wave keep a
@@ -90,7 +90,7 @@ class RuntimeContext:
                 inside = torch.isin(top_k_index, wave_ids)
                 index = torch.where(inside, top_k_index, wave_ids[0])
                 weights = top_k_weights * inside.to(top_k_weights.dtype)
-                part = self._run(layer, hidden, index, weights, wave, slots)
+                part = self._run(layer, hidden, index, weights, slots)
             finally:
                 self.cache.release(layer, slots)
             out = part if out is None else out + part
