@@ -8,25 +8,32 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..ir import graph_view as gv
+from .dumps import colour_key, node_table, to_dot
 
 PROG = "expertflow-inspect"
 # The formats this reader understands. Duplicated from tools.artefact / ir.serialize because those
 # import torch and inspect should start instantly; tests/test_inspect.py checks they agree.
-MANIFEST_SCHEMA = 1
-GRAPH_SCHEMA = 1
+MANIFEST_SCHEMA = 2
+GRAPH_SCHEMA = 2
 
-HELP = __doc__ + """
+HELP = __doc__ + f"""
 
 COMPILED is a directory written by expertflow-compile. Without an option, a summary: source
 model, dtype, memory plan, MoE layers with the compute each prefetch overlaps, node counts per
 op and stream, and the critical path. Reads manifest.json and graph.json only (no weights, no
 torch). --table, --code, --dot and --onnx show the dumps/ files written at compile time; --table,
---dot, --svg and --onnx OUT also work on a directory compiled with --no-dumps.
+--dot, --svg and --onnx --out PATH also work on a directory compiled with --no-dumps. Options
+may come before or after COMPILED: only --out takes a value.
+
+--dot and --svg draw one box (cluster) per decoder layer, with embeddings, final norm and head
+outside, and a legend of the colours:
+{colour_key()}
 """
 
 
@@ -43,14 +50,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     show.add_argument("--table", action="store_true",
                       help="print the node table: name, op, target, layer, stream, slot group")
     show.add_argument("--code", action="store_true", help="print the generated Python code (dumps/graph.py)")
-    show.add_argument("--dot", action="store_true", help="print the graph as Graphviz DOT (copy-stream nodes "
-                                                         "light blue, ExpertFlow ops gold)")
-    show.add_argument("--svg", type=Path, metavar="OUT", help="render the graph to the SVG file OUT "
-                                                               "(needs Graphviz's 'dot' on PATH)")
-    show.add_argument("--onnx", nargs="?", const="", type=str, metavar="OUT",
-                      help="print the path of dumps/graph.onnx (open it in Netron); with OUT, write the "
-                           "ONNX view of graph.json to OUT instead")
-    return p.parse_args(argv)
+    show.add_argument("--dot", action="store_true",
+                      help="print the graph as Graphviz DOT, a cluster per decoder layer (colours above)")
+    show.add_argument("--svg", action="store_true",
+                      help="render that DOT graph as SVG and print it (needs Graphviz's 'dot' on PATH)")
+    show.add_argument("--onnx", action="store_true",
+                      help="print the path of dumps/graph.onnx (open it in Netron); with --out, write the "
+                           "ONNX view of graph.json there instead")
+    p.add_argument("-o", "--out", type=Path, metavar="PATH",
+                   help="write the output to the file PATH instead of printing it, then print PATH "
+                        "(with --svg the SVG, with --onnx the .onnx file)")
+    args, extra = p.parse_known_args(argv)
+    if extra:  # --svg and --onnx used to take the output file: say how to give it now
+        p.error(f"unrecognized arguments: {' '.join(extra)} (only --out takes a value, e.g. --svg --out PATH)")
+    return args
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -208,45 +221,61 @@ def _dump_file(path: Path, name: str) -> str:
     return f.read_text()
 
 
-def render_svg(dot_text: str, out: Path) -> None:
+def render_svg(dot_text: str, out: Path | None) -> str:
+    """SVG of ``dot_text``: returned, or written to ``out`` (then "")."""
     dot = shutil.which("dot")
     if dot is None:
         raise InspectError("graphviz 'dot' not found; install graphviz or use --dot")
     try:
-        done = subprocess.run([dot, "-Tsvg", "-o", str(out)], input=dot_text, text=True, capture_output=True,
-                              timeout=600)
+        done = subprocess.run([dot, "-Tsvg", *(["-o", str(out)] if out else [])], input=dot_text, text=True,
+                              capture_output=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise InspectError(f"graphviz 'dot' failed: {exc}") from None
     if done.returncode != 0:
         raise InspectError(f"graphviz 'dot' failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+    return "" if out else done.stdout
 
 
 def run(args: argparse.Namespace) -> str:
-    """What to print for ``args``; raises InspectError on bad input."""
+    """What to print for ``args`` (with --out, the file is written and its path printed);
+    raises InspectError on bad input."""
     path: Path = args.compiled
+    out: Path | None = args.out
     manifest, graph = load_compiled(path)
+    if args.onnx:
+        return _onnx(path, graph, out)
+    if args.svg:
+        svg = render_svg(_stored_or(path, "graph.dot", to_dot, graph), out)
+        return f"{out}\n" if out else svg
     if args.code:
-        return _dump_file(path, "graph.py")
-    if args.table or args.dot or args.svg:
-        from .dumps import node_table, to_dot
+        text = _dump_file(path, "graph.py")
+    elif args.table:
+        text = _stored_or(path, "nodes.txt", node_table, graph)
+    elif args.dot:
+        text = _stored_or(path, "graph.dot", to_dot, graph)
+    else:
+        summary = summarize(path, manifest, graph)
+        text = json.dumps(summary, indent=2) + "\n" if args.json else format_summary(summary)
+    if out is None:
+        return text
+    try:
+        out.write_text(text)
+    except OSError as exc:
+        raise InspectError(f"cannot write {out}: {exc.strerror}") from None
+    return f"{out}\n"
 
-        stored = path / "dumps" / ("nodes.txt" if args.table else "graph.dot")
-        text = stored.read_text() if stored.is_file() else (node_table if args.table else to_dot)(graph)
-        if not args.svg:
-            return text
-        render_svg(text, args.svg)
-        return f"{args.svg}\n"
-    if args.onnx is not None:
-        return _onnx(path, graph, args.onnx)
-    summary = summarize(path, manifest, graph)
-    return json.dumps(summary, indent=2) + "\n" if args.json else format_summary(summary)
+
+def _stored_or(path: Path, name: str, make: Callable[[Any], str], graph: dict[str, Any]) -> str:
+    """The dumps/ file written at compile time, else the same view made from graph.json."""
+    stored = path / "dumps" / name
+    return stored.read_text() if stored.is_file() else make(graph)
 
 
-def _onnx(path: Path, graph: dict[str, Any], out: str) -> str:
-    if not out:
+def _onnx(path: Path, graph: dict[str, Any], out: Path | None) -> str:
+    if out is None:
         stored = path / "dumps" / "graph.onnx"
         if not stored.is_file():
-            raise InspectError(f"{path} has no dumps/graph.onnx; pass --onnx OUT to write one from graph.json")
+            raise InspectError(f"{path} has no dumps/graph.onnx; add --out PATH to write one from graph.json")
         return f"{stored}\n"
     try:
         from .onnx_dump import write_onnx
