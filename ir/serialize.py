@@ -18,8 +18,9 @@ from torch import fx
 from torch.fx.node import _get_qualified_name
 
 from . import ops
+from .hf_compat import rename_cache_keyword
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the Driver takes logits_to_keep
 ALLOWED_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.functional", "torch.special",
                    "torch.linalg", "operator", "_operator", "math", "expertflow.ir.ops")
 ALLOWED_BUILTINS = {"getattr": getattr, "len": len, "int": int, "float": float, "max": max, "min": min}
@@ -152,13 +153,15 @@ def graph_from_json(data: dict[str, Any], root: torch.nn.Module) -> fx.Graph:
             raise GraphFormatError(f"method {target!r} is not a public torch.Tensor method")
         elif op in ("call_module", "get_attr"):
             try:
-                root.get_submodule(target) if op == "call_module" else operator.attrgetter(target)(root)
+                module = root.get_submodule(target) if op == "call_module" else operator.attrgetter(target)(root)
             except AttributeError as exc:
                 raise GraphFormatError(f"{op} target {target!r} is not in the model skeleton") from exc
         elif op not in ("placeholder", "output", "call_method"):
             raise GraphFormatError(f"unknown node op {op!r}")
         args = _decode(item["args"], env)
         kwargs = _decode(item["kwargs"], env)
+        if op == "call_module" and isinstance(kwargs, dict):  # compiled under a release with the other name
+            kwargs = rename_cache_keyword(kwargs, module)
         if target is getattr and not (len(args) == 2 and isinstance(args[1], str) and not args[1].startswith("_")):
             # ``getattr(x, "__class__")`` and friends reach module globals, and from there os.system.
             raise GraphFormatError(f"getattr of {args[1:]!r} in node {item['name']!r}: only public attributes")

@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..ir.hf_compat import module_cache_keyword, parameters
 
 #: The attention-mask kinds ExpertFlow builds (runtime/model.py makes each with transformers'
 #: masking_utils). ``indexed_attention`` (DeepSeek sparse attention) is a causal mask that is
@@ -65,14 +66,6 @@ def layer_mask_kinds(config: Any, layers_path: str | None = None, layers: Any = 
 
 
 
-def _parameters(fn: Any) -> set[str]:
-    try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-
 class Driver(nn.Module):
     """The generic decoder-stack forward that is traced in place of the model's own.
 
@@ -99,10 +92,15 @@ class Driver(nn.Module):
         scale = getattr(lm, "logit_scale", None)
         self.logit_scale = scale if isinstance(scale, (int, float)) else getattr(config, "logit_scale", None)
         self.softcap = getattr(config, "final_logit_softcapping", None)
+        layers = getattr(inner, "layers", None)
+        # transformers 5.24 renamed the decoder layers' past_key_values to cache: ask the layer
+        self.cache_keyword = module_cache_keyword(layers[0]) if layers else "past_key_values"
         rotary = getattr(inner, "rotary_emb", None)
-        self.rotary_per_kind = rotary is not None and "layer_type" in _parameters(type(rotary).forward)
+        self.rotary_per_kind = rotary is not None and "layer_type" in parameters(type(rotary).forward)
 
-    def forward(self, input_ids, position_ids, past_key_values, masks):
+    def forward(self, input_ids, position_ids, cache, masks, logits_to_keep):
+        """``logits_to_keep``: logits for the last N positions only (0: all), as transformers' causal
+        LMs take it, so generation runs the head on the last position alone, as they do."""
         inner = self.lm.get_submodule(self.inner_path) if self.inner_path else self.lm
         hidden = inner.embed_tokens(input_ids)
         if self.embedding_multiplier not in (None, 1, 1.0):
@@ -114,12 +112,12 @@ class Driver(nn.Module):
             pos = inner.rotary_emb(hidden, position_ids)
         for i, layer in enumerate(inner.layers[: self.num_layers]):
             kind = self.mask_kinds[i]
-            out = layer(hidden, attention_mask=masks[kind], position_ids=position_ids,
-                        past_key_values=past_key_values, use_cache=True,
-                        position_embeddings=pos[kind] if self.rotary_per_kind else pos)
+            out = layer(hidden, attention_mask=masks[kind], position_ids=position_ids, use_cache=True,
+                        position_embeddings=pos[kind] if self.rotary_per_kind else pos,
+                        **{self.cache_keyword: cache})
             hidden = out[0] if isinstance(out, tuple) else out
         hidden = inner.norm(hidden)
-        logits = self.lm.get_output_embeddings()(hidden)
+        logits = self.lm.get_output_embeddings()(hidden[:, -logits_to_keep:, :])
         if self.logits_scaling not in (None, 1, 1.0):
             logits = logits / self.logits_scaling
         if self.logit_scale not in (None, 1, 1.0):

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ir.hf_compat import CACHE_KEYWORDS
 from .driver import Driver, TraceFailure
 
-#: The keyword arguments the Driver gives every decoder layer (besides the hidden state).
-LAYER_KWARGS = frozenset({"attention_mask", "position_ids", "past_key_values", "use_cache", "position_embeddings"})
+#: The keyword arguments the Driver gives every decoder layer (besides the hidden state); the
+#: cache goes under whichever name the installed transformers gives it.
+LAYER_KWARGS = frozenset({"attention_mask", "position_ids", "use_cache", "position_embeddings", *CACHE_KEYWORDS})
 
 #: What the model's own top-level forwards may read (``self.X``, ``self.config.X``) for the
 #: Driver to be equivalent to them: the parts it calls, the settings it applies, and what only

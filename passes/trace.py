@@ -263,8 +263,9 @@ def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphMo
     meta = {
         "input_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta"),
         "position_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta"),
-        "past_key_values": DynamicCache(config=config),
+        "cache": DynamicCache(config=config),
         "masks": masks,
+        "logits_to_keep": 0,
     }
     tracer = ExpertFlowTracer(meta)
     try:

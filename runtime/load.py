@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,12 @@ from ..ir.skeleton import assign_weights, build_skeleton
 from ..passes.driver import Driver
 from .cache import ExpertCache
 from .context import RuntimeContext
-from .model import CompiledModel
+from .model import CompiledModel, model_class
 from .store import ExpertLayout, HostStore
 from .streams import CopyEngine
 
-SCHEMA_VERSION = 1
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+SCHEMA_VERSION = 2  # 2: logits_to_keep graph input, tokenizer and generation config files
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
@@ -68,12 +69,16 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_files(path: Path, manifest: dict[str, Any]) -> None:
+def _check_files(path: Path, manifest: dict[str, Any], only: tuple[str, ...] | None = None) -> None:
     files = manifest.get("files")
     unlisted = [n for n in REQUIRED_FILES if not isinstance(files, dict) or n not in files]
     if unlisted:  # a file without a checksum would be trusted unchecked
         raise LoadError(f"{path}/manifest.json has no checksum for {', '.join(unlisted)}; recompile the model")
     for name, expected in files.items():
+        if only is not None and name not in only:
+            continue
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise LoadError(f"{path}/manifest.json lists {name!r}, which is outside the directory; recompile the model")
         file = path / name
         if not file.is_file():
             raise LoadError(f"{file} is missing; recompile the model")
@@ -85,7 +90,7 @@ def _check_files(path: Path, manifest: dict[str, Any]) -> None:
             raise LoadError(f"{file} does not match its checksum (edited or truncated); recompile the model")
 
 
-def _device(device: str | torch.device) -> torch.device:
+def check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
@@ -99,29 +104,69 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
+@dataclass(frozen=True)
+class Budget:
+    """An expert-cache request before it meets a model: so many slots, bytes, or percent of the
+    experts; ``None`` everywhere is every expert resident."""
+
+    slots: int | None = None
+    nbytes: float | None = None
+    percent: float | None = None
+
+
+def check_budget(budget: int | str | None) -> Budget:
+    """Reads ``expert_cache`` (an int of slots, a size like '4GiB', a fraction like '25%', None or
+    'all'); LoadError for what no model could take, so a CLI can refuse it before compiling."""
+    if budget is None or budget == "all":
+        return Budget()
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise LoadError(f"expert_cache={budget!r}: give a slot count (int), a size like '4GiB', a fraction "
+                        "like '25%', or 'all'")
+    if isinstance(budget, int):
+        if budget < 1:
+            raise LoadError(f"expert_cache={budget!r} holds no expert: the minimum is 1 slot")
+        return Budget(slots=budget)
+    text = budget.strip()
+    if re.fullmatch(r"[0-9]+", text):  # a size without a unit is too easily a slot count
+        raise LoadError(f"expert_cache={budget!r} is a string of digits: pass the int {int(text)} for "
+                        f"{int(text)} slots, or a size with its unit ('{text}MiB')")
+    number = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+    if percent := re.fullmatch(number + r"\s*%", text):
+        share = float(percent.group(1))
+        if not 0 < share <= 100:
+            raise LoadError(f"expert_cache={budget!r}: a fraction must be above 0% and at most 100%")
+        return Budget(percent=share)
+    match = re.fullmatch(number + r"\s*([A-Za-z]*)", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise LoadError(f"expert_cache={budget!r} is not a size or a fraction; write e.g. '512MiB', '4GiB' or '25%'")
+    return Budget(nbytes=float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
 def parse_budget(budget: int | str | None, layouts: dict[int, ExpertLayout]) -> int:
-    """Slots per pool: an int, a size like '4GiB', or None / 'all' for every expert resident."""
+    """Slots per pool for ``expert_cache`` (see :func:`check_budget`) on a model with ``layouts``."""
+    request = check_budget(budget)
     per_pool: dict[tuple, int] = {}
     for lay in layouts.values():
         per_pool[lay.signature] = per_pool.get(lay.signature, 0) + lay.num_experts
     everything = max(per_pool.values())
-    blob = max(lay.blob_bytes for lay in layouts.values())
-    if budget is None or budget == "all":
-        return everything
-    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
-        raise LoadError(f"expert_cache={budget!r}: give a slot count, a size like '4GiB', or 'all'")
-    if isinstance(budget, str):
-        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", budget)
-        if not match or match.group(2).upper() not in _UNITS:
-            raise LoadError(f"expert_cache={budget!r} is not a size; write e.g. '512MiB' or '4GiB'")
-        nbytes = float(match.group(1)) * _UNITS[match.group(2).upper()]
-        slots = int(nbytes // (blob * len(per_pool)))
+    slot_bytes = max(lay.blob_bytes for lay in layouts.values()) * len(per_pool)
+    if request.slots is not None:
+        slots = request.slots
+    elif request.percent is not None:
+        slots = max(1, round(everything * request.percent / 100))
+    elif request.nbytes is not None:
+        slots = int(request.nbytes // slot_bytes)
     else:
-        slots = budget
+        return everything
     if slots < 1:
         raise LoadError(f"expert_cache={budget!r} holds no expert: the minimum is 1 slot "
-                        f"({blob * len(per_pool)} bytes); all resident is {everything} slots")
+                        f"({slot_bytes} bytes); all resident is {everything} slots")
     return min(slots, everything)
+
+
+def budget_argument(text: str) -> int | str:
+    """A command line's ``--budget``: digits are a slot count, anything else goes to parse_budget."""
+    return int(text) if text.strip().isdigit() else text
 
 
 def _what(exc: Exception) -> str:
@@ -164,7 +209,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
 
     path = Path(path)
     manifest = _read_manifest(path)
-    dev = _device(device)
+    dev = check_device(device)
     layouts = _layouts(path, manifest)
     slots = parse_budget(expert_cache, layouts)  # before the checksums: a bad budget fails at once
     if verify:
@@ -201,4 +246,47 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
         cache.preload()
     modules = {layer: driver.get_submodule(lay.module) for layer, lay in layouts.items()}
     context = RuntimeContext(cache, modules)
-    return CompiledModel(gm, config, context, dev, dtype, manifest["mask_kinds"], manifest["generation"])
+    architecture = manifest.get("architecture")
+    cls = model_class(architecture) if isinstance(architecture, str) else CompiledModel
+    return cls(gm, config, context, manifest["mask_kinds"], _generation_config(path, config))
+
+
+def _generation_config(path: Path, config: Any) -> Any:
+    """The source model's generation config (eos ids, sampling defaults), as from_pretrained reads
+    it; read as JSON from inside the directory (checksummed with the rest), never from a hub."""
+    from transformers import GenerationConfig
+
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return GenerationConfig.from_model_config(config)
+    try:
+        fields = json.loads(file.read_text())
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+        return GenerationConfig.from_dict(fields)
+    except (OSError, ValueError, TypeError) as exc:
+        raise LoadError(f"{file} is not a valid generation config ({_what(exc)}); recompile the model") from None
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The source model's tokenizer (and chat template), from the compiled directory alone.
+
+    Only the tokenizer files are checked against the manifest's checksums, so this is quick on a
+    large model. No code from the directory runs (``trust_remote_code`` stays off) and nothing is
+    fetched from a hub.
+    """
+    from transformers import AutoTokenizer
+
+    from ..tools.artefact import TEXT_FILES
+
+    path = Path(path)
+    manifest = _read_manifest(path)
+    present = tuple(n for n in TEXT_FILES if n in (manifest.get("files") or {}))
+    if not any(n in present for n in ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")):
+        raise LoadError(f"{path} has no tokenizer: its source model shipped none; tokenize with the source "
+                        "model's tokenizer and pass input_ids")
+    _check_files(path, manifest, present)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise LoadError(f"{path}: the tokenizer files do not load ({_what(exc)}); recompile the model") from None

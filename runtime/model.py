@@ -1,4 +1,11 @@
-"""CompiledModel: logits and generation over the compiled graph, with a KV cache."""
+"""CompiledModel: the compiled graph as a transformers causal LM.
+
+It is a ``PreTrainedModel`` with ``GenerationMixin``, so ``generate`` is transformers' own
+(greedy, sampling, beam search, streamers, stopping criteria, logits processors,
+``generation_config``, ``return_dict_in_generate``) and ``transformers.pipeline`` accepts it.
+Only ``forward`` is ExpertFlow's: it runs the scheduled graph with the expert cache and returns
+the causal-LM output transformers' generation reads (``.logits`` and the cache).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..ir.hf_compat import CACHE_KEYWORDS, mask_cache_keyword, output_cache_field
 from .context import RuntimeContext
+from .inputs import check_attention_mask, check_input_ids, check_position_ids
 
 
 def _mask_functions() -> dict[str, Any]:
@@ -23,82 +34,113 @@ def _mask_functions() -> dict[str, Any]:
             "deepseek_sparse_attention": indexed}
 
 
-class CompiledModel:
-    """A compiled MoE model running with a fixed budget of expert slots on ``device``."""
+#: Outputs transformers' models can add that the compiled graph does not produce.
+_UNSUPPORTED_FLAGS = ("output_attentions", "output_hidden_states", "output_router_logits")
 
-    def __init__(self, graph_module: nn.Module, config: Any, context: RuntimeContext, device: torch.device,
-                 dtype: torch.dtype, mask_kinds: list[str], generation: dict[str, Any]):
-        self.graph_module, self.config, self.context = graph_module, config, context
-        self.device, self.dtype, self.generation = device, dtype, generation
+
+class CompiledModel(PreTrainedModel, GenerationMixin):
+    """A compiled MoE model running with a fixed budget of expert slots on its device.
+
+    ``runtime.load`` makes one, as a subclass named after the source architecture (so transformers'
+    pipelines recognise a causal LM). Its parameters are the dense weights (so ``.device`` and
+    ``.dtype`` are transformers'); the experts live in the runtime's cache.
+    """
+
+    main_input_name = "input_ids"
+    # The graph calls the attention the model was compiled with; transformers checks it exists.
+    _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
+
+    def __init__(self, graph_module: nn.Module, config: PreTrainedConfig, context: RuntimeContext,
+                 mask_kinds: list[str], generation_config: GenerationConfig | None = None):
+        attn, experts = config._attn_implementation, config._experts_implementation
+        super().__init__(config)
+        # PreTrainedModel's checks may rewrite these; the graph was traced with the originals.
+        config._attn_implementation_internal, config._experts_implementation_internal = attn, experts
+        self.graph_module = graph_module
+        self.context = context
         self._masks = {k: f for k, f in _mask_functions().items() if k in set(mask_kinds)}
+        self._cache_field = output_cache_field(CausalLMOutputWithPast)
+        if generation_config is not None:
+            self.generation_config = generation_config
+        self.eval()
 
-    def new_cache(self):
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:  # transformers reads its class's source to decide
+        return True
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for this model (what transformers' generate makes)."""
         from transformers import DynamicCache
 
         return DynamicCache(config=self.config)
 
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values: Any = None) -> torch.Tensor:
-        """Logits for ``input_ids``, appending to ``past_key_values`` when given (like HF's forward)."""
-        input_ids = input_ids.to(self.device)
-        cache = past_key_values if past_key_values is not None else self.new_cache()
-        batch, seq = input_ids.shape
-        if position_ids is None:
-            start = cache.get_seq_length()
-            position_ids = (torch.arange(seq, device=self.device) + start).unsqueeze(0)
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(self.device)
-        stub = torch.empty((batch, seq, 0), dtype=self.dtype, device=self.device)
-        masks = {kind: fn(config=self.config, inputs_embeds=stub, attention_mask=attention_mask,
-                          past_key_values=cache, position_ids=position_ids)
-                 for kind, fn in self._masks.items()}
-        return self.graph_module(input_ids, position_ids.to(self.device), cache, masks, self.context)
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: Any = None, past_key_values: Any = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                logits_to_keep: int | torch.Tensor = 0, labels: torch.Tensor | None = None,
+                return_dict: bool | None = None, **kwargs: Any) -> CausalLMOutputWithPast | tuple:
+        """Logits for ``input_ids`` (2-D token ids), appending to the cache when one is given.
 
-    __call__ = forward
-
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 50, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prompt plus new tokens, as transformers' generate returns them (left-padded batches).
-
-        Greedy by default. With ``do_sample``: temperature, then ``top_k`` (HF's default 50; 0
-        turns it off), then ``top_p``, drawn from ``generator`` (the global RNG when None, as HF).
-        Sequences that emit the model's eos token are padded after it; generation stops when all
-        have.
+        As transformers' causal LMs: the cache comes as ``cache`` (transformers >= 5.24) or
+        ``past_key_values``; ``position_ids`` default to the positions after the cached tokens;
+        ``logits_to_keep=N`` keeps the last N positions; ``labels`` give the loss.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        input_ids = input_ids.to(self.device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(self.device)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        eos, pad = self._stop_tokens()
-        cache, tokens, step_ids = self.new_cache(), input_ids, input_ids
-        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=self.device)
-        for _ in range(max_new_tokens):
-            logits = self.forward(step_ids, attention_mask, position_ids, cache)[:, -1, :].float()
-            next_tokens = _choose(logits, do_sample, temperature, top_k, top_p, generator)
-            if eos is not None:
-                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
-                unfinished &= ~torch.isin(next_tokens, eos)
-            tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
-            if eos is not None and not bool(unfinished.any()):
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], -1)
-            position_ids = position_ids[:, -1:] + 1
-            step_ids = next_tokens[:, None]
-        return tokens
+        if inputs_embeds is not None:
+            raise ValueError("inputs_embeds is not supported: the compiled graph starts at the token embedding; "
+                             "pass input_ids")
+        if input_ids is None:
+            raise ValueError("input_ids is missing: pass a 2-D tensor of token ids (batch, sequence)")
+        for flag in _UNSUPPORTED_FLAGS:
+            if kwargs.get(flag):
+                raise ValueError(f"{flag}=True is not supported: the compiled graph returns logits and the cache only")
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the KV cache once, as cache or as past_key_values, not both")
+        cache = cache if cache is not None else past_key_values
+        ids = check_input_ids(input_ids, self.config.vocab_size).to(self.device)
+        batch, seq = ids.shape
+        cache = cache if cache is not None else self.new_cache()
+        past = cache.get_seq_length()
+        mask = check_attention_mask(attention_mask, batch, past + seq)
+        position_ids = check_position_ids(position_ids, batch, seq)
+        if position_ids is None:
+            position_ids = (torch.arange(seq, device=self.device) + past).unsqueeze(0)
+        position_ids = position_ids.to(self.device)
+        mask = mask.to(self.device) if mask is not None else None
+        stub = torch.empty((batch, seq, 0), dtype=self.dtype, device=self.device)
+        masks = {kind: fn(config=self.config, inputs_embeds=stub, attention_mask=mask, position_ids=position_ids,
+                          **{mask_cache_keyword(): cache}) for kind, fn in self._masks.items()}
+        keep = logits_to_keep if isinstance(logits_to_keep, int) else 0
+        logits = self.graph_module(ids, position_ids, cache, masks, keep, self.context)
+        if isinstance(logits_to_keep, torch.Tensor):
+            logits = logits[:, logits_to_keep.to(self.device)]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels.to(self.device), vocab_size=self.config.vocab_size)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits,
+                                     **{self._cache_field: cache if use_cache is not False else None})
+        return out if return_dict is not False else out.to_tuple()
 
-    def _stop_tokens(self) -> tuple[torch.Tensor | None, int]:
-        eos = self.generation.get("eos_token_id")
-        if eos is None:
-            return None, 0
-        eos_list = eos if isinstance(eos, list) else [eos]
-        pad = self.generation.get("pad_token_id")
-        return torch.tensor(eos_list, device=self.device), eos_list[0] if pad is None else pad
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate``, after checking the ids (a string or a 1-D tensor gets a
+        one-line error here, not an AttributeError deep inside)."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if ids is None:
+            raise ValueError("generate needs input_ids: a 2-D tensor of token ids (batch, sequence)")
+        check_input_ids(ids, self.config.vocab_size, "input_ids" if inputs is None else "inputs")
+        return super().generate(inputs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # Both cache names reach forward; transformers' generate uses its release's name.
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        for name in CACHE_KEYWORDS:
+            if inputs.get(name) is None:
+                inputs.pop(name, None)
+        return inputs
 
     def stats(self) -> dict[str, Any]:
         """Per-layer hits, misses, prefetch accuracy, bytes moved, stall time; and totals."""
@@ -118,25 +160,14 @@ class CompiledModel:
         for layer in self.context.cache.stats:
             self.context.cache.stats[layer] = LayerStats()
 
+    def extra_repr(self) -> str:
+        return f"expert_slots={self.context.cache.slots}, device={self.device}"
 
-def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
-            generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy, or sampling with transformers' warpers in transformers' order (temperature, top-k,
-    top-p) and one multinomial draw per step, so a seeded run draws the tokens HF draws."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-        drop[..., -1:] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
+
+@functools.cache
+def model_class(architecture: str) -> type[CompiledModel]:
+    """CompiledModel under the source architecture's name (``MixtralForCausalLM``): transformers'
+    pipelines check a model's class name against the causal LMs they know."""
+    if not architecture.isidentifier() or architecture.startswith("_"):
+        return CompiledModel
+    return type(architecture, (CompiledModel,), {"__module__": __name__, "__qualname__": architecture})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPT_MASK, PROMPTS
+from conftest import ARCHS, EVICT, NEW_TOKENS, PROMPT_MASK, PROMPTS
 from torch import nn
 
 from expertflow import runtime
@@ -30,39 +30,6 @@ from expertflow.tools.compile import compile_model
 from expertflow.tools.source import UserError
 
 
-def _granite_has_experts_interface() -> bool:
-    """Older transformers 5.x built GraniteMoe on JetMoe's ParallelExperts, not the experts interface."""
-    from transformers.models.granitemoe import modeling_granitemoe
-
-    return hasattr(modeling_granitemoe, "GraniteMoeExperts")
-
-
-ARCHS = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v3", "tiny-gpt-oss",
-         pytest.param("tiny-granitemoe", marks=pytest.mark.skipif(
-             not _granite_has_experts_interface(),
-             reason="this transformers' GraniteMoe predates use_experts_implementation"))]
-EVICT = 3
-NEW_TOKENS = 32
-
-
-@pytest.fixture(scope="module")
-def hf_reference(model_dir):
-    """``hf_reference(preset)``: (model, logits, generated tokens) from transformers, once per preset."""
-    from transformers import AutoModelForCausalLM
-
-    made: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}
-
-    def make(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-        if name not in made:
-            hf = AutoModelForCausalLM.from_pretrained(model_dir(name), dtype=torch.float32).eval()
-            with torch.no_grad():
-                logits = hf(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
-                tokens = hf.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=NEW_TOKENS,
-                                     do_sample=False)
-            made[name] = (hf, logits, tokens)
-        return made[name]
-
-    return make
 
 
 def _moe_layers(path: Path) -> list[int]:
@@ -75,7 +42,7 @@ def test_exact_against_transformers(name: str, budget: int | None, compiled_dir,
     path = compiled_dir(name)
     _, hf_logits, hf_tokens = hf_reference(name)
     model = runtime.load(path, expert_cache=budget)
-    logits = model(PROMPTS, attention_mask=PROMPT_MASK)
+    logits = model(PROMPTS, attention_mask=PROMPT_MASK).logits
     torch.testing.assert_close(logits, hf_logits, atol=1e-5, rtol=0)
     if budget == EVICT:
         _assert_prefill_evicted(model, len(_moe_layers(path)))

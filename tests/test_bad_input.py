@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from expertflow.ir.serialize import GraphFormatError, graph_from_json
+from expertflow import runtime
+from expertflow.ir.serialize import SCHEMA, GraphFormatError, graph_from_json
 from expertflow.runtime import LoadError, load
 from expertflow.tools import artefact
 from expertflow.tools.compile import main
@@ -180,7 +181,8 @@ def test_force_replaces_a_compiled_dir(mixtral_src: str, compiled_dir, tmp_path:
     assert "compiled" in capsys.readouterr().out
     assert not (out / "stale.txt").exists() and not (out / "dumps").exists()
     files = json.loads((out / "manifest.json").read_text())["files"]
-    assert set(files) == {"dense.safetensors", "experts.safetensors", "graph.json"}
+    assert set(files) == {"dense.safetensors", "experts.safetensors", "graph.json", "generation_config.json",
+                          "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     assert_untouched(tmp_path, {"out"})
 
 
@@ -282,7 +284,8 @@ def test_load_refuses_a_tampered_directory(case: str, copy_of: Path) -> None:
 @pytest.mark.parametrize("budget, expected", [
     (0, "minimum is 1 slot"), (-2, "minimum is 1 slot"), ("1KiB", "minimum is 1 slot"),
     ("lots", "is not a size"), ("1.2.3MiB", "is not a size"), ("4 parsecs", "is not a size"),
-    (2.5, "give a slot count"), (True, "give a slot count"),
+    (2.5, "give a slot count"), (True, "give a slot count"), ("8", "is a string of digits: pass the int 8"),
+    ("0%", "above 0% and at most 100%"), ("150%", "above 0% and at most 100%"), ("25 percent", "is not a size"),
 ])
 def test_load_refuses_a_bad_budget(budget, expected: str, compiled_dir) -> None:
     assert expected in load_error(compiled_dir("tiny-mixtral"), expert_cache=budget)
@@ -322,7 +325,7 @@ ESCAPE = [_node("x", "placeholder", "x", []),
 ])
 def test_graph_json_target_outside_allowlist(nodes: list, expected: str) -> None:
     with pytest.raises(GraphFormatError, match=expected.replace(".", r"\.").replace("(", r"\(")):
-        graph_from_json({"schema": 1, "nodes": nodes}, torch.nn.Module())
+        graph_from_json({"schema": SCHEMA, "nodes": nodes}, torch.nn.Module())
 
 
 def test_load_refuses_graph_outside_allowlist_even_with_a_valid_checksum(copy_of: Path) -> None:
@@ -334,3 +337,35 @@ def test_load_refuses_graph_outside_allowlist_even_with_a_valid_checksum(copy_of
     message = load_error(copy_of)
     assert "graph.json is not a valid ExpertFlow graph" in message
     assert "'os.system' is outside the allowlist" in message
+
+
+# Wrong inputs to a loaded model: one line naming the argument and what it expects.
+
+BAD_INPUTS = {
+    "string": (lambda m: m("Hello"), "input_ids is a string; it must be a 2-D tensor of token ids"),
+    "list": (lambda m: m([[5, 6, 7]]), "input_ids is a list; it must be a 2-D torch tensor"),
+    "1-D": (lambda m: m(torch.tensor([5, 6, 7])), "input_ids has shape (3,); it must be 2-D (batch, sequence); "
+                                                  "add the batch dimension: ids[None]"),
+    "float": (lambda m: m(torch.ones(1, 3)), "input_ids has dtype torch.float32; token ids are integers"),
+    "too large": (lambda m: m(torch.tensor([[5, 100000]])), "input_ids holds token id 100000, outside this "
+                                                            "model's vocabulary [0, 384)"),
+    "negative": (lambda m: m(torch.tensor([[-1, 5]])), "input_ids holds token id -1, outside"),
+    "mask shape": (lambda m: m(torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 4)),
+                   "attention_mask has shape (1, 4); it must be (1, 3)"),
+    "mask list": (lambda m: m(torch.tensor([[5, 6, 7]]), attention_mask=[[1, 1, 1]]),
+                  "attention_mask is a list; it must be a torch tensor"),
+    "generate string": (lambda m: m.generate("Hello"), "inputs is a string; it must be a 2-D tensor of token ids"),
+    "generate 1-D": (lambda m: m.generate(torch.tensor([5, 6])), "inputs has shape (2,); it must be 2-D"),
+    "generate kwarg list": (lambda m: m.generate(input_ids=[[5, 6]]), "input_ids is a list"),
+    "embeds": (lambda m: m(inputs_embeds=torch.ones(1, 2, 64)), "inputs_embeds is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_model_refuses_bad_input(case: str, compiled_dir) -> None:
+    call, expected = BAD_INPUTS[case]
+    model = runtime.load(compiled_dir("tiny-mixtral"), expert_cache=2)
+    with pytest.raises(ValueError) as err:
+        call(model)
+    message = str(err.value)
+    assert expected in message and "\n" not in message, message

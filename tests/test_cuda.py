@@ -23,7 +23,7 @@ def test_cuda_matches_hf(preset, budget, model_dir, compiled_dir):
         ref = hf(input_ids=ids, attention_mask=mask).logits
     ref_tokens = hf.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
     model = runtime.load(compiled_dir(preset), device="cuda", expert_cache=budget)
-    torch.testing.assert_close(model(ids, attention_mask=mask), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, ref, atol=1e-5, rtol=0)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=32), ref_tokens)
     stats = model.stats()["total"]
     assert stats["bytes_moved"] > 0 and stats["hits"] + stats["misses"] == stats["needed"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import shutil
 import stat
@@ -71,10 +72,17 @@ def test_summary_shows_manifest_numbers_and_graph_analysis(capsys, mixtral):
         row = next(r for r in rows if r[5:8] == [p.prefetch, "->", p.wait])
         assert row[0] == str(p.layer) and row[4] == str(p.slot_group) and row[8] == str(p.compute_nodes)
     assert f"nodes           {g.number_of_nodes()} ({g.number_of_edges()} edges)" in out
-    assert "per stream      compute 162, copy 8" in out
+    streams = _streams(mixtral)
+    assert f"per stream      compute {streams['compute']}, copy {streams['copy']}" in out and streams["copy"] == 8
     assert "ExpertFlow ops  predict 4, prefetch 4, route 4, wait 4, expert_compute 4" in out
     assert f"critical path   {gv.critical_path(g)[0]:g} compute nodes" in out
     assert _run(capsys, mixtral, "--summary")[1] == out
+
+
+def _streams(compiled: Path) -> dict[str, int]:
+    """Nodes per stream, counted from graph.json's own annotations."""
+    nodes = json.loads((compiled / "graph.json").read_text())["nodes"]
+    return dict(Counter(n["meta"]["ef.stream"] for n in nodes if "ef.stream" in n["meta"]))
 
 
 def test_json_summary_is_machine_readable(capsys, mixtral):
@@ -85,7 +93,7 @@ def test_json_summary_is_machine_readable(capsys, mixtral):
     assert [r["layer"] for r in data["moe_layers"]] == [0, 1, 2, 3]
     assert [r["slot_group"] for r in data["moe_layers"]] == [0, 1, 0, 1]
     assert all(r["overlap_nodes"] > 0 and r["wait"] for r in data["moe_layers"])
-    assert data["graph"]["by_stream"] == {"compute": 162, "copy": 8}
+    assert data["graph"]["by_stream"] == _streams(mixtral)
     unit = data["critical_path"]["unit"]
     assert unit["path"][0] == "input_ids" and unit["path"][-1] == "output"
 
@@ -103,13 +111,13 @@ def test_without_dumps_table_and_dot_come_from_graph_json(capsys, mixtral, copy_
     rc, out, err = _run(capsys, bare, "--code")
     assert rc == 2 and out == "" and err.startswith(PROG_ERROR) and "dumps/graph.py" in err
     rc, _, err = _run(capsys, bare, "--onnx")
-    assert rc == 2 and "--onnx OUT" in err
+    assert rc == 2 and "add --out PATH" in err
 
 
 def test_onnx_prints_the_stored_path_or_writes_a_new_file(capsys, mixtral, tmp_path):
     assert _run(capsys, mixtral, "--onnx") == (0, f"{mixtral / 'dumps' / 'graph.onnx'}\n", "")
     out_file = tmp_path / "view.onnx"
-    rc, out, _ = _run(capsys, mixtral, "--onnx", out_file)
+    rc, out, _ = _run(capsys, mixtral, "--onnx", "--out", out_file)
     assert rc == 0 and out.strip() == str(out_file)
     model = onnx.load(str(out_file))
     onnx.checker.check_model(model)
@@ -118,27 +126,77 @@ def test_onnx_prints_the_stored_path_or_writes_a_new_file(capsys, mixtral, tmp_p
 
 def test_svg_without_graphviz_is_a_clear_error(capsys, mixtral, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no dot anywhere
-    rc, out, err = _run(capsys, mixtral, "--svg", tmp_path / "g.svg")
+    rc, out, err = _run(capsys, mixtral, "--svg", "--out", tmp_path / "g.svg")
     assert (rc, out) == (2, "")
     assert err == f"{PROG_ERROR}graphviz 'dot' not found; install graphviz or use --dot\n"
     assert not (tmp_path / "g.svg").exists()
 
 
-def test_svg_feeds_the_dot_text_to_graphviz(capsys, mixtral, tmp_path, monkeypatch):
-    # A stand-in for Graphviz: records its arguments and copies stdin to the -o file.
+@pytest.fixture
+def fake_dot(tmp_path, monkeypatch):
+    """A stand-in for Graphviz on PATH: writes its arguments, then stdin, to the -o file or stdout."""
     fake = tmp_path / "bin" / "dot"
     fake.parent.mkdir()
     fake.write_text(f"#!{sys.executable}\nimport sys\n"
-                    "out = sys.argv[sys.argv.index('-o') + 1]\n"
-                    "open(out, 'w').write(' '.join(sys.argv[1:]) + '\\n' + sys.stdin.read())\n")
+                    "args = sys.argv[1:]\n"
+                    "out = open(args[args.index('-o') + 1], 'w') if '-o' in args else sys.stdout\n"
+                    "out.write(' '.join(args) + '\\n' + sys.stdin.read())\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", str(fake.parent))
+
+
+def test_svg_feeds_the_dot_text_to_graphviz(capsys, mixtral, tmp_path, fake_dot):
     svg = tmp_path / "g.svg"
-    rc, out, _ = _run(capsys, mixtral, "--svg", svg)
+    rc, out, _ = _run(capsys, mixtral, "--svg", "--out", svg)
     assert rc == 0 and out.strip() == str(svg)
     args, _, body = svg.read_text().partition("\n")
     assert args.startswith("-Tsvg")
     assert body == (mixtral / "dumps" / "graph.dot").read_text()
+    # Without --out the SVG is printed, like --dot prints DOT.
+    rc, out, _ = _run(capsys, mixtral, "--svg")
+    assert rc == 0 and out == f"-Tsvg\n{body}"
+
+
+# The README writes options first (expertflow-inspect --onnx compiled/): no option may take COMPILED
+# as its value, so every view reads the same either side of it.
+@pytest.mark.parametrize("view", [[], ["--json"], ["--table"], ["--code"], ["--dot"], ["--svg"], ["--onnx"]])
+def test_option_order_does_not_matter(capsys, mixtral, fake_dot, view):
+    after = _run(capsys, mixtral, *view)
+    before = _run(capsys, *view, mixtral)
+    assert after == before and after[0] == 0 and after[1]
+    if view == ["--onnx"]:
+        assert after[1] == f"{mixtral / 'dumps' / 'graph.onnx'}\n"
+
+
+@pytest.mark.parametrize("view", ["--onnx", "--svg", "--table", "--dot"])
+def test_out_goes_anywhere_on_the_line(capsys, mixtral, tmp_path, fake_dot, view):
+    for argv in ([mixtral, view, "--out", "a"], [view, mixtral, "-o", "b"], ["--out", "c", view, mixtral],
+                 [view, "-o", "d", mixtral]):
+        target = tmp_path / next(a for a in argv if a in ("a", "b", "c", "d"))
+        rc, out, err = _run(capsys, *(target if a == target.name else a for a in argv))
+        assert (rc, out, err) == (0, f"{target}\n", ""), argv
+        if view == "--onnx":
+            onnx.checker.check_model(onnx.load(str(target)))
+        elif view == "--svg":
+            assert target.read_text().startswith(f"-Tsvg -o {target}\n")
+        else:
+            stored = {"--table": "nodes.txt", "--dot": "graph.dot"}[view]
+            assert target.read_text() == (mixtral / "dumps" / stored).read_text()
+
+
+def test_out_unwritable_is_one_line(capsys, mixtral, tmp_path):
+    rc, out, err = _run(capsys, mixtral, "--table", "--out", tmp_path)  # a directory
+    assert (rc, out) == (2, "")
+    assert err.startswith(f"{PROG_ERROR}cannot write {tmp_path}: ") and err.count("\n") == 1
+
+
+def test_old_output_argument_says_to_use_out(capsys, mixtral, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        ins.main([str(mixtral), "--svg", str(tmp_path / "g.svg")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.splitlines()[-1] == (f"{PROG_ERROR}unrecognized arguments: {tmp_path / 'g.svg'} "
+                                    "(only --out takes a value, e.g. --svg --out PATH)")
 
 
 def test_bad_directories_exit_2_with_one_line(capsys, tmp_path):
@@ -180,8 +238,15 @@ def test_help_explains_every_option(capsys):
         ins.main(["--help"])
     out = capsys.readouterr().out
     assert exc.value.code == 0
-    for option in ("--summary", "--json", "--table", "--code", "--dot", "--svg OUT", "--onnx [OUT]", "COMPILED"):
+    for option in ("--summary", "--json", "--table", "--code", "--dot", "--svg", "--onnx", "--out PATH", "COMPILED"):
         assert option in out
+    # The colour key is the legend's: the same colour names, each with its meaning.
+    from expertflow.tools.dumps import NODE_KINDS, PREFETCH_EDGE
+
+    flat = " ".join(out.split())
+    for colour, meaning in [*NODE_KINDS.values(), (f"{PREFETCH_EDGE} edge", "a prefetch to the wait")]:
+        assert f"{colour} {meaning}" in flat
+    assert "light blue" not in out
 
 
 def test_options_are_mutually_exclusive(capsys, mixtral):

@@ -21,7 +21,7 @@ def test_options_keep_logits_exact(tmp_path, model_dir, options):
     with torch.no_grad():
         ref = hf(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
     model = runtime.load(out, expert_cache=6)
-    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, ref, atol=1e-5, rtol=0)
     tokens = model.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=8)
     assert torch.equal(tokens, hf.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=8, do_sample=False))
     stats = model.stats()

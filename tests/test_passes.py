@@ -15,6 +15,7 @@ from torch.testing import assert_close
 
 from conftest import PROMPT_MASK, PROMPTS
 from expertflow.ir import ops
+from expertflow.ir.hf_compat import mask_cache_keyword
 from expertflow.ir.skeleton import build_skeleton
 from expertflow.passes.dce import dce
 from expertflow.passes.functionalize_inplace import functionalize_inplace, is_inplace_method
@@ -79,10 +80,10 @@ def run(gm: fx.GraphModule, lm: nn.Module, ctx: Reference | None = None) -> torc
     pos = torch.arange(PROMPTS.shape[1]).unsqueeze(0)
     makers = {"full_attention": mu.create_causal_mask, "sliding_attention": mu.create_sliding_window_causal_mask}
     masks = {k: makers[k](config=lm.config, inputs_embeds=torch.empty(*PROMPTS.shape, 0),
-                          attention_mask=PROMPT_MASK, past_key_values=cache, position_ids=pos)
+                          attention_mask=PROMPT_MASK, position_ids=pos, **{mask_cache_keyword(): cache})
              for k in set(layer_mask_kinds(lm.config))}
     with torch.no_grad():
-        return module(PROMPTS, pos, cache, masks, *([ctx] if ctx is not None else []))
+        return module(PROMPTS, pos, cache, masks, 0, *([ctx] if ctx is not None else []))
 
 
 def hf_logits(lm: nn.Module) -> torch.Tensor:

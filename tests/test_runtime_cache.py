@@ -155,7 +155,7 @@ def test_out_of_range_ids_are_ignored(make_cache) -> None:
 
 @pytest.mark.parametrize("budget, slots", [
     (None, 32), ("all", 32), (5, 5), (100, 32), ("4MiB", 4), ("4 mib", 4), ("4.5MiB", 4), (".5GiB", 32),
-    ("3MB", 2), ("4GiB", 32), ("1048576", 1), ("1MiB", 1),
+    ("3MB", 2), ("4GiB", 32), ("1048576B", 1), ("1MiB", 1), ("25%", 8), ("12.5 %", 4), ("100%", 32), ("1%", 1),
 ])
 def test_parse_budget(budget: Any, slots: int) -> None:
     assert parse_budget(budget, layouts_for(layers=4, experts=8, blob=2**20)) == slots
@@ -198,7 +198,7 @@ def test_minimum_budget_matches_hf(compiled_dir, hf_logits: torch.Tensor) -> Non
     blob = store.blob
     store.blob = lambda layer, expert: blob(layer, expert).as_subclass(Recording)
     Recording.copies, Recording.delay = [], 0.0
-    assert_close(model(PROMPTS, PROMPT_MASK), hf_logits)
+    assert_close(model(PROMPTS, PROMPT_MASK).logits, hf_logits)
     stats = model.stats()
     assert stats["slots"] == 1
     for layer in stats["layers"].values():  # one slot: one wave per needed expert
@@ -210,7 +210,7 @@ def test_minimum_budget_matches_hf(compiled_dir, hf_logits: torch.Tensor) -> Non
 
 def test_three_slots_compute_in_waves_and_match_hf(compiled_dir, hf_logits: torch.Tensor) -> None:
     model = load(compiled_dir("tiny-mixtral"), expert_cache=3)
-    assert_close(model(PROMPTS, PROMPT_MASK), hf_logits)
+    assert_close(model(PROMPTS, PROMPT_MASK).logits, hf_logits)
     for layer in model.stats()["layers"].values():
         assert layer["waves"] == math.ceil(layer["needed"] / 3)
     check_real_bytes(model)
@@ -219,11 +219,11 @@ def test_three_slots_compute_in_waves_and_match_hf(compiled_dir, hf_logits: torc
 def test_all_resident_matches_hf_and_stops_moving_bytes(compiled_dir, hf_logits: torch.Tensor) -> None:
     model = load(compiled_dir("tiny-mixtral"), expert_cache=None)
     assert model.stats()["slots"] == 32
-    assert_close(model(PROMPTS, PROMPT_MASK), hf_logits)
+    assert_close(model(PROMPTS, PROMPT_MASK).logits, hf_logits)
     check_real_bytes(model)
     moved = model.stats()["total"]["bytes_moved"]
     model.reset_stats()
-    assert_close(model(PROMPTS, PROMPT_MASK), hf_logits)  # warm: every expert already has a slot
+    assert_close(model(PROMPTS, PROMPT_MASK).logits, hf_logits)  # warm: every expert already has a slot
     total = model.stats()["total"]
     assert (total["misses"], total["bytes_moved"]) == (0, 0) and total["hits"] == total["needed"] > 0
     assert moved > 0

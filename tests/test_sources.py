@@ -32,4 +32,4 @@ def test_cached_hub_id_compiles_offline(tmp_path: Path, model_dir) -> None:
     with torch.no_grad():
         ref = hf(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
     model = runtime.load(out, expert_cache=2)
-    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, ref, atol=1e-5, rtol=0)

@@ -189,5 +189,5 @@ def test_compiled_logits_match_transformers(compiled_dir, model_dir) -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir("tiny-mixtral"), dtype=torch.float32).eval()
     with torch.no_grad():
         expected = hf(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
-    logits = runtime.load(path)(PROMPTS, attention_mask=PROMPT_MASK)
+    logits = runtime.load(path)(PROMPTS, attention_mask=PROMPT_MASK).logits
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)

@@ -48,8 +48,11 @@ EXPECTED_FAILURES: dict[str, Refusal] = {
     "granitemoehybrid": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("Mamba")),
     "inkling_text": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("'hybrid' (attention + short convolution)")),
     "inkling2_text": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("'hybrid' (attention + short convolution)")),
+    "inkling2_loop_text": Refusal("lm.model.layers.0", "Hybrid",
+                                  _HYBRID.format("'hybrid' (attention + short convolution, looped)")),
     "jamba": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("Mamba")),
     "kimi_linear": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("linear-attention (KDA)")),
+    "lara_mini": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("linear-attention")),
     "lfm2_moe": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("short-convolution")),
     "minimax": Refusal("lm.model.layers.1", "Hybrid", _HYBRID.format("lightning (linear) attention")),
     "nemotron_h": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("Mamba-2")),
@@ -192,6 +195,8 @@ def reference(tmp_path_factory):
         if model_type not in made:
             from transformers import AutoModelForCausalLM, DynamicCache
 
+            from expertflow.ir.hf_compat import cache_keyword_of
+
             from expertflow.passes.options import CompileOptions
             from expertflow.tools.compile import compile_model
             from expertflow.tools.tiny_config import build_tiny
@@ -201,8 +206,8 @@ def reference(tmp_path_factory):
             hf = AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
 
             def hf_forward(ids, mask, position_ids, cache):
-                return hf(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                          use_cache=True).logits
+                return hf(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                          **{cache_keyword_of(type(hf).forward) or "past_key_values": cache}).logits
 
             with torch.no_grad():
                 logits = hf(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
@@ -224,11 +229,11 @@ def test_exact_against_transformers(model_type: str, budget: int | None, referen
 
     ref = reference(model_type)
     model = runtime.load(ref.compiled, expert_cache=budget)
-    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK), ref.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, ref.logits, atol=1e-5, rtol=0)
     if budget == 1:  # the prefill alone needed more experts than the one slot: evictions happened
         stats = model.stats()
         assert stats["total"]["misses"] > 0 and max(s["needed"] for s in stats["layers"].values()) > 1, stats
-    steps = stepwise_logits(model.forward, model.new_cache(), ref.tokens, PROMPT_MASK, PROMPTS.shape[1])
+    steps = stepwise_logits(lambda *a: model(*a).logits, model.new_cache(), ref.tokens, PROMPT_MASK, PROMPTS.shape[1])
     torch.testing.assert_close(steps, ref.steps, atol=1e-5, rtol=0)
     tokens = model.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=NEW_TOKENS)
     assert torch.equal(tokens, ref.tokens), f"{model_type} at {budget} slots:\n{tokens}\nHF:\n{ref.tokens}"

@@ -228,6 +228,25 @@ def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+#: What a model directory holds besides weights that turns text into ids and back, and says how to
+#: generate: copied verbatim (a hub cache's symlinks followed), so the compiled directory tokenizes
+#: and stops exactly as the source model does.
+TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
+              "chat_template.jinja", "chat_template.json")
+
+
+def write_text_files(source: Path, lm: nn.Module, out: Path) -> None:
+    """The source's tokenizer files and chat template, and its generation config."""
+    for name in TEXT_FILES:
+        file = Path(source) / name
+        if file.is_file():
+            shutil.copyfile(file, out / name)
+    generation = getattr(lm, "generation_config", None)
+    if generation is not None:
+        generation.to_json_file(out / "generation_config.json")
+
+
 def graph_file(gm: fx.GraphModule, out: Path) -> None:
     (out / "graph.json").write_text(json.dumps(graph_to_json(gm.graph)))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..ir.hf_compat import cache_keyword_of
 from .source import UserError, resolve_model
 
 
@@ -29,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="expertflow-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model directory, cached hub id, or preset name (e.g. tiny-mixtral)")
-    p.add_argument("--compiled", type=Path, help="compiled directory of MODEL (default: compile into a temp dir)")
+    p.add_argument("--compiled", type=Path, help="compiled directory of MODEL (default: compile into a temporary "
+                   "directory, removed when the run ends)")
     p.add_argument("--budget", default="25%", help="expert cache for the offloaded run: slots, a size "
                    "like '4GiB', or a percentage of all experts (default 25%%)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -65,7 +68,8 @@ def hf_stepper(model: Any, device: torch.device):
     def step(ids: torch.Tensor, prefill: bool) -> torch.Tensor:
         if prefill:
             state["cache"] = DynamicCache(config=model.config)
-        return model(input_ids=ids.to(device), past_key_values=state["cache"], use_cache=True).logits
+        cache = {cache_keyword_of(type(model).forward) or "past_key_values": state["cache"]}
+        return model(input_ids=ids.to(device), use_cache=True, **cache).logits
 
     return step
 
@@ -76,7 +80,7 @@ def ef_stepper(model: Any):
     def step(ids: torch.Tensor, prefill: bool) -> torch.Tensor:
         if prefill:
             state["cache"] = model.new_cache()
-        return model(ids, past_key_values=state["cache"])
+        return model(ids, cache=state["cache"]).logits
 
     return step
 
@@ -116,22 +120,24 @@ def compile_peak_rss(model: str, out: Path) -> int:
     return int(proc.stderr.strip().splitlines()[-1]) * 1024  # VmHWM is in kB
 
 
-def budget_slots(budget: str, total: int) -> int | str:
-    if budget.endswith("%"):
-        return max(1, round(total * float(budget[:-1]) / 100))
-    return int(budget) if budget.isdigit() else budget
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    source = resolve_model(args.model)
+    work = Path(tempfile.mkdtemp(prefix="expertflow-bench-"))
+    try:  # a compile of our own goes to a temporary directory, removed when done
+        return _measure(args, source, args.compiled or work / "compiled")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, source: Path, compiled: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from .. import runtime
+    from . import presets
 
-    source = resolve_model(args.model)
     device = torch.device(args.device)
-    work = Path(tempfile.mkdtemp(prefix="expertflow-bench-"))
-    compiled = args.compiled or work / "compiled"
-    result: dict[str, Any] = {"model": args.model, "device": args.device, "batch": args.batch,
+    result: dict[str, Any] = {"model": args.model, "random_weights": args.model in presets.PRESETS,
+                              "device": args.device, "batch": args.batch,
                               "prompt_len": args.prompt_len, "tokens": args.tokens,
                               "torch_threads": torch.get_num_threads()}
     if not args.skip_compile_memory or args.compiled is None:
@@ -146,8 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         [hf_stepper(hf, device), ef_stepper(full)], ids, args.tokens, args.repeats)
     result["resident_over_hf"] = result["resident_s_per_token"] / result["hf_eager_s_per_token"]
     total = full.stats()["slots"]
-    slots = budget_slots(args.budget, total)
-    small = runtime.load(compiled, device=args.device, expert_cache=slots)
+    small = runtime.load(compiled, device=args.device, expert_cache=runtime.budget_argument(args.budget))
     (result["offload_s_per_token"],) = timed_pair([ef_stepper(small)], ids, args.tokens, 1, small.reset_stats)
     result["offload_slots"], result["all_slots"] = small.stats()["slots"], total
     result["offload_stats"] = small.stats()["total"]
@@ -164,6 +169,9 @@ def render(r: dict[str, Any]) -> str:
              f"hits {s['hits']}, misses {s['misses']}, hit rate {s['hit_rate']:.3f}, bytes moved "
              f"{s['bytes_moved']}, stall {s['stall_s']:.4f} s, prefetch precision "
              f"{s['prefetch_precision']:.3f}, recall {s['prefetch_recall']:.3f}"]
+    if r.get("random_weights"):
+        lines.append("(a preset: seeded random weights, so routing is not a trained model's; hit rates and "
+                     "prefetch accuracy say little about real models)")
     if "compile_peak_rss" in r:
         lines.append(f"compile peak RSS {r['compile_peak_rss'] / 2**20:.1f} MiB for "
                      f"{r['model_bytes_on_disk'] / 2**20:.1f} MiB of weights on disk")

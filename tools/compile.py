@@ -58,11 +58,12 @@ def compile_model(model: str, output: Path, options: CompileOptions, force: bool
 def _compile(model: str, output: Path, options: CompileOptions, force: bool, dumps: bool,
              quiet: bool) -> Path:
     import torch
+    import transformers
     from transformers import AutoConfig
 
     from ..ir.skeleton import build_skeleton, config_dtype
     from ..passes.manager import PassError
-    from ..passes.pipeline import compile_graph
+    from ..passes.pipeline import PIPELINE, compile_graph
     from ..passes.trace import TraceFailure
     from . import artefact
     from safetensors import SafetensorError
@@ -85,7 +86,7 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
     except Exception as exc:  # e.g. safetensors' own error type for a truncated weights file
         raise UserError(f"cannot load the weights of {model}: {one_line(exc)}") from None
     skeleton = build_skeleton(lm.config, dtype)  # traced on meta: the weights stay where they are
-    bar = tqdm(desc="passes", disable=quiet, unit="pass")
+    bar = tqdm(desc="passes", total=len(PIPELINE), disable=quiet, unit="pass")
     try:
         gm, info = compile_graph(skeleton, options, on_pass=lambda name: (bar.set_postfix_str(name), bar.update()))
     except TraceFailure as exc:
@@ -97,12 +98,19 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
     layouts = artefact.layouts_of(lm, info)
 
     def build(tmp: Path) -> dict[str, Any]:
-        progress = (lambda it: it) if quiet else (lambda it: tqdm(it, desc="packing experts", unit="layer"))
+        def progress(groups: Any) -> Iterator[Any]:
+            # The stream's groups are decoder layers plus the non-layer weights; count the MoE
+            # layers (what the summary line counts), each once its group has been written.
+            with tqdm(total=len(layouts), desc="packing experts", unit="MoE layer", disable=quiet) as moe:
+                for group in groups:
+                    yield group
+                    moe.update(group[0] in layouts)
         try:
             artefact.write_weights(weights, layouts, tmp, progress)
         except (OSError, SafetensorError) as exc:  # the user's shards, read lazily while writing
             raise UserError(f"cannot read the weights of {model}: {one_line(exc)}") from None
         artefact.graph_file(gm, tmp)
+        artefact.write_text_files(source, lm, tmp)
         if dumps:
             from .dumps import write_dumps
             write_dumps(gm, tmp / "dumps")
@@ -113,8 +121,8 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
             "dtype": artefact.dtype_name(dtype), "config": config.to_dict(),
             "attn_implementation": config._attn_implementation,
             "experts_implementation": config._experts_implementation,
-            "generation": _generation(lm), "options": {"lookahead": options.lookahead,
-                                                       "predictor": options.predictor},
+            "transformers": transformers.__version__,
+            "options": {"lookahead": options.lookahead, "predictor": options.predictor},
             "mask_kinds": info.mask_kinds, "layouts": [lay.to_json() for lay in layouts.values()],
             "memory_plan": artefact.memory_plan(layouts, dense_bytes),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -177,14 +185,6 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and exc.args:
         text = f"missing key {exc.args[0]!r}"
     return " ".join(text.split("\n\n")[0].split())
-
-
-def _generation(lm: Any) -> dict[str, Any]:
-    gen = getattr(lm, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    pad = getattr(gen, "pad_token_id", None) if gen is not None else None
-    eos = eos if eos is not None else getattr(lm.config, "eos_token_id", None)
-    return {"eos_token_id": eos, "pad_token_id": pad}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Built-in presets: seeded random weights of real MoE architectures at small size.
 
-Made with transformers' config classes and ``save_pretrained`` on first use, so a fresh
-machine with no network can compile and generate. Seeded: the same preset is the same model
+Made with transformers' config classes and ``save_pretrained`` on first use, with the byte-level
+tokenizer of ``preset_tokenizer``, so a fresh machine with no network can compile and generate
+text. Seeded: the same preset is the same model
 everywhere.
 """
 
@@ -13,7 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-_COMMON = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+from . import preset_tokenizer
+
+# 384 ids: the byte-level tokenizer's 3 specials and 256 bytes, and 125 merges (tools/preset_tokenizer).
+_COMMON = dict(vocab_size=384, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=512, tie_word_embeddings=False,
                bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
@@ -89,7 +93,7 @@ def _spread_routers(model, seed: int) -> None:
 
 
 # Bump when build() makes different weights for the same preset entry (e.g. _spread_routers changes).
-RECIPE = 2
+RECIPE = 3
 STAMP = "expertflow-preset.json"
 
 
@@ -107,7 +111,9 @@ def materialize(name: str, root: Path | None = None) -> Path:
         return path
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=_ensure(root)))
     try:
-        build(name).save_pretrained(tmp)
+        model = build(name)
+        model.save_pretrained(tmp)
+        preset_tokenizer.build(model.config.vocab_size).save_pretrained(tmp)
         (tmp / STAMP).write_text(_stamp(name))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,75 @@
+"""transformers' keyword names are read from signatures: either cache name works, both ways."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from conftest import PROMPT_MASK, PROMPTS
+from torch import nn
+
+from expertflow import runtime
+from expertflow.ir.hf_compat import (CACHE_KEYWORDS, cache_keyword_of, mask_cache_keyword, module_cache_keyword,
+                                     rename_cache_keyword)
+from expertflow.ir.skeleton import build_skeleton
+from expertflow.passes.driver import Driver
+from expertflow.tools import artefact
+
+
+class _Old(nn.Module):
+    def forward(self, hidden_states, past_key_values=None, **kwargs):
+        return hidden_states
+
+
+class _New(nn.Module):
+    def forward(self, hidden_states, cache=None, **kwargs):
+        return hidden_states
+
+
+class _KwargsOnly(nn.Module):
+    def forward(self, hidden_states, **kwargs):
+        return hidden_states
+
+
+def test_the_keyword_comes_from_the_signature():
+    assert module_cache_keyword(_Old()) == "past_key_values"
+    assert module_cache_keyword(_New()) == "cache"
+    # A forward that passes **kwargs on takes the name of its transformers release.
+    assert module_cache_keyword(_KwargsOnly()) == mask_cache_keyword()
+    assert cache_keyword_of(len) is None and mask_cache_keyword() in CACHE_KEYWORDS
+    assert rename_cache_keyword({"past_key_values": 1, "x": 2}, _New()) == {"cache": 1, "x": 2}
+    assert rename_cache_keyword({"cache": 1}, _Old()) == {"past_key_values": 1}
+    assert rename_cache_keyword({"cache": 1}, _New()) == {"cache": 1}
+
+
+def test_the_driver_gives_layers_the_installed_name(compiled_dir):
+    config = runtime.load(compiled_dir("tiny-mixtral"), expert_cache=2).config
+    driver = Driver(build_skeleton(config, torch.float32))
+    layer = driver.lm.model.layers[0]
+    assert driver.cache_keyword == module_cache_keyword(layer) == cache_keyword_of(type(layer).forward)
+
+
+def test_a_graph_compiled_under_the_other_name_loads_exactly(compiled_dir, hf_reference, tmp_path):
+    """graph.json calls attention with the cache keyword of the release that compiled it; a graph
+    from a release with the other name is renamed on load and still matches transformers."""
+    copy = tmp_path / "other-release"
+    shutil.copytree(compiled_dir("tiny-mixtral"), copy)
+    graph = json.loads((copy / "graph.json").read_text())
+    mine = mask_cache_keyword()
+    other = next(k for k in CACHE_KEYWORDS if k != mine)
+    renamed = 0
+    for node in graph["nodes"]:
+        for pair in node["kwargs"]["dict"] if node["op"] == "call_module" else []:
+            if pair[0] == mine:
+                pair[0], renamed = other, renamed + 1
+    assert renamed == 4  # one attention call per decoder layer
+    (copy / "graph.json").write_text(json.dumps(graph))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["graph.json"] = artefact.sha256(copy / "graph.json")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    model = runtime.load(copy, expert_cache=3)
+    calls = [n for n in model.graph_module.graph.nodes if n.op == "call_module" and mine in n.kwargs]
+    assert len(calls) == 4 and not any(other in n.kwargs for n in model.graph_module.graph.nodes)
+    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, hf_reference("tiny-mixtral")[1],
+                               atol=1e-5, rtol=0)
