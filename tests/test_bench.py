@@ -26,3 +26,13 @@ def test_bench_bad_model_is_one_line_error(capsys):
     assert bench.main(["no-such-model-dir", "--skip-compile-memory"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("expertflow-bench: error:") and "\n" not in err
+
+
+def test_bench_removes_its_own_compile_and_says_weights_are_random(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the bench's own compile goes
+    rc = bench.main(["tiny-qwen3-moe", "--tokens", "2", "--repeats", "1", "--skip-compile-memory"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "seeded random weights" in out
+    assert not list(tmp_path.glob("expertflow-bench-*")), list(tmp_path.iterdir())

@@ -171,6 +171,7 @@ class Reference(NamedTuple):
     logits: torch.Tensor  # the padded prompt batch
     tokens: torch.Tensor  # greedy generation, prompts included
     steps: torch.Tensor  # last-position logits of the prefill and of every decode step along ``tokens``
+    hf: Any  # transformers' model, for the sampling and beam-search comparisons
 
 
 def stepwise_logits(forward: Any, cache: Any, tokens: torch.Tensor, mask: torch.Tensor,
@@ -216,7 +217,7 @@ def reference(tmp_path_factory):
                 steps = stepwise_logits(hf_forward, DynamicCache(config=hf.config), tokens, PROMPT_MASK,
                                         PROMPTS.shape[1])
             compiled = compile_model(str(root / "hf"), root / "compiled", CompileOptions(), dumps=False, quiet=True)
-            made[model_type] = Reference(compiled, logits, tokens, steps)
+            made[model_type] = Reference(compiled, logits, tokens, steps, hf)
         return made[model_type]
 
     return make
@@ -237,6 +238,24 @@ def test_exact_against_transformers(model_type: str, budget: int | None, referen
     torch.testing.assert_close(steps, ref.steps, atol=1e-5, rtol=0)
     tokens = model.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=NEW_TOKENS)
     assert torch.equal(tokens, ref.tokens), f"{model_type} at {budget} slots:\n{tokens}\nHF:\n{ref.tokens}"
+
+
+#: transformers' generation modes besides greedy, each run on both models from the same seed.
+MODES = {"sample": dict(do_sample=True, temperature=0.8, top_k=20), "beam2": dict(do_sample=False, num_beams=2)}
+
+
+@pytest.mark.parametrize("model_type", expected_to_pass())
+def test_sampling_and_beam_search_match(model_type: str, reference) -> None:
+    from expertflow import runtime
+
+    ref = reference(model_type)
+    model = runtime.load(ref.compiled, expert_cache=1)
+    for mode, kwargs in MODES.items():
+        outs = []
+        for generate in (ref.hf.generate, model.generate):
+            torch.manual_seed(7)
+            outs.append(generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=8, **kwargs))
+        assert torch.equal(outs[1], outs[0]), f"{model_type} {mode}:\n{outs[1]}\nHF:\n{outs[0]}"
 
 
 @pytest.mark.parametrize("model_type", sorted(aliases()))
