@@ -32,7 +32,7 @@ def check_input_ids(ids: Any, vocab_size: int, name: str = "input_ids") -> torch
         raise ValueError(f"{name} has shape {tuple(ids.shape)}; it must be 2-D (batch, sequence){hint}")
     if ids.numel() == 0:
         raise ValueError(f"{name} has shape {tuple(ids.shape)}; it needs at least one token per sequence")
-    low, high = int(ids.min()), int(ids.max())
+    low, high = (int(v) for v in torch.aminmax(ids))  # one reduction, one host sync
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"{name} holds token id {bad}, outside this model's vocabulary [0, {vocab_size}); "
