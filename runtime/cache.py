@@ -101,20 +101,24 @@ class ExpertCache:
         for slot in pool.lru:  # oldest first, so ties keep LRU order
             if slot in pool.pinned or slot in pool.reserved or slot in protect:
                 continue
-            use = self._next_use(pool.owner[slot][0])
+            owner = pool.owner[slot]
+            use = self._next_use(owner[0]) if owner is not None else len(self.order) + 1
             if use > best_use:
                 best, best_use = slot, use
         return best
 
     def _load(self, pool: Pool, slot: int, layer: int, expert: int) -> None:
+        # Ordered so that an interrupt between any two statements leaves a consistent cache: the
+        # old owner is forgotten before its bytes are overwritten, and the new owner is named
+        # only once its copy's ticket is recorded (a hit always waits for the bytes).
         old = pool.owner[slot]
         if old is not None:
+            pool.owner[slot] = None
             del pool.where[old]
             self.luts[old[0]][old[1]] = -1
+        pool.tickets[slot] = ticket = self.engine.submit(slot, pool.tensor[slot], self.store.blob(layer, expert))
         pool.owner[slot], pool.where[(layer, expert)] = (layer, expert), slot
         self.luts[layer][expert] = slot
-        ticket = self.engine.submit(slot, pool.tensor[slot], self.store.blob(layer, expert))
-        pool.tickets[slot] = ticket
         self.stats[layer].bytes_moved += ticket.nbytes
         pool.lru[slot] = None
         pool.lru.move_to_end(slot)
@@ -191,3 +195,13 @@ class ExpertCache:
         pool = self.pool(layer)
         self.engine.mark_read(slots)
         pool.pinned.difference_update(slots)
+
+    def abort(self) -> None:
+        """Returns the cache to its between-steps state after a step stopped part way (an
+        exception, Ctrl-C): pins and reservations are released; copies still in flight stay
+        recorded against their slots, so the next use of a slot waits for its bytes."""
+        for pool in self.pools.values():
+            self.engine.mark_read(sorted(pool.pinned))  # reads already queued on the device come first
+            pool.pinned.clear()
+            pool.reserved.clear()
+        self.now = None

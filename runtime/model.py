@@ -10,6 +10,7 @@ the causal-LM output transformers' generation reads (``.logits`` and the cache).
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import asdict
 from typing import Any
 
@@ -44,6 +45,10 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
     ``runtime.load`` makes one, as a subclass named after the source architecture (so transformers'
     pipelines recognise a causal LM). Its parameters are the dense weights (so ``.device`` and
     ``.dtype`` are transformers'); the experts live in the runtime's cache.
+
+    Threads may share one model: forward steps take turns on a lock (each caller keeps its own
+    KV cache), and a step that stops part way (an exception, Ctrl-C) releases what it held in
+    the expert cache, so the next call is exact.
     """
 
     main_input_name = "input_ids"
@@ -58,6 +63,7 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         config._attn_implementation_internal, config._experts_implementation_internal = attn, experts
         self.graph_module = graph_module
         self.context = context
+        self._step_lock = threading.Lock()
         self._masks = {k: f for k, f in _mask_functions().items() if k in set(mask_kinds)}
         self._cache_field = output_cache_field(CausalLMOutputWithPast)
         if generation_config is not None:
@@ -115,7 +121,13 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         masks = {kind: fn(config=self.config, inputs_embeds=stub, attention_mask=mask, position_ids=position_ids,
                           **{mask_cache_keyword(): cache}) for kind, fn in self._masks.items()}
         keep = logits_to_keep if isinstance(logits_to_keep, int) else 0
-        logits = self.graph_module(ids, position_ids, cache, masks, keep, self.context)
+        with self._step_lock:  # one step at a time: the expert cache is shared by every caller
+            self.context.cache.abort()  # a no-op, unless an interrupt also cut short the last abort
+            try:
+                logits = self.graph_module(ids, position_ids, cache, masks, keep, self.context)
+            except BaseException:  # Ctrl-C or an error part way: the next step must find a sane cache
+                self.context.cache.abort()
+                raise
         if isinstance(logits_to_keep, torch.Tensor):
             logits = logits[:, logits_to_keep.to(self.device)]
         loss = None

@@ -14,12 +14,23 @@ from dataclasses import dataclass, field
 import torch
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass
 class Ticket:
-    """One copy in flight; ``wait`` orders the caller after it."""
+    """One copy in flight; ``wait`` orders the caller after it.
+
+    On CPU, ``done`` is a lock the worker releases when the copy is over. A bare lock, not an
+    Event or a Queue: those are Python code, and a Ctrl-C landing inside one of their methods
+    on the main thread can lose a wake-up for good; acquiring a lock is one C call.
+    """
 
     nbytes: int
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Lock = field(default_factory=_held_lock)
     event: "torch.cuda.Event | None" = None
     error: BaseException | None = None
 
@@ -27,7 +38,8 @@ class Ticket:
         if self.event is not None:
             torch.cuda.current_stream().wait_event(self.event)  # GPU-side: the host does not block
             return
-        self.done.wait()
+        with self.done:  # free once the worker has released it
+            pass
         if self.error is not None:
             raise self.error
 
@@ -43,7 +55,7 @@ class CopyEngine:
         if device.type == "cuda":
             self._stream = torch.cuda.Stream(device=device)
         else:
-            self._queue: queue.Queue = queue.Queue()
+            self._queue: queue.SimpleQueue = queue.SimpleQueue()  # put and get are single C calls
             self._thread = threading.Thread(target=self._run, name="expertflow-copy", daemon=True)
             self._thread.start()
 
@@ -80,7 +92,7 @@ class CopyEngine:
                 dst.copy_(src)
             except BaseException as exc:  # surfaced to the waiter, never lost in the thread
                 ticket.error = exc
-            ticket.done.set()
+            ticket.done.release()
 
     def close(self) -> None:
         if self.device.type != "cuda":

@@ -1,0 +1,99 @@
+"""The runtime survives interrupts part way through a step, and threads sharing one model."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+
+import pytest
+import torch
+from conftest import PROMPT_MASK, PROMPTS
+
+from expertflow import runtime
+
+
+def _sane(model) -> None:
+    for pool in model.context.cache.pools.values():
+        assert not pool.pinned and not pool.reserved
+        for slot, owner in enumerate(pool.owner):  # every named owner is where the table says
+            if owner is not None:
+                assert pool.where[owner] == slot and int(model.context.cache.luts[owner[0]][owner[1]]) == slot
+
+
+@pytest.mark.parametrize("budget", [1, 4, 8])
+def test_interrupts_at_random_points_then_an_exact_call(budget, compiled_dir, hf_reference):
+    model = runtime.load(compiled_dir("tiny-mixtral"), expert_cache=budget)
+    reference = hf_reference("tiny-mixtral")[1]
+    rng = random.Random(budget)
+    armed, interrupted = [False], 0
+
+    def interrupt(signum, frame):
+        if armed[0]:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        for _ in range(25):
+            try:
+                armed[0] = True
+                signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.0002, 0.01))
+                model(PROMPTS, attention_mask=PROMPT_MASK)
+            except KeyboardInterrupt:
+                interrupted += 1
+            finally:
+                armed[0] = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            logits = model(PROMPTS, attention_mask=PROMPT_MASK).logits
+            torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+            _sane(model)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert interrupted >= 5, f"only {interrupted} of 25 calls were interrupted: the timer is too slow"
+
+
+def test_an_error_inside_the_experts_releases_its_slots(compiled_dir, hf_reference, monkeypatch):
+    """An exception between wait and expert_compute used to leave slots pinned for good."""
+    model = runtime.load(compiled_dir("tiny-mixtral"), expert_cache=3)
+    calls = {"n": 0}
+    original = type(model.context)._run
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.context), "_run", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        model(PROMPTS, attention_mask=PROMPT_MASK)
+    _sane(model)
+    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, hf_reference("tiny-mixtral")[1],
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_threads_sharing_a_model_get_exact_logits(threads, compiled_dir):
+    path = compiled_dir("tiny-mixtral")
+    resident = runtime.load(path)
+    gen = torch.Generator().manual_seed(threads)
+    batches = [torch.randint(3, 384, (2, 5 + i), generator=gen) for i in range(threads)]
+    refs = [resident(b).logits for b in batches]
+    shared = runtime.load(path, expert_cache=4)  # evictions every step: the cache state is shared
+    failures: list[str] = []
+
+    def work(i: int) -> None:
+        try:
+            for k in range(12):
+                j = (i + k) % threads
+                torch.testing.assert_close(shared(batches[j]).logits, refs[j], atol=1e-5, rtol=0)
+        except BaseException as exc:  # reported by the main thread
+            failures.append(f"thread {i}: {type(exc).__name__}: {exc}")
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert not failures, failures[0]
+    _sane(shared)
