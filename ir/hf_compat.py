@@ -4,7 +4,8 @@ transformers renames keywords between releases: 5.24 calls the KV cache ``cache`
 5.23 call it ``past_key_values`` (in decoder layers, attention modules, the masking functions and
 the model outputs alike). Every place ExpertFlow hands transformers a cache asks here which name
 the callee takes, so the front end, the support check and the runtime follow the release that is
-installed.
+installed. (A graph compiled under another release is not patched: ``runtime.load`` runs the
+graph the installed release derives from the same config and options.)
 """
 
 from __future__ import annotations
@@ -48,16 +49,6 @@ def module_cache_keyword(module: Any) -> str:
     """The cache keyword of a module's forward; a forward that only takes ``**kwargs`` passes them
     on to modules of the same release, so it gets that release's name (the masking functions')."""
     return cache_keyword_of(type(module).forward) or mask_cache_keyword()
-
-
-def rename_cache_keyword(kwargs: dict[str, Any], module: Any) -> dict[str, Any]:
-    """``kwargs`` with its cache keyword renamed to the one ``module`` takes (a graph compiled under
-    another transformers release calls attention with the other name)."""
-    wanted = module_cache_keyword(module)
-    for other in CACHE_KEYWORDS:
-        if other != wanted and other in kwargs and wanted not in kwargs:
-            return {(wanted if k == other else k): v for k, v in kwargs.items()}
-    return kwargs
 
 
 def output_cache_field(output_class: type) -> str:

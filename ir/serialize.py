@@ -1,32 +1,33 @@
-"""The scheduled graph as JSON, and back, with every target resolved against an allowlist.
+"""The scheduled graph as JSON, and back, validated whole before any code is generated from it.
 
-Loading runs no code from the artefact and unpickles nothing: a node's target is a qualified
-name that must resolve inside an allowlisted module (torch, operator, math, ExpertFlow's ops),
-a ``torch.Tensor`` method name, or a submodule/attribute path of the model skeleton.
+Loading runs no code from the artefact and unpickles nothing: a node's target is a name on the
+closed lists of ``ir/allowlist.py`` (tensor operations, tensor methods, ExpertFlow's ops), a
+parameter or buffer of the model skeleton (``get_attr``), or one of its submodules; every string
+that fx pastes into generated Python (node names, inputs, keywords, module paths) must be a
+plain identifier or path.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
+import builtins
+import keyword
 import math
-import operator
+import re
 from typing import Any
 
 import torch
 from torch import fx
 from torch.fx.node import _get_qualified_name
 
-from . import ops
-from .hf_compat import rename_cache_keyword
+from . import allowlist, ops
 
 SCHEMA = 2  # 2: the Driver takes logits_to_keep
-ALLOWED_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.functional", "torch.special",
-                   "torch.linalg", "operator", "_operator", "math", "expertflow.ir.ops")
-ALLOWED_BUILTINS = {"getattr": getattr, "len": len, "int": int, "float": float, "max": max, "min": min}
-#: Callables in allowlisted modules that touch files: no compiled graph calls them.
-DENIED_FUNCTIONS = frozenset({"torch.save", "torch.load", "torch.from_file"})
 META_KEYS = ("ef.layer", "ef.role", "ef.stream", "ef.slot_group", "ef.module")
+#: The graph's inputs, in order: the Driver's forward, then the ExpertFlow execution context.
+INPUTS = ("input_ids", "position_ids", "cache", "masks", "logits_to_keep", "ef_ctx")
+_RESERVED = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {"self", "torch", "inf", "nan", "NoneType"}
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,199}")
+_PATH_PART = re.compile(r"[A-Za-z0-9_]{1,200}")
 
 
 class GraphFormatError(ValueError):
@@ -66,6 +67,8 @@ def _decode(value: Any, env: dict[str, fx.Node]) -> Any:
         return [_decode(v, env) for v in value]
     if not isinstance(value, dict):
         return value
+    if len(value) != 1:
+        raise GraphFormatError(f"argument encoding {str(value)[:60]} is not one tagged value")
     (kind, payload), = value.items()
     if kind == "node":
         if payload not in env:
@@ -74,6 +77,9 @@ def _decode(value: Any, env: dict[str, fx.Node]) -> Any:
     if kind == "tuple":
         return tuple(_decode(v, env) for v in payload)
     if kind == "dict":
+        if not isinstance(payload, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                                    for p in payload):
+            raise GraphFormatError("a dict argument must be a list of [string key, value] pairs")
         return {k: _decode(v, env) for k, v in payload}
     if kind == "slice":
         return slice(*(_decode(v, env) for v in payload))
@@ -94,31 +100,13 @@ def function_name(target: Any) -> str:
     return f"expertflow.ir.ops.{name}" if name else _get_qualified_name(target)
 
 
-@functools.lru_cache(maxsize=1)
-def _torch_callables() -> frozenset:
-    """Torch functions a graph may call: those that dispatch on tensors, plus the factories."""
-    from torch.overrides import get_overridable_functions
-
-    funcs = set().union(*get_overridable_functions().values())
-    funcs |= {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.tensor,
-              torch.linspace, torch.eye, torch.finfo, torch.iinfo, torch.randn, torch.rand}
-    return frozenset(f for f in funcs if f not in (torch.save, torch.load, torch.from_file))
-
-
 def resolve_function(name: str) -> Any:
-    """The callable for a qualified name, if it lies in the allowlist."""
-    if name in ALLOWED_BUILTINS:
-        return ALLOWED_BUILTINS[name]
-    module_name, _, attr = name.rpartition(".")
-    if module_name not in ALLOWED_MODULES or attr.startswith("__") or name in DENIED_FUNCTIONS:
-        raise GraphFormatError(f"call target {name!r} is outside the allowlist {ALLOWED_MODULES}")
-    obj = getattr(importlib.import_module(module_name), attr, None)
-    if module_name.startswith("torch") and obj not in _torch_callables():
-        raise GraphFormatError(f"call target {name!r} is not a tensor operation; ExpertFlow graphs call "
-                               "only torch functions that take tensors and the tensor factories")
-    if not callable(obj):
-        raise GraphFormatError(f"call target {name!r} does not exist in this torch/ExpertFlow version")
-    return obj
+    """The callable for a qualified name on the closed list (``ir/allowlist.py``)."""
+    try:
+        return allowlist.function(name)
+    except (KeyError, TypeError):
+        raise GraphFormatError(f"call target {name!r} is not on ExpertFlow's closed list of tensor operations "
+                               "(ir/allowlist.py)") from None
 
 
 def graph_to_json(graph: fx.Graph) -> dict[str, Any]:
@@ -137,37 +125,78 @@ def graph_to_json(graph: fx.Graph) -> dict[str, Any]:
     return {"schema": SCHEMA, "nodes": nodes}
 
 
-def graph_from_json(data: dict[str, Any], root: torch.nn.Module) -> fx.Graph:
-    """Rebuilds the graph; module and attribute targets must exist on ``root``."""
-    if data.get("schema") != SCHEMA:
-        raise GraphFormatError(f"graph schema {data.get('schema')!r}, this ExpertFlow reads {SCHEMA}")
-    graph = fx.Graph()
-    env: dict[str, fx.Node] = {}
-    for item in data["nodes"]:
-        op, target = item["op"], item["target"]
+def _plain_name(value: Any, what: str) -> str:
+    """``value`` if it can be pasted into generated Python as a name: an identifier that shadows
+    no keyword, builtin or name the generated code uses."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or value in _RESERVED:
+        raise GraphFormatError(f"{what} {str(value)[:60]!r} is not a plain identifier")
+    return value
+
+
+def _module_path(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not all(_PATH_PART.fullmatch(p) and not p.startswith("_")
+                                             for p in value.split(".")):
+        raise GraphFormatError(f"{what} {str(value)[:60]!r} is not a module path")
+    return value
+
+
+def _check_call(op: str, target: Any, args: Any, kwargs: Any, name: str) -> None:
+    if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+        raise GraphFormatError(f"node {name!r}: args must be a tuple and kwargs a dict")
+    for key in kwargs:  # pasted into generated code as ``f(x, key=...)``
+        if not isinstance(key, str) or not key.isidentifier() or keyword.iskeyword(key) or key.startswith("__"):
+            raise GraphFormatError(f"node {name!r}: keyword {str(key)[:60]!r} is not an identifier")
+    if target is getattr and not (len(args) == 2 and args[1] in allowlist.ATTRIBUTES and not kwargs):
+        raise GraphFormatError(f"node {name!r}: getattr of {args[1:]!r}: only {sorted(allowlist.ATTRIBUTES)}")
+    if target in (len, int, float) and kwargs:
+        raise GraphFormatError(f"node {name!r}: {target.__name__} takes no keywords")
+
+
+def graph_from_json(data: Any, root: torch.nn.Module) -> fx.Graph:
+    """Rebuilds and validates the graph before any code is generated from it: node names are
+    plain identifiers, the inputs are exactly :data:`INPUTS`, call targets are on the closed
+    lists, ``get_attr`` reads only parameters and buffers of ``root`` and ``call_module`` only
+    its submodules. Raises GraphFormatError naming the node."""
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise GraphFormatError(f"graph schema {data.get('schema') if isinstance(data, dict) else None!r}, "
+                               f"this ExpertFlow reads {SCHEMA}")
+    items = data.get("nodes")
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        raise GraphFormatError("nodes must be a non-empty list of objects")
+    tensors = {n for n, _ in root.named_parameters()} | {n for n, _ in root.named_buffers()}
+    modules = {n for n, _ in root.named_modules() if n}
+    graph, env = fx.Graph(), {}
+    for index, item in enumerate(items):
+        name = _plain_name(item.get("name"), f"node {index}'s name")
+        op, target = item.get("op"), item.get("target")
+        expected_input = INPUTS[index] if index < len(INPUTS) else None
+        if (op == "placeholder") != (expected_input is not None) or (op == "placeholder" and target != expected_input):
+            raise GraphFormatError(f"node {name!r}: the graph's inputs must be exactly {', '.join(INPUTS)}")
+        if (op == "output") != (index == len(items) - 1):
+            raise GraphFormatError(f"node {name!r}: the graph must end in its one output node")
         if op == "call_function":
             target = resolve_function(target)
-        elif op == "call_method" and not (isinstance(target, str) and not target.startswith("_")
-                                          and hasattr(torch.Tensor, target)):
-            # Dunder methods (``__call__``, ``__subclasses__``) would let a graph call anything.
-            raise GraphFormatError(f"method {target!r} is not a public torch.Tensor method")
-        elif op in ("call_module", "get_attr"):
-            try:
-                module = root.get_submodule(target) if op == "call_module" else operator.attrgetter(target)(root)
-            except AttributeError as exc:
-                raise GraphFormatError(f"{op} target {target!r} is not in the model skeleton") from exc
-        elif op not in ("placeholder", "output", "call_method"):
-            raise GraphFormatError(f"unknown node op {op!r}")
-        args = _decode(item["args"], env)
-        kwargs = _decode(item["kwargs"], env)
-        if op == "call_module" and isinstance(kwargs, dict):  # compiled under a release with the other name
-            kwargs = rename_cache_keyword(kwargs, module)
-        if target is getattr and not (len(args) == 2 and isinstance(args[1], str) and not args[1].startswith("_")):
-            # ``getattr(x, "__class__")`` and friends reach module globals, and from there os.system.
-            raise GraphFormatError(f"getattr of {args[1:]!r} in node {item['name']!r}: only public attributes")
-        node = graph.create_node(op, target, tuple(args), dict(kwargs), name=item["name"])
-        node.meta.update(item.get("meta", {}))
-        env[node.name] = node
+        elif op == "call_method":
+            if target not in allowlist.METHODS:
+                raise GraphFormatError(f"method {str(target)[:60]!r} is not on ExpertFlow's closed list of "
+                                       "tensor methods")
+        elif op == "get_attr":
+            if _module_path(target, f"node {name!r}: get_attr target") not in tensors:
+                raise GraphFormatError(f"get_attr target {target!r} is not a parameter or buffer of the model")
+        elif op == "call_module":
+            if _module_path(target, f"node {name!r}: call_module target") not in modules:
+                raise GraphFormatError(f"call_module target {target!r} is not in the model skeleton")
+        elif op not in ("placeholder", "output"):
+            raise GraphFormatError(f"unknown node op {str(op)[:40]!r}")
+        args, kwargs = _decode(item.get("args"), env), _decode(item.get("kwargs"), env)
+        if op in ("call_function", "call_method", "call_module"):
+            _check_call(op, target, args, kwargs, name)
+        node = graph.create_node(op, target, tuple(args), dict(kwargs), name=name)
+        if node.name != name or name in env:  # fx renamed it: a clash with another name
+            raise GraphFormatError(f"node name {name!r} clashes with another name in the graph")
+        meta = item.get("meta", {})
+        if isinstance(meta, dict):
+            node.meta.update({k: v for k, v in meta.items() if k in META_KEYS and isinstance(v, (int, str))})
+        env[name] = node
     graph.lint()
     return graph
-

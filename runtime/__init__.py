@@ -1,8 +1,24 @@
-"""ExpertFlow runtime: ``load`` a compiled directory and run it with a fixed expert-slot budget."""
+"""ExpertFlow runtime: ``load`` a compiled directory and run it with a fixed expert-slot budget.
 
-from .load import (Budget, LoadError, budget_argument, check_budget, check_device, load, load_tokenizer,
-                   parse_budget)
-from .model import CompiledModel
+Names are imported on first use, so ``expertflow.runtime.manifest`` (stdlib only) can be read by
+tools that must not pay for importing torch.
+"""
 
-__all__ = ["Budget", "CompiledModel", "LoadError", "budget_argument", "check_budget", "check_device", "load",
-           "load_tokenizer", "parse_budget"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {"Budget": "budget", "budget_argument": "budget", "check_budget": "budget", "parse_budget": "budget",
+          "check_device": "loader", "load": "loader", "load_tokenizer": "loader", "LoadError": "manifest",
+          "CompiledModel": "model"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'expertflow.runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .manifest import LoadError
 
 ALIGN = 64
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -86,9 +90,50 @@ class ExpertLayout:
                           for p in self.parts]}
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "ExpertLayout":
-        parts = tuple(Part(p["name"], p["dtype"], tuple(p["shape"]), p["offset"]) for p in d["parts"])
-        return ExpertLayout(d["layer"], d["module"], d["num_experts"], parts, d["blob_bytes"])
+    def from_json(d: Any, label: str = "layout") -> "ExpertLayout":
+        """A layout from untrusted JSON: ValueError naming the field for a wrong type or range, or
+        parts that overlap or leave the blob."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{label} is not an object")
+        layer = _int(d, "layer", label, 0, 2**16)
+        module = d.get("module")
+        if not isinstance(module, str) or not _PATH.fullmatch(module):
+            raise ValueError(f"{label}.module {module!r} is not a module path")
+        num, blob_bytes = _int(d, "num_experts", label, 1, 2**20), _int(d, "blob_bytes", label, 1, 2**40)
+        raw = d.get("parts")
+        if not isinstance(raw, list) or not 0 < len(raw) <= 64:
+            raise ValueError(f"{label}.parts must be a list of 1 to 64 parts")
+        parts, end = [], 0
+        for i, p in enumerate(raw):
+            where = f"{label}.parts[{i}]"
+            if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not p["name"].isidentifier():
+                raise ValueError(f"{where}.name is not an identifier")
+            if p.get("dtype") not in _PART_DTYPES:
+                raise ValueError(f"{where}.dtype {p.get('dtype')!r} is not one of {', '.join(_PART_DTYPES)}")
+            shape = p.get("shape")
+            if not isinstance(shape, list) or not 0 < len(shape) <= 4 or \
+                    not all(type(n) is int and 0 < n < 2**31 for n in shape):
+                raise ValueError(f"{where}.shape {shape!r} is not a list of 1 to 4 positive sizes")
+            part = Part(p["name"], p["dtype"], tuple(shape), _int(p, "offset", where, 0, 2**40))
+            if part.offset % ALIGN or part.offset < end or part.offset + part.nbytes > blob_bytes:
+                raise ValueError(f"{where} (bytes {part.offset}..{part.offset + part.nbytes}) overlaps another "
+                                 f"part, is not {ALIGN}-byte aligned, or leaves the {blob_bytes}-byte blob")
+            end = part.offset + part.nbytes
+            parts.append(part)
+        if len({p.name for p in parts}) != len(parts):
+            raise ValueError(f"{label}.parts name a part twice")
+        return ExpertLayout(layer, module, num, tuple(parts), blob_bytes)
+
+
+_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+_PART_DTYPES = ("float64", "float32", "float16", "bfloat16", "uint8", "int8", "int32", "int64")
+
+
+def _int(d: dict[str, Any], field: str, label: str, low: int, high: int) -> int:
+    value = d.get(field)
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{label}.{field} is {value!r}, expected an integer from {low} to {high}")
+    return value
 
 
 def blob_key(layer: int, expert: int) -> str:
@@ -96,24 +141,66 @@ def blob_key(layer: int, expert: int) -> str:
 
 
 class HostStore:
-    """Expert blobs memory-mapped from a safetensors file; zero-copy uint8 views."""
+    """Expert blobs memory-mapped from a safetensors file; zero-copy uint8 views.
 
-    def __init__(self, path: Path, pin: bool = False):
+    The header is checked against the layouts before any view is made: exactly one ``U8`` blob of
+    the layout's size per (layer, expert), each inside the file, none overlapping another. A
+    violation raises LoadError naming the blob.
+    """
+
+    HEADER_LIMIT = 64 * 2**20
+
+    def __init__(self, path: Path, layouts: dict[int, ExpertLayout], pin: bool = False):
         self._file = open(path, "rb")
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
-        (header_len,) = struct.unpack("<Q", self._map[:8])
-        header = json.loads(self._map[8:8 + header_len])
-        base = 8 + header_len
+        size = os.fstat(self._file.fileno()).st_size
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        try:
+            spans = self._spans(path, size, layouts)
+        except LoadError:
+            self.close()
+            raise
         self.blobs: dict[str, torch.Tensor] = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            blob = torch.frombuffer(self._map, dtype=torch.uint8, offset=base + start, count=end - start)
+        for key, (start, end) in spans.items():
+            blob = torch.frombuffer(self._map, dtype=torch.uint8, offset=start, count=end - start)
             self.blobs[key] = blob.pin_memory() if pin else blob
+
+    def _spans(self, path: Path, size: int, layouts: dict[int, ExpertLayout]) -> dict[str, tuple[int, int]]:
+        def bad(why: str) -> LoadError:
+            return LoadError(f"{path}: {why}; recompile the model")
+
+        if size < 8:
+            raise bad("too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", self._map[:8])
+        if header_len > min(size - 8, self.HEADER_LIMIT):
+            raise bad(f"its header claims {header_len} bytes, more than the file holds")
+        try:
+            header = json.loads(self._map[8:8 + header_len])
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise bad(f"its header is not JSON ({str(exc).splitlines()[0]})") from None
+        if not isinstance(header, dict):
+            raise bad("its header is not a JSON object")
+        expected = {blob_key(l, e): lay.blob_bytes for l, lay in layouts.items() for e in range(lay.num_experts)}
+        unknown = sorted(set(header) - set(expected) - {"__metadata__"})
+        missing = sorted(set(expected) - set(header))
+        if unknown or missing:
+            raise bad(f"its blobs do not match the layouts (unexpected {unknown[:3]}, missing {missing[:3]})")
+        base, spans = 8 + header_len, {}
+        for key, nbytes in expected.items():
+            info = header[key]
+            offsets = info.get("data_offsets") if isinstance(info, dict) else None
+            if not (isinstance(info, dict) and info.get("dtype") == "U8" and info.get("shape") == [nbytes]
+                    and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                    and 0 <= offsets[0] and offsets[1] - offsets[0] == nbytes and base + offsets[1] <= size):
+                raise bad(f"blob {key!r} is not {nbytes} bytes of U8 inside the file")
+            spans[key] = (base + offsets[0], base + offsets[1])
+        ordered = sorted(spans.items(), key=lambda kv: kv[1])
+        for (a, (_, a_end)), (b, (b_start, _)) in zip(ordered, ordered[1:]):
+            if b_start < a_end:
+                raise bad(f"blobs {a!r} and {b!r} overlap")
+        return spans
 
     def blob(self, layer: int, expert: int) -> torch.Tensor:
         return self.blobs[blob_key(layer, expert)]
 
     def close(self) -> None:
-        self.blobs.clear()
+        self.blobs = {}

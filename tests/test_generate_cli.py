@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from expertflow import runtime
+from expertflow.runtime.manifest import digest_of
 from expertflow.tools import artefact
 from expertflow.tools.generate import main
 
@@ -76,6 +77,7 @@ def _no_tokenizer(compiled: Path, tmp_path: Path) -> Path:
     for name in artefact.TEXT_FILES:
         (copy / name).unlink(missing_ok=True)
         manifest["files"].pop(name, None)
+    manifest["digest"] = digest_of(manifest)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     return copy
 

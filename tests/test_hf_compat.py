@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from conftest import PROMPT_MASK, PROMPTS
 from torch import nn
 
 from expertflow import runtime
-from expertflow.ir.hf_compat import (CACHE_KEYWORDS, cache_keyword_of, mask_cache_keyword, module_cache_keyword,
-                                     rename_cache_keyword)
+from expertflow.ir.hf_compat import CACHE_KEYWORDS, cache_keyword_of, mask_cache_keyword, module_cache_keyword
 from expertflow.ir.skeleton import build_skeleton
 from expertflow.passes.driver import Driver
+from expertflow.runtime.manifest import digest_of
 from expertflow.tools import artefact
 
 
@@ -38,9 +39,6 @@ def test_the_keyword_comes_from_the_signature():
     # A forward that passes **kwargs on takes the name of its transformers release.
     assert module_cache_keyword(_KwargsOnly()) == mask_cache_keyword()
     assert cache_keyword_of(len) is None and mask_cache_keyword() in CACHE_KEYWORDS
-    assert rename_cache_keyword({"past_key_values": 1, "x": 2}, _New()) == {"cache": 1, "x": 2}
-    assert rename_cache_keyword({"cache": 1}, _Old()) == {"past_key_values": 1}
-    assert rename_cache_keyword({"cache": 1}, _New()) == {"cache": 1}
 
 
 def test_the_driver_gives_layers_the_installed_name(compiled_dir):
@@ -50,9 +48,10 @@ def test_the_driver_gives_layers_the_installed_name(compiled_dir):
     assert driver.cache_keyword == module_cache_keyword(layer) == cache_keyword_of(type(layer).forward)
 
 
-def test_a_graph_compiled_under_the_other_name_loads_exactly(compiled_dir, hf_reference, tmp_path):
-    """graph.json calls attention with the cache keyword of the release that compiled it; a graph
-    from a release with the other name is renamed on load and still matches transformers."""
+def test_a_graph_from_another_release_runs_as_this_release_derives_it(compiled_dir, hf_reference, tmp_path):
+    """graph.json calls attention with the cache keyword of the release that compiled it. A
+    directory from a release with the other name is validated, then runs the graph this release
+    derives from the same config and options, and still matches transformers."""
     copy = tmp_path / "other-release"
     shutil.copytree(compiled_dir("tiny-mixtral"), copy)
     graph = json.loads((copy / "graph.json").read_text())
@@ -67,7 +66,11 @@ def test_a_graph_compiled_under_the_other_name_loads_exactly(compiled_dir, hf_re
     (copy / "graph.json").write_text(json.dumps(graph))
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"]["graph.json"] = artefact.sha256(copy / "graph.json")
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "manifest.json").write_text(json.dumps(dict(manifest, digest=digest_of(manifest))))
+    with pytest.raises(runtime.LoadError, match="is not the graph its manifest's config and options compile to"):
+        runtime.load(copy)  # the same release wrote it: the edit shows
+    manifest["transformers"] = "5.0.0"
+    (copy / "manifest.json").write_text(json.dumps(dict(manifest, digest=digest_of(manifest))))
     model = runtime.load(copy, expert_cache=3)
     calls = [n for n in model.graph_module.graph.nodes if n.op == "call_module" and mine in n.kwargs]
     assert len(calls) == 4 and not any(other in n.kwargs for n in model.graph_module.graph.nodes)

@@ -15,6 +15,7 @@ import onnx
 import pytest
 
 from expertflow.ir import graph_view as gv
+from expertflow.runtime.manifest import digest_of, sha256
 from expertflow.tools import inspect as ins
 
 PROG_ERROR = "expertflow-inspect: error: "
@@ -35,8 +36,20 @@ def copy_of(mixtral, tmp_path):
             shutil.copy(mixtral / name, out / name)
         if dumps:
             shutil.copytree(mixtral / "dumps", out / "dumps")
+        else:  # as compiled with --no-dumps: the manifest lists no dumps either
+            manifest = json.loads((out / "manifest.json").read_text())
+            manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("dumps/")}
+            (out / "manifest.json").write_text(json.dumps(dict(manifest, digest=digest_of(manifest))))
         return out
     return make
+
+
+def _resign(d: Path) -> None:
+    """Re-signs graph.json, so the checks after the checksum's are what a damaged graph meets."""
+    manifest = json.loads((d / "manifest.json").read_text())
+    if (d / "graph.json").is_file():
+        manifest["files"]["graph.json"] = sha256(d / "graph.json")
+    (d / "manifest.json").write_text(json.dumps(dict(manifest, digest=digest_of(manifest))))
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -203,7 +216,7 @@ def test_bad_directories_exit_2_with_one_line(capsys, tmp_path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "empty").mkdir()
     cases = {tmp_path / "missing": "does not exist", tmp_path / "file": "is not a directory",
-             tmp_path / "empty": "is not a compiled ExpertFlow directory (no manifest.json)"}
+             tmp_path / "empty": "has no manifest.json; it is not a compiled ExpertFlow directory"}
     for path, message in cases.items():
         rc, out, err = _run(capsys, path)
         assert (rc, out) == (2, ""), path
@@ -218,12 +231,14 @@ def _edit_graph(d: Path, edit) -> None:
 
 @pytest.mark.parametrize("tamper, message", [
     (lambda d: (d / "manifest.json").write_text("{not json"), "manifest.json is not valid JSON"),
-    (lambda d: (d / "manifest.json").write_text("[1, 2]"), "does not hold a JSON object"),
-    (lambda d: (d / "graph.json").unlink(), "has no graph.json"),
-    (lambda d: (d / "graph.json").write_text(json.dumps({"schema": 99, "nodes": []})), "graph.json has schema 99"),
-    (lambda d: (d / "manifest.json").write_text(json.dumps({"schema_version": 7})), "manifest.json has schema 7"),
-    (lambda d: _edit_graph(d, lambda nodes: nodes[3].pop("op")), "node 3 lacks a name, op or target"),
-    (lambda d: _edit_graph(d, lambda nodes: nodes.reverse()), "before it is defined"),
+    (lambda d: (d / "manifest.json").write_text("[1, 2]"), "is not an ExpertFlow manifest (not a JSON object)"),
+    (lambda d: (d / "graph.json").unlink(), "graph.json is missing"),
+    (lambda d: (d / "graph.json").write_text("{}"), "graph.json does not match its checksum"),
+    (lambda d: ((d / "graph.json").write_text(json.dumps({"schema": 99, "nodes": []})), _resign(d)),
+     "graph.json has schema 99"),
+    (lambda d: (d / "manifest.json").write_text(json.dumps({"schema_version": 7})), "has schema version 7"),
+    (lambda d: (_edit_graph(d, lambda nodes: nodes[3].pop("op")), _resign(d)), "node 3 lacks a name, op or target"),
+    (lambda d: (_edit_graph(d, lambda nodes: nodes.reverse()), _resign(d)), "before it is defined"),
 ])
 def test_damaged_compiled_dir_exits_2(capsys, copy_of, tamper, message):
     d = copy_of()
@@ -231,6 +246,14 @@ def test_damaged_compiled_dir_exits_2(capsys, copy_of, tamper, message):
     rc, out, err = _run(capsys, d)
     assert (rc, out) == (2, "")
     assert err.startswith(PROG_ERROR) and message in err and err.count("\n") == 1
+
+
+def test_a_planted_symlink_is_never_followed(capsys, copy_of):
+    d = copy_of()
+    (d / "dumps" / "graph.py").unlink()
+    (d / "dumps" / "graph.py").symlink_to("/etc/hostname")  # would print a file outside the directory
+    rc, out, err = _run(capsys, d, "--code")
+    assert (rc, out) == (2, "") and "graph.py is a symlink" in err and err.count("\n") == 1
 
 
 def test_help_explains_every_option(capsys):

@@ -145,7 +145,7 @@ def test_writer_round_trip(source: str, tmp_path: Path, model_dir) -> None:
     _assert_same(dense, {k: v for k, v in ref.items() if k not in expert_keys})
     assert "lm_head.weight" in dense and "model.embed_tokens.weight" in dense
     experts = load_file(str(out / "experts.safetensors"))
-    store = HostStore(out / "experts.safetensors")
+    store = HostStore(out / "experts.safetensors", layouts)
     assert set(experts) == set(store.blobs) == {blob_key(l, e) for l, lay in layouts.items()
                                                 for e in range(lay.num_experts)}
     for layer, lay in layouts.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -16,7 +17,7 @@ from torch import fx, nn
 
 from ..ir.serialize import graph_to_json
 from ..passes.trace import TraceInfo
-from ..runtime.load import SCHEMA_VERSION, sha256  # noqa: F401  (SCHEMA_VERSION: the manifest's)
+from ..runtime.manifest import SCHEMA_VERSION, TEXT_FILES, digest_of, memory_plan, sha256  # noqa: F401
 from ..runtime.store import ALIGN, ExpertLayout, blob_key
 
 MANIFEST = "manifest.json"
@@ -148,15 +149,6 @@ class _DenseFile:
         self._spool_path.unlink(missing_ok=True)
 
 
-def memory_plan(layouts: dict[int, ExpertLayout], dense_bytes: int) -> dict[str, Any]:
-    blob = max(lay.blob_bytes for lay in layouts.values())
-    total = sum(lay.blob_bytes * lay.num_experts for lay in layouts.values())
-    return {"dense_bytes": dense_bytes, "expert_blob_bytes": blob, "expert_bytes_total": total,
-            "moe_layers": len(layouts), "experts_per_layer": max(lay.num_experts for lay in layouts.values()),
-            "min_slots": 1, "all_resident_slots": sum(lay.num_experts for lay in layouts.values()),
-            "pools": len({lay.signature for lay in layouts.values()})}
-
-
 class OutputExists(FileExistsError):
     """The output directory exists and replacing it was not asked for."""
 
@@ -169,8 +161,8 @@ def write_compiled(out_dir: Path, force: bool, build: Callable[[Path], dict[str,
     """
     out_dir = Path(out_dir).resolve()
     made = _make_parents(out_dir.parent)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:  # the pid in the name lets a later compile tell a dead run's leftovers from a live one's
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
     except BaseException:
         _remove_empty(made)
         raise
@@ -181,6 +173,7 @@ def write_compiled(out_dir: Path, force: bool, build: Callable[[Path], dict[str,
         manifest = build(tmp)
         manifest["files"] = {p.relative_to(tmp).as_posix(): sha256(p)
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest["digest"] = digest_of(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _move_into_place(tmp, out_dir, force)
     except BaseException:
@@ -188,6 +181,34 @@ def write_compiled(out_dir: Path, force: bool, build: Callable[[Path], dict[str,
         _remove_empty(made)
         raise
     return out_dir
+
+
+def remove_stale(out_dir: Path) -> list[Path]:
+    """Removes what compiles into ``out_dir`` left behind when they were killed (SIGKILL, a power
+    cut): ``.NAME.partial-PID-*`` and ``.NAME.old-PID-*`` siblings whose process is gone."""
+    out_dir = Path(out_dir).resolve()
+    pattern = re.compile(re.escape(f".{out_dir.name}.") + r"(partial|old)-(\d+)-[^/]+")
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for entry in out_dir.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and not entry.is_symlink() and entry.is_dir() and not _alive(int(match.group(2))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process: not ours to judge
+    return True
 
 
 def _make_parents(parent: Path) -> list[Path]:
@@ -217,7 +238,7 @@ def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
         raise OutputExists(out_dir)
     # Set the old directory aside before the new one moves in, so a failure at any point leaves
     # either the old or the new directory in place, never a half-deleted one.
-    aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{os.getpid()}-", dir=out_dir.parent))
     out_dir.rename(aside / out_dir.name)
     try:
         tmp.rename(out_dir)
@@ -226,14 +247,6 @@ def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
         shutil.rmtree(aside, ignore_errors=True)
         raise
     shutil.rmtree(aside, ignore_errors=True)
-
-
-#: What a model directory holds besides weights that turns text into ids and back, and says how to
-#: generate: copied verbatim (a hub cache's symlinks followed), so the compiled directory tokenizes
-#: and stops exactly as the source model does.
-TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-              "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
-              "chat_template.jinja", "chat_template.json")
 
 
 def write_text_files(source: Path, lm: nn.Module, out: Path) -> None:

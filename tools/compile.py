@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
     import transformers
     from transformers import AutoConfig
 
+    from .. import __version__
     from ..ir.skeleton import build_skeleton, config_dtype
     from ..passes.manager import PassError
     from ..passes.pipeline import PIPELINE, compile_graph
@@ -121,7 +123,7 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
             "dtype": artefact.dtype_name(dtype), "config": config.to_dict(),
             "attn_implementation": config._attn_implementation,
             "experts_implementation": config._experts_implementation,
-            "transformers": transformers.__version__,
+            "transformers": transformers.__version__, "expertflow": __version__,
             "options": {"lookahead": options.lookahead, "predictor": options.predictor},
             "mask_kinds": info.mask_kinds, "layouts": [lay.to_json() for lay in layouts.values()],
             "memory_plan": artefact.memory_plan(layouts, dense_bytes),
@@ -145,9 +147,15 @@ def check_output(output: Path, force: bool) -> None:
             if output.is_symlink() or not output.is_dir():
                 raise UserError(f"{output} exists and is not a directory; --force only replaces a compiled "
                                 "directory: remove it yourself or choose another --output")
-            if any(output.iterdir()) and not (output / "manifest.json").is_file():
-                raise UserError(f"{output} is not a compiled ExpertFlow directory (no manifest.json), so "
-                                "--force will not delete it; choose another --output")
+            if any(output.iterdir()):
+                from ..runtime.manifest import is_compiled_directory
+
+                why = is_compiled_directory(output)
+                if why is not None:  # a web app's manifest.json is no licence to delete its folder
+                    found = "no manifest.json" if not os.path.lexists(output / "manifest.json") else \
+                        "a manifest.json that is not ExpertFlow's own (its schema or digest does not check out)"
+                    raise UserError(f"{output} is not a compiled ExpertFlow directory ({found}), so --force will "
+                                    "not delete it; remove it yourself or choose another --output")
         parent = output.absolute().parent
         while not parent.exists():
             parent = parent.parent
@@ -187,9 +195,29 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.split("\n\n")[0].split())
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (timeout, CI cancelling) cleans up exactly as Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .artefact import remove_stale
+
+    try:
+        for stale in remove_stale(args.output):
+            print(f"expertflow-compile: removed {stale}, left by a compile that was killed", file=sys.stderr)
         options = CompileOptions(lookahead=args.lookahead, predictor=args.predictor)
         out = compile_model(args.model, args.output, options, force=args.force, dumps=not args.no_dumps,
                             quiet=args.quiet)

@@ -86,7 +86,7 @@ def _fingerprint(model: str, source: Path) -> str:
     import transformers
 
     from .. import __version__
-    from ..runtime.load import SCHEMA_VERSION
+    from ..runtime.manifest import SCHEMA_VERSION
 
     digest = hashlib.sha256(json.dumps([model, str(source.resolve()), __version__, SCHEMA_VERSION,
                                         transformers.__version__]).encode())

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from ..ir import graph_view as gv
+from ..runtime.manifest import SCHEMA_VERSION as MANIFEST_SCHEMA  # noqa: F401  (stdlib-only: no torch import)
+from ..runtime.manifest import LoadError, check_files, read_json, read_manifest
 from .dumps import colour_key, node_table, to_dot
 
 PROG = "expertflow-inspect"
 # The formats this reader understands. Duplicated from tools.artefact / ir.serialize because those
 # import torch and inspect should start instantly; tests/test_inspect.py checks they agree.
-MANIFEST_SCHEMA = 2
 GRAPH_SCHEMA = 2
 
 HELP = __doc__ + f"""
@@ -66,37 +67,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InspectError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    except OSError as exc:
-        raise InspectError(f"cannot read {path}: {exc.strerror}") from None
-    if not isinstance(data, dict):
-        raise InspectError(f"{path} does not hold a JSON object")
-    return data
-
-
 def load_compiled(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(manifest, graph) of a compiled directory; InspectError says what is wrong with it."""
+    """(manifest, graph) of a compiled directory, read as the loader reads it (regular files
+    inside the directory, the manifest's digest, graph.json's checksum); InspectError says what
+    is wrong with it."""
     if not path.exists():
         raise InspectError(f"{path} does not exist")
-    if not path.is_dir():
-        raise InspectError(f"{path} is not a directory; pass the directory expertflow-compile wrote")
-    if not (path / "manifest.json").is_file():
-        raise InspectError(f"{path} is not a compiled ExpertFlow directory (no manifest.json)")
-    manifest = _read_json(path / "manifest.json")
-    if manifest.get("schema_version") != MANIFEST_SCHEMA:
-        raise InspectError(f"{path}/manifest.json has schema {manifest.get('schema_version')!r}, "
-                           f"{PROG} reads {MANIFEST_SCHEMA}")
-    if not (path / "graph.json").is_file():
-        raise InspectError(f"{path} has no graph.json; the compiled directory is incomplete")
-    graph = _read_json(path / "graph.json")
-    if graph.get("schema") != GRAPH_SCHEMA or not isinstance(graph.get("nodes"), list):
-        raise InspectError(f"{path}/graph.json has schema {graph.get('schema')!r}, {PROG} reads {GRAPH_SCHEMA}")
+    try:
+        manifest = read_manifest(path)
+        check_files(path, manifest, only=("graph.json",))
+        graph = read_json(path, "graph.json")
+    except LoadError as exc:
+        raise InspectError(str(exc)) from None
+    if not isinstance(graph, dict) or graph.get("schema") != GRAPH_SCHEMA or not isinstance(graph.get("nodes"), list):
+        schema = graph.get("schema") if isinstance(graph, dict) else None
+        raise InspectError(f"{path}/graph.json has schema {schema!r}, {PROG} reads {GRAPH_SCHEMA}")
     _check_nodes(path / "graph.json", graph["nodes"])
     return manifest, graph
+
+
+def _dump(path: Path, manifest: dict[str, Any], name: str) -> str | None:
+    """A dumps/ file written at compile time, checked against its checksum; None if there is none."""
+    key = f"dumps/{name}"
+    if key not in manifest["files"]:
+        return None
+    try:
+        check_files(path, manifest, only=(key,))
+        return (path / key).read_text()
+    except (LoadError, OSError, UnicodeDecodeError) as exc:
+        raise InspectError(str(exc) if isinstance(exc, LoadError) else f"cannot read {path / key}: {exc}") from None
 
 
 def _check_nodes(path: Path, nodes: list[Any]) -> None:
@@ -214,11 +213,11 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _dump_file(path: Path, name: str) -> str:
-    f = path / "dumps" / name
-    if not f.is_file():
+def _dump_file(path: Path, manifest: dict[str, Any], name: str) -> str:
+    text = _dump(path, manifest, name)
+    if text is None:
         raise InspectError(f"{path} has no dumps/{name} (compiled with --no-dumps?); recompile without it")
-    return f.read_text()
+    return text
 
 
 def render_svg(dot_text: str, out: Path | None) -> str:
@@ -243,16 +242,16 @@ def run(args: argparse.Namespace) -> str:
     out: Path | None = args.out
     manifest, graph = load_compiled(path)
     if args.onnx:
-        return _onnx(path, graph, out)
+        return _onnx(path, manifest, graph, out)
     if args.svg:
-        svg = render_svg(_stored_or(path, "graph.dot", to_dot, graph), out)
+        svg = render_svg(_stored_or(path, manifest, "graph.dot", to_dot, graph), out)
         return f"{out}\n" if out else svg
     if args.code:
-        text = _dump_file(path, "graph.py")
+        text = _dump_file(path, manifest, "graph.py")
     elif args.table:
-        text = _stored_or(path, "nodes.txt", node_table, graph)
+        text = _stored_or(path, manifest, "nodes.txt", node_table, graph)
     elif args.dot:
-        text = _stored_or(path, "graph.dot", to_dot, graph)
+        text = _stored_or(path, manifest, "graph.dot", to_dot, graph)
     else:
         summary = summarize(path, manifest, graph)
         text = json.dumps(summary, indent=2) + "\n" if args.json else format_summary(summary)
@@ -265,18 +264,22 @@ def run(args: argparse.Namespace) -> str:
     return f"{out}\n"
 
 
-def _stored_or(path: Path, name: str, make: Callable[[Any], str], graph: dict[str, Any]) -> str:
+def _stored_or(path: Path, manifest: dict[str, Any], name: str, make: Callable[[Any], str],
+               graph: dict[str, Any]) -> str:
     """The dumps/ file written at compile time, else the same view made from graph.json."""
-    stored = path / "dumps" / name
-    return stored.read_text() if stored.is_file() else make(graph)
+    text = _dump(path, manifest, name)
+    return text if text is not None else make(graph)
 
 
-def _onnx(path: Path, graph: dict[str, Any], out: Path | None) -> str:
+def _onnx(path: Path, manifest: dict[str, Any], graph: dict[str, Any], out: Path | None) -> str:
     if out is None:
-        stored = path / "dumps" / "graph.onnx"
-        if not stored.is_file():
+        if "dumps/graph.onnx" not in manifest["files"]:
             raise InspectError(f"{path} has no dumps/graph.onnx; add --out PATH to write one from graph.json")
-        return f"{stored}\n"
+        try:
+            check_files(path, manifest, only=("dumps/graph.onnx",))
+        except LoadError as exc:
+            raise InspectError(str(exc)) from None
+        return f"{path / 'dumps' / 'graph.onnx'}\n"
     try:
         from .onnx_dump import write_onnx
     except ImportError as exc:

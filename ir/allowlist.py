@@ -1,0 +1,65 @@
+"""The closed lists of what a stored graph may call: tensor math, and nothing that reaches further.
+
+A graph.json may come from a stranger. Its call targets resolve against these lists only (never
+against whole modules), so no reflective or higher-order callable (``operator.attrgetter``,
+``operator.call``, ``getattr`` on any name, a builtin with a ``key=`` callable, ``torch.vmap``,
+``Tensor.register_hook``, ``Tensor.set_``/``as_strided`` that alias arbitrary memory, anything
+that touches files or global state) can be named. The lists hold what the routers of every
+architecture in the sweep compile to, plus the tensor operations routers are made of; a model that
+needs another one fails at compile time, naming it.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+
+_OPERATOR = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "invert", "getitem",
+             "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "matmul")
+_TORCH = ("abs", "add", "all", "amax", "amin", "any", "arange", "argmax", "argmin", "argsort", "bmm", "cat",
+          "chunk", "clamp", "clamp_max", "clamp_min", "clip", "concat", "cumsum", "div", "einsum", "eq", "exp",
+          "flatten", "full", "full_like", "gather", "ge", "gt", "index_select", "isin", "le", "log", "log_softmax",
+          "logsumexp", "lt", "masked_fill", "matmul", "max", "maximum", "mean", "min", "minimum", "mul", "ne", "neg",
+          "ones", "ones_like", "permute", "pow", "reciprocal", "relu", "reshape", "rsqrt", "scatter", "scatter_add",
+          "sigmoid", "sign", "softmax", "sort", "split", "sqrt", "square", "squeeze", "stack", "sub", "sum", "tanh",
+          "topk", "transpose", "unsqueeze", "where", "zeros", "zeros_like")
+_FUNCTIONAL = ("gelu", "linear", "log_softmax", "normalize", "relu", "sigmoid", "silu", "softmax", "softplus",
+               "tanh")
+_BUILTINS: dict[str, Any] = {"getattr": getattr, "len": len, "int": int, "float": float}
+
+#: Qualified name (as ``graph_to_json`` writes it) -> callable.
+FUNCTIONS: dict[str, Any] = {
+    **{f"{mod}.{name}": getattr(operator, name) for name in _OPERATOR for mod in ("operator", "_operator")},
+    **{f"torch.{name}": getattr(torch, name) for name in _TORCH},
+    **{f"torch.nn.functional.{name}": getattr(F, name) for name in _FUNCTIONAL},
+    "torch._C._nn.linear": torch._C._nn.linear,
+    "torch._C._nn.gelu": torch._C._nn.gelu,
+    "math.sqrt": math.sqrt,
+    **_BUILTINS,
+    **{f"expertflow.ir.ops.{name}": fn for name, fn in ops.OPS.items()},
+}
+
+#: Tensor methods a graph may call.
+METHODS = frozenset({
+    "abs", "add", "all", "amax", "any", "argmax", "argsort", "bfloat16", "bool", "chunk", "clamp", "clamp_min",
+    "contiguous", "cumsum", "div", "double", "eq", "exp", "expand", "expand_as", "flatten", "float", "gather", "ge",
+    "gt", "half", "index_select", "int", "le", "log", "long", "lt", "masked_fill", "masked_fill_", "matmul", "max",
+    "mean", "min", "mul", "ne", "neg", "new_full", "new_ones", "new_zeros", "norm", "permute", "pow", "reshape",
+    "rsqrt", "scatter", "scatter_", "scatter_add", "scatter_add_", "sigmoid", "size", "softmax", "sort", "split",
+    "sqrt", "squeeze", "sub", "sum", "t", "tanh", "to", "topk", "transpose", "type", "type_as", "unsqueeze",
+    "view", "view_as", "where",
+})
+
+#: What ``getattr`` may read: values, never methods or anything that leads to code.
+ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT"})
+
+
+def function(name: str) -> Any:
+    """The callable for a qualified name in :data:`FUNCTIONS`; KeyError otherwise."""
+    return FUNCTIONS[name]

@@ -1,0 +1,77 @@
+"""The expert-cache budget: how many slots a request (slots, bytes, a fraction) buys on a model."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .manifest import LoadError
+from .store import ExpertLayout
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An expert-cache request before it meets a model: so many slots, bytes, or percent of the
+    experts; ``None`` everywhere is every expert resident."""
+
+    slots: int | None = None
+    nbytes: float | None = None
+    percent: float | None = None
+
+
+def check_budget(budget: int | str | None) -> Budget:
+    """Reads ``expert_cache`` (an int of slots, a size like '4GiB', a fraction like '25%', None or
+    'all'); LoadError for what no model could take, so a CLI can refuse it before compiling."""
+    if budget is None or budget == "all":
+        return Budget()
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise LoadError(f"expert_cache={budget!r}: give a slot count (int), a size like '4GiB', a fraction "
+                        "like '25%', or 'all'")
+    if isinstance(budget, int):
+        if budget < 1:
+            raise LoadError(f"expert_cache={budget!r} holds no expert: the minimum is 1 slot")
+        return Budget(slots=budget)
+    text = budget.strip()
+    if re.fullmatch(r"[0-9]+", text):  # a size without a unit is too easily a slot count
+        raise LoadError(f"expert_cache={budget!r} is a string of digits: pass the int {int(text)} for "
+                        f"{int(text)} slots, or a size with its unit ('{text}MiB')")
+    number = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+    if percent := re.fullmatch(number + r"\s*%", text):
+        share = float(percent.group(1))
+        if not 0 < share <= 100:
+            raise LoadError(f"expert_cache={budget!r}: a fraction must be above 0% and at most 100%")
+        return Budget(percent=share)
+    match = re.fullmatch(number + r"\s*([A-Za-z]*)", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise LoadError(f"expert_cache={budget!r} is not a size or a fraction; write e.g. '512MiB', '4GiB' or '25%'")
+    return Budget(nbytes=float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def parse_budget(budget: int | str | None, layouts: dict[int, ExpertLayout]) -> int:
+    """Slots per pool for ``expert_cache`` (see :func:`check_budget`) on a model with ``layouts``."""
+    request = check_budget(budget)
+    per_pool: dict[tuple, int] = {}
+    for lay in layouts.values():
+        per_pool[lay.signature] = per_pool.get(lay.signature, 0) + lay.num_experts
+    everything = max(per_pool.values())
+    slot_bytes = max(lay.blob_bytes for lay in layouts.values()) * len(per_pool)
+    if request.slots is not None:
+        slots = request.slots
+    elif request.percent is not None:
+        slots = max(1, round(everything * request.percent / 100))
+    elif request.nbytes is not None:
+        slots = int(request.nbytes // slot_bytes)
+    else:
+        return everything
+    if slots < 1:
+        raise LoadError(f"expert_cache={budget!r} holds no expert: the minimum is 1 slot "
+                        f"({slot_bytes} bytes); all resident is {everything} slots")
+    return min(slots, everything)
+
+
+def budget_argument(text: str) -> int | str:
+    """A command line's ``--budget``: digits are a slot count, anything else goes to parse_budget."""
+    return int(text) if text.strip().isdigit() else text

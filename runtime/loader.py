@@ -1,0 +1,227 @@
+"""runtime.load: a compiled directory in, a runnable CompiledModel out.
+
+The directory may come from a stranger (ARCHITECTURE.md, threat model). In order: the manifest
+(a regular file: schema version, its own digest, field types), the device and budget, every
+file's sha256, the config, then what can be derived from the config (the graph, the expert
+layouts, the mask kinds: ``runtime/derive.py``) against what the directory claims, the dense
+weights against the skeleton's names, shapes and dtypes, and the experts file's header against
+the layouts. Nothing is unpickled and no code from the directory runs: the graph that runs is the
+derived one (``graph.json`` must equal it, or be from another ExpertFlow, torch or transformers
+release), weights are safetensors, the rest is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import fx, nn
+
+from .. import __version__
+from ..ir.serialize import GraphFormatError, graph_from_json
+from ..ir.skeleton import assign_weights, build_skeleton
+from ..passes.driver import Driver
+from .budget import parse_budget
+from .cache import ExpertCache
+from .context import RuntimeContext
+from .derive import Derived, derive, make_config
+from .manifest import TEXT_FILES, LoadError, check_files, memory_plan, read_json, read_manifest, regular_file
+from .model import CompiledModel, model_class
+from .store import ExpertLayout, HostStore
+from .streams import CopyEngine
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LoadError(f"device {device!r} is not a device; use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LoadError("device='cuda' but no CUDA GPU is available to torch; use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LoadError(f"device {str(dev)!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise LoadError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+def _layouts(manifest: dict[str, Any], where: str) -> dict[int, ExpertLayout]:
+    layouts: dict[int, ExpertLayout] = {}
+    for i, raw in enumerate(manifest["layouts"]):
+        try:
+            layout = ExpertLayout.from_json(raw, f"layouts[{i}]")
+        except ValueError as exc:
+            raise LoadError(f"{where}: {exc}; recompile the model") from None
+        if layout.layer in layouts:
+            raise LoadError(f"{where}: layouts[{i}] repeats layer {layout.layer}; recompile the model")
+        layouts[layout.layer] = layout
+    return layouts
+
+
+def _check_derived(path: Path, manifest: dict[str, Any], layouts: dict[int, ExpertLayout], derived: Derived) -> None:
+    where = f"{path}/manifest.json"
+    if layouts != derived.layouts:
+        layer = next((l for l in sorted(set(layouts) | set(derived.layouts))
+                      if layouts.get(l) != derived.layouts.get(l)), None)
+        raise LoadError(f"{where}: the layout of MoE layer {layer} is not what its config compiles to "
+                        "(edited offsets, shapes or experts?); recompile the model")
+    if tuple(manifest["mask_kinds"]) != derived.mask_kinds:
+        raise LoadError(f"{where}: mask_kinds {manifest['mask_kinds']} are not the config's layer kinds")
+    dense_bytes = regular_file(path, "dense.safetensors").stat().st_size
+    if manifest.get("memory_plan") != memory_plan(layouts, dense_bytes):
+        raise LoadError(f"{where}: memory_plan does not add up from the layouts and dense.safetensors; "
+                        "recompile the model")
+
+
+def _graph(path: Path, manifest: dict[str, Any], derived: Derived) -> dict[str, Any]:
+    """The graph to run, as JSON: graph.json validated whole, and equal to the derived graph when
+    the same ExpertFlow, torch and transformers wrote it; else (another release) the derived one."""
+    import transformers
+
+    stored = read_json(path, "graph.json")
+    try:
+        graph_from_json(stored, derived.driver)
+    except (GraphFormatError, AttributeError, KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise LoadError(f"{path}/graph.json is not a valid ExpertFlow graph ({_what(exc)}); "
+                        "recompile the model") from None
+    release = (__version__, torch.__version__, transformers.__version__)
+    if (manifest["expertflow"], manifest["torch"], manifest["transformers"]) == release and stored != derived.graph:
+        raise LoadError(f"{path}/graph.json is not the graph its manifest's config and options compile to "
+                        "(edited?); recompile the model")
+    return derived.graph
+
+
+def _what(exc: Exception) -> str:
+    return f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc).split("\n")[0]
+
+
+def _dense(path: Path, lm: nn.Module, layouts: dict[int, ExpertLayout], dev: torch.device) -> dict[str, torch.Tensor]:
+    """dense.safetensors, whose tensors must be exactly the skeleton's (experts aside), shape and dtype."""
+    file = regular_file(path, "dense.safetensors")
+    try:
+        tensors = load_file(str(file), device=str(dev))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise LoadError(f"{file} is not a valid safetensors file ({_what(exc)}); recompile the model") from None
+    experts = {f"{lay.module.removeprefix('lm.')}.{p.name}" for lay in layouts.values() for p in lay.parts}
+    expected = {k: v for k, v in lm.state_dict().items() if k not in experts}
+    extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+    if extra or missing:
+        raise LoadError(f"{file} does not hold the model's dense weights (unexpected {extra[:3]}, missing "
+                        f"{missing[:3]}); recompile the model")
+    for name, value in tensors.items():
+        want = expected[name]
+        if value.shape != want.shape or value.dtype != want.dtype:
+            raise LoadError(f"{file}: {name} is {value.dtype} {tuple(value.shape)}, the model needs {want.dtype} "
+                            f"{tuple(want.shape)}; recompile the model")
+    return tensors
+
+
+def _drop_prefetch(gm: fx.GraphModule) -> None:
+    """With every expert resident nothing needs predicting: waits lose their handles and the
+    predictor and prefetch nodes become dead code."""
+    from ..ir import ops
+    from ..passes.dce import dce
+
+    for node in gm.graph.nodes:
+        if node.target is ops.wait:
+            node.update_arg(2, None)
+    for node in [n for n in gm.graph.nodes if n.target is ops.prefetch]:
+        gm.graph.erase_node(node)
+    dce(gm)
+    gm.recompile()
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int | str | None = None,
+         verify: bool = True, preload: bool | None = None) -> CompiledModel:
+    """Loads a compiled directory; ``expert_cache`` is slots, a size ('4GiB'), a fraction ('25%'),
+    or None for every expert resident.
+
+    ``verify=False`` skips the files' sha256 (every other check stays). ``preload`` copies experts
+    into the slots now (default: only when all of them fit), so the first steps do not pay for
+    cold misses; bytes moved then are counted in ``stats()``.
+    """
+    path = Path(path)
+    where = f"{path}/manifest.json"
+    manifest = read_manifest(path)
+    dev = check_device(device)
+    layouts = _layouts(manifest, where)
+    slots = parse_budget(expert_cache, layouts)  # before the checksums: a bad budget fails at once
+    if verify:
+        check_files(path, manifest)
+    config = make_config(manifest, where)
+    dtype = getattr(torch, manifest["dtype"])
+    derived = derive(manifest, config, dtype, where)
+    _check_derived(path, manifest, layouts, derived)
+    graph = _graph(path, manifest, derived)  # validated before any code is generated from it
+    lm = build_skeleton(config, dtype)
+    driver = Driver(lm)
+    assign_weights(lm, _dense(path, lm, layouts, dev))
+    for module in lm.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != dev and buf.device.type != "meta":
+                module._buffers[name] = buf.to(dev)
+    gm = fx.GraphModule(driver, graph_from_json(graph, driver))
+    everything = slots == parse_budget(None, layouts)
+    if everything:
+        _drop_prefetch(gm)
+    store = HostStore(regular_file(path, "experts.safetensors"), layouts, pin=dev.type == "cuda")
+    cache = ExpertCache(layouts, store, slots, dev, CopyEngine(dev))
+    if preload or (preload is None and everything):
+        cache.preload()
+    modules = {layer: driver.get_submodule(lay.module) for layer, lay in layouts.items()}
+    context = RuntimeContext(cache, modules)
+    cls = model_class(manifest["architecture"])
+    return cls(gm, config, context, list(derived.mask_kinds), _generation_config(path, manifest, config))
+
+
+def _generation_config(path: Path, manifest: dict[str, Any], config: Any) -> Any:
+    """The source model's generation config (eos ids, sampling defaults), as from_pretrained reads
+    it; read as JSON from inside the directory (checksummed with the rest), never from a hub."""
+    from transformers import GenerationConfig
+
+    if "generation_config.json" not in manifest["files"]:
+        return GenerationConfig.from_model_config(config)
+    fields = read_json(path, "generation_config.json")
+    try:
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+        return GenerationConfig.from_dict(fields)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise LoadError(f"{path}/generation_config.json is not a valid generation config ({_what(exc)}); "
+                        "recompile the model") from None
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The source model's tokenizer (and chat template), from the compiled directory alone.
+
+    Only the tokenizer files listed in the manifest are read: they are copied into a private
+    temporary directory, checked against their checksums there, and loaded from it with remote
+    code off and no hub access, so no other file (a planted symlink, say) is ever opened.
+    """
+    from transformers import AutoTokenizer
+
+    from .manifest import sha256
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    present = [n for n in TEXT_FILES if n in manifest["files"]]
+    if not any(n in present for n in ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")):
+        raise LoadError(f"{path} has no tokenizer: its source model shipped none; tokenize with the source "
+                        "model's tokenizer and pass input_ids")
+    with tempfile.TemporaryDirectory(prefix="expertflow-tokenizer-") as tmp:
+        for name in present:
+            copy = Path(tmp) / name
+            shutil.copyfile(regular_file(path, name), copy)
+            if sha256(copy) != manifest["files"][name]:
+                raise LoadError(f"{path / name} does not match its checksum (edited or truncated); "
+                                "recompile the model")
+        try:
+            return AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise LoadError(f"{path}: the tokenizer files do not load ({_what(exc)}); recompile the model") from None
