@@ -185,9 +185,10 @@ class ExpertCache:
             slots.append(slot)
         start = time.perf_counter()
         for slot in slots:
-            ticket = pool.tickets.pop(slot, None)
-            if ticket is not None:
+            ticket = pool.tickets.get(slot)
+            if ticket is not None:  # forgotten only once waited for: an interrupted wait keeps it
                 ticket.wait()
+                pool.tickets.pop(slot, None)
         stats.stall_s += time.perf_counter() - start
         return slots
 

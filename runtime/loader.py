@@ -12,7 +12,6 @@ release), weights are safetensors, the rest is JSON.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path

@@ -174,9 +174,10 @@ def test_force_refuses_what_is_not_a_compiled_dir(kind: str, mixtral_src: str, t
     out = victim / "out" if kind == "file_as_parent" else victim
     assert main([mixtral_src, "-o", str(out), "--force", "--quiet"]) == 2
     line = one_line(capsys.readouterr().err)
-    assert {"file": "is not a directory", "foreign_dir": "no manifest.json", "file_as_parent": "is not a directory",
-            "foreign_manifest": "a manifest.json that is not ExpertFlow's own",
-            "unsigned_manifest": "a manifest.json that is not ExpertFlow's own"}[kind] in line
+    assert {"file": "is not a directory", "foreign_dir": "it has no manifest.json",
+            "file_as_parent": "is not a directory",
+            "foreign_manifest": "its manifest.json is not one this ExpertFlow wrote",
+            "unsigned_manifest": "its manifest.json is not one this ExpertFlow wrote"}[kind] in line
     assert "irreplaceable" in (victim.read_text() if victim.is_file() else (victim / "thesis.tex").read_text())
     assert_untouched(tmp_path, {"victim"})
 

@@ -255,3 +255,29 @@ def test_eviction_follows_the_layer_cycle_not_lru(make_cache) -> None:
     step(cache, 1, [1, 6])
     assert (1, 1) in pool.where and (1, 6) in pool.where and (2, 2) in pool.where
     assert (0, 5) not in pool.where
+
+
+def test_an_interrupted_wait_keeps_the_copy_accounted_for(make_cache, monkeypatch) -> None:
+    """Ctrl-C while acquire waits for a copy: the copy is still in flight, so the next acquire of
+    that expert must wait for it too, not read a half-written slot."""
+    from expertflow.runtime.streams import Ticket
+
+    cache = make_cache(slots=2, layers=1)
+    Recording.delay = 0.3
+    original, calls = Ticket.wait, {"n": 0}
+
+    def interrupted_once(self) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # lands while the copy thread is still copying
+        original(self)
+
+    monkeypatch.setattr(Ticket, "wait", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        cache.acquire(0, [3])
+    cache.abort()
+    slot = cache.pool(0).where[(0, 3)]
+    assert slot in cache.pool(0).tickets, "the copy in flight was forgotten"
+    Recording.delay = 0.0
+    assert cache.acquire(0, [3]) == [slot] and cache.stats[0].hits == 1
+    assert torch.equal(cache.pool(0).tensor[slot], cache.store.blob(0, 3).as_subclass(torch.Tensor))

@@ -152,8 +152,8 @@ def check_output(output: Path, force: bool) -> None:
 
                 why = is_compiled_directory(output)
                 if why is not None:  # a web app's manifest.json is no licence to delete its folder
-                    found = "no manifest.json" if not os.path.lexists(output / "manifest.json") else \
-                        "a manifest.json that is not ExpertFlow's own (its schema or digest does not check out)"
+                    found = "it has no manifest.json" if not os.path.lexists(output / "manifest.json") else \
+                        "its manifest.json is not one this ExpertFlow wrote: schema or digest do not check out"
                     raise UserError(f"{output} is not a compiled ExpertFlow directory ({found}), so --force will "
                                     "not delete it; remove it yourself or choose another --output")
         parent = output.absolute().parent

@@ -130,13 +130,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import TextStreamer
 
     from .. import runtime
+    from ..runtime.manifest import read_manifest
     from . import presets
 
     budget = runtime.budget_argument(args.budget)
     runtime.check_budget(budget)  # a bad budget or device fails now, not after a compile
     runtime.check_device(args.device)
     path = compiled_path(args.model, args.cache_dir, args.quiet)
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = read_manifest(path)  # checked as runtime.load checks it: the directory may be a stranger's
     if not args.quiet and manifest.get("source") in presets.PRESETS:
         print(f"note: {manifest['source']} is a preset with seeded random weights: its text is gibberish, "
               "but exactly the text transformers would give", file=sys.stderr)
