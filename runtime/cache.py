@@ -37,6 +37,7 @@ class Pool:
 
     tensor: torch.Tensor
     owner: list[tuple[int, int] | None]
+    ident: int = 0  # which pool: the copy engine orders copies per (pool, slot)
     where: dict[tuple[int, int], int] = field(default_factory=dict)
     lru: OrderedDict = field(default_factory=OrderedDict)
     pinned: set[int] = field(default_factory=set)
@@ -64,7 +65,7 @@ class ExpertCache:
         for layout in layouts.values():
             if layout.signature not in self.pools:
                 tensor = torch.empty(slots, layout.blob_bytes, dtype=torch.uint8, device=device)
-                self.pools[layout.signature] = Pool(tensor, [None] * slots)
+                self.pools[layout.signature] = Pool(tensor, [None] * slots, ident=len(self.pools))
         # Per-layer lookup, built once: the signature tuple is too costly to rebuild per op.
         self._pool_of = {layer: self.pools[lay.signature] for layer, lay in layouts.items()}
 
@@ -116,7 +117,8 @@ class ExpertCache:
             pool.owner[slot] = None
             del pool.where[old]
             self.luts[old[0]][old[1]] = -1
-        pool.tickets[slot] = ticket = self.engine.submit(slot, pool.tensor[slot], self.store.blob(layer, expert))
+        pool.tickets[slot] = ticket = self.engine.submit((pool.ident, slot), pool.tensor[slot],
+                                                         self.store.blob(layer, expert))
         pool.owner[slot], pool.where[(layer, expert)] = (layer, expert), slot
         self.luts[layer][expert] = slot
         self.stats[layer].bytes_moved += ticket.nbytes
@@ -194,7 +196,7 @@ class ExpertCache:
 
     def release(self, layer: int, slots: list[int]) -> None:
         pool = self.pool(layer)
-        self.engine.mark_read(slots)
+        self.engine.mark_read([(pool.ident, s) for s in slots])
         pool.pinned.difference_update(slots)
 
     def abort(self) -> None:
@@ -202,7 +204,7 @@ class ExpertCache:
         exception, Ctrl-C): pins and reservations are released; copies still in flight stay
         recorded against their slots, so the next use of a slot waits for its bytes."""
         for pool in self.pools.values():
-            self.engine.mark_read(sorted(pool.pinned))  # reads already queued on the device come first
+            self.engine.mark_read([(pool.ident, s) for s in sorted(pool.pinned)])  # queued reads come first
             pool.pinned.clear()
             pool.reserved.clear()
         self.now = None

@@ -32,11 +32,12 @@ class Ticket:
     nbytes: int
     done: threading.Lock = field(default_factory=_held_lock)
     event: "torch.cuda.Event | None" = None
+    device: torch.device | None = None  # the model's GPU: its current stream waits on the event
     error: BaseException | None = None
 
     def wait(self) -> None:
         if self.event is not None:
-            torch.cuda.current_stream().wait_event(self.event)  # GPU-side: the host does not block
+            torch.cuda.current_stream(self.device).wait_event(self.event)  # GPU-side: the host does not block
             return
         with self.done:  # free once the worker has released it
             pass
@@ -51,7 +52,7 @@ class CopyEngine:
         self.device = device
         self.bytes_moved = 0
         self.copies = 0
-        self._slot_read: dict[int, torch.cuda.Event] = {}
+        self._slot_read: dict[tuple[int, int], torch.cuda.Event] = {}
         if device.type == "cuda":
             self._stream = torch.cuda.Stream(device=device)
         else:
@@ -59,28 +60,33 @@ class CopyEngine:
             self._thread = threading.Thread(target=self._run, name="expertflow-copy", daemon=True)
             self._thread.start()
 
-    def submit(self, slot: int, dst: torch.Tensor, src: torch.Tensor) -> Ticket:
+    def submit(self, key: tuple[int, int], dst: torch.Tensor, src: torch.Tensor) -> Ticket:
+        """Copies ``src`` into ``dst``, the slot ``key`` = (pool, slot), after its last reader."""
         ticket = Ticket(nbytes=src.numel() * src.element_size())
         self.bytes_moved += ticket.nbytes
         self.copies += 1
         if self.device.type == "cuda":
-            with torch.cuda.stream(self._stream):
-                if slot in self._slot_read:  # the slot's last reader must finish first
-                    self._stream.wait_event(self._slot_read.pop(slot))
+            # Every stream and event on the model's GPU: on cuda:1 the current device may be cuda:0.
+            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                if key in self._slot_read:  # the slot's last reader must finish first
+                    self._stream.wait_event(self._slot_read.pop(key))
                 dst.copy_(src, non_blocking=True)
-                ticket.event = torch.cuda.Event()
+                ticket.event, ticket.device = torch.cuda.Event(), self.device
                 ticket.event.record(self._stream)
         else:
             self._queue.put((dst, src, ticket))
         return ticket
 
-    def mark_read(self, slots: list[int]) -> None:
-        """Records that the compute stream has queued reads of ``slots`` (CUDA ordering)."""
+    def mark_read(self, keys: list[tuple[int, int]]) -> None:
+        """Records that the compute stream has queued reads of the (pool, slot) ``keys``: a later
+        copy into one of them waits for them (CUDA ordering; on CPU compute is synchronous)."""
         if self.device.type == "cuda":
-            for s in slots:
-                ev = torch.cuda.Event()
-                ev.record(torch.cuda.current_stream())
-                self._slot_read[s] = ev
+            with torch.cuda.device(self.device):
+                stream = torch.cuda.current_stream(self.device)
+                for key in keys:
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+                    self._slot_read[key] = ev
 
     def _run(self) -> None:
         while True:

@@ -281,3 +281,37 @@ def test_an_interrupted_wait_keeps_the_copy_accounted_for(make_cache, monkeypatc
     Recording.delay = 0.0
     assert cache.acquire(0, [3]) == [slot] and cache.stats[0].hits == 1
     assert torch.equal(cache.pool(0).tensor[slot], cache.store.blob(0, 3).as_subclass(torch.Tensor))
+
+
+def test_copies_are_ordered_per_pool_and_slot() -> None:
+    """Two expert layouts make two pools with the same slot numbers: the copy engine's ordering
+    (a copy waits for the last reader of its slot) must not confuse pool 0's slot 1 with pool 1's."""
+
+    class Recorder(CopyEngine):
+        def __init__(self):
+            super().__init__(torch.device("cpu"))
+            self.submitted, self.read = [], []
+
+        def submit(self, key, dst, src):
+            self.submitted.append(key)
+            return super().submit(key, dst, src)
+
+        def mark_read(self, keys):
+            self.read.extend(keys)
+
+    layouts = layouts_for(layers=1, experts=4)
+    layouts.update({l + 1: lay for l, lay in layouts_for(1, 4, BLOB, "int32").items()})
+    layouts = {l: ExpertLayout(l, f"lm.model.layers.{l}.mlp.experts", lay.num_experts, lay.parts, lay.blob_bytes)
+               for l, lay in layouts.items()}
+    engine = Recorder()
+    cache = ExpertCache(layouts, Store(2, 4), 2, torch.device("cpu"), engine)
+    try:
+        assert len(cache.pools) == 2
+        cache.release(0, cache.acquire(0, [1]))
+        cache.release(1, cache.acquire(1, [3]))
+        pools = [cache.pool(0).ident, cache.pool(1).ident]
+        assert pools[0] != pools[1]
+        assert engine.submitted == [(pools[0], 0), (pools[1], 0)]  # same slot number, two pools
+        assert engine.read == engine.submitted
+    finally:
+        engine.close()
