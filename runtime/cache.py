@@ -118,7 +118,7 @@ class ExpertCache:
             del pool.where[old]
             self.luts[old[0]][old[1]] = -1
         pool.tickets[slot] = ticket = self.engine.submit((pool.ident, slot), pool.tensor[slot],
-                                                         self.store.blob(layer, expert))
+                                                         self.store.blob(layer, expert), f"L{layer} E{expert}")
         pool.owner[slot], pool.where[(layer, expert)] = (layer, expert), slot
         self.luts[layer][expert] = slot
         self.stats[layer].bytes_moved += ticket.nbytes

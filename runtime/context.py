@@ -15,6 +15,7 @@ from torch import nn
 
 from .cache import ExpertCache, Handle
 from .store import ExpertLayout
+from .timeline import Timeline
 
 
 def slot_view_module(module: nn.Module, layout: ExpertLayout, pool: torch.Tensor) -> nn.Module:
@@ -41,6 +42,7 @@ class RuntimeContext:
         self.cache = cache
         self.modules = modules
         self._views: dict[tuple[int, int, int], nn.Module] = {}
+        self.timeline: Timeline | None = None  # set by runtime.load(timeline=True)
 
     def _view(self, layer: int, lo: int, hi: int) -> nn.Module:
         """The experts module over slots lo..hi only: experts functions pay per expert group, so
@@ -61,8 +63,12 @@ class RuntimeContext:
         return self.cache.prefetch(layer, expert_ids)
 
     def wait(self, layer: int, handle: Handle | None, top_k_index: torch.Tensor) -> SlotPlan:
+        start = self.timeline.mark() if self.timeline is not None else None
         waves = self.cache.plan(layer, handle, top_k_index)
-        return SlotPlan(layer, waves, self.cache.acquire(layer, waves[0]))
+        plan = SlotPlan(layer, waves, self.cache.acquire(layer, waves[0]))
+        if self.timeline is not None:
+            self.timeline.add("compute", f"wait L{layer}", start, self.timeline.mark(), experts=sum(map(len, waves)))
+        return plan
 
     def _run(self, layer: int, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
              slots: list[int]) -> torch.Tensor:
@@ -75,6 +81,15 @@ class RuntimeContext:
 
     def expert_compute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor, plan: SlotPlan) -> torch.Tensor:
+        if self.timeline is None:
+            return self._compute(layer, hidden, top_k_index, top_k_weights, plan)
+        start = self.timeline.mark()
+        out = self._compute(layer, hidden, top_k_index, top_k_weights, plan)
+        self.timeline.add("compute", f"experts L{layer}", start, self.timeline.mark(), waves=len(plan.waves))
+        return out
+
+    def _compute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor, plan: SlotPlan) -> torch.Tensor:
         if len(plan.waves) == 1:
             try:
                 return self._run(layer, hidden, top_k_index, top_k_weights, plan.first_slots)

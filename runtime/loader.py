@@ -34,6 +34,7 @@ from .manifest import TEXT_FILES, LoadError, check_files, memory_plan, read_json
 from .model import CompiledModel, model_class
 from .store import ExpertLayout, HostStore
 from .streams import CopyEngine
+from .timeline import Timeline
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -137,13 +138,14 @@ def _drop_prefetch(gm: fx.GraphModule) -> None:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int | str | None = None,
-         verify: bool = True, preload: bool | None = None) -> CompiledModel:
+         verify: bool = True, preload: bool | None = None, timeline: bool = False) -> CompiledModel:
     """Loads a compiled directory; ``expert_cache`` is slots, a size ('4GiB'), a fraction ('25%'),
     or None for every expert resident.
 
     ``verify=False`` skips the files' sha256 (every other check stays). ``preload`` copies experts
     into the slots now (default: only when all of them fit), so the first steps do not pay for
-    cold misses; bytes moved then are counted in ``stats()``.
+    cold misses; bytes moved then are counted in ``stats()``. ``timeline`` records the copy and
+    compute streams (``model.timeline.write("trace.json")`` for Perfetto / chrome://tracing).
     """
     path = Path(path)
     where = f"{path}/manifest.json"
@@ -176,7 +178,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     modules = {layer: driver.get_submodule(lay.module) for layer, lay in layouts.items()}
     context = RuntimeContext(cache, modules)
     cls = model_class(manifest["architecture"])
-    return cls(gm, config, context, list(derived.mask_kinds), _generation_config(path, manifest, config))
+    model = cls(gm, config, context, list(derived.mask_kinds), _generation_config(path, manifest, config))
+    if timeline:
+        model.timeline = context.timeline = cache.engine.timeline = Timeline(dev)
+    return model
 
 
 def _generation_config(path: Path, manifest: dict[str, Any], config: Any) -> Any:

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..ir.hf_compat import CACHE_KEYWORDS, mask_cache_keyword, output_cache_field
 from .context import RuntimeContext
 from .inputs import check_attention_mask, check_input_ids, check_position_ids
+from .timeline import Timeline
 
 
 def _mask_functions() -> dict[str, Any]:
@@ -64,6 +65,7 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         self.graph_module = graph_module
         self.context = context
         self._step_lock = threading.Lock()
+        self.timeline: Timeline | None = None  # runtime.load(timeline=True): the copy and compute streams
         self._masks = {k: f for k, f in _mask_functions().items() if k in set(mask_kinds)}
         self._cache_field = output_cache_field(CausalLMOutputWithPast)
         if generation_config is not None:
@@ -123,11 +125,15 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         keep = logits_to_keep if isinstance(logits_to_keep, int) else 0
         with self._step_lock:  # one step at a time: the expert cache is shared by every caller
             self.context.cache.abort()  # a no-op, unless an interrupt also cut short the last abort
+            start = self.timeline.mark() if self.timeline is not None else None
             try:
                 logits = self.graph_module(ids, position_ids, cache, masks, keep, self.context)
             except BaseException:  # Ctrl-C or an error part way: the next step must find a sane cache
                 self.context.cache.abort()
                 raise
+            if self.timeline is not None:
+                kind = "prefill" if past == 0 else "decode"
+                self.timeline.add("model", f"{kind} {batch}x{seq}", start, self.timeline.mark(), position=past)
         if isinstance(logits_to_keep, torch.Tensor):
             logits = logits[:, logits_to_keep.to(self.device)]
         loss = None

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
+
+from .timeline import Timeline
 
 
 def _held_lock() -> threading.Lock:
@@ -53,6 +56,7 @@ class CopyEngine:
         self.bytes_moved = 0
         self.copies = 0
         self._slot_read: dict[tuple[int, int], torch.cuda.Event] = {}
+        self.timeline: Timeline | None = None  # set by runtime.load(timeline=True)
         if device.type == "cuda":
             self._stream = torch.cuda.Stream(device=device)
         else:
@@ -60,7 +64,7 @@ class CopyEngine:
             self._thread = threading.Thread(target=self._run, name="expertflow-copy", daemon=True)
             self._thread.start()
 
-    def submit(self, key: tuple[int, int], dst: torch.Tensor, src: torch.Tensor) -> Ticket:
+    def submit(self, key: tuple[int, int], dst: torch.Tensor, src: torch.Tensor, label: str = "") -> Ticket:
         """Copies ``src`` into ``dst``, the slot ``key`` = (pool, slot), after its last reader."""
         ticket = Ticket(nbytes=src.numel() * src.element_size())
         self.bytes_moved += ticket.nbytes
@@ -70,11 +74,14 @@ class CopyEngine:
             with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
                 if key in self._slot_read:  # the slot's last reader must finish first
                     self._stream.wait_event(self._slot_read.pop(key))
+                start = self.timeline.mark(self._stream) if self.timeline is not None else None
                 dst.copy_(src, non_blocking=True)
                 ticket.event, ticket.device = torch.cuda.Event(), self.device
                 ticket.event.record(self._stream)
+                if self.timeline is not None:
+                    self.timeline.add("copy", label, start, self.timeline.mark(self._stream), bytes=ticket.nbytes)
         else:
-            self._queue.put((dst, src, ticket))
+            self._queue.put((dst, src, ticket, label))
         return ticket
 
     def mark_read(self, keys: list[tuple[int, int]]) -> None:
@@ -93,11 +100,14 @@ class CopyEngine:
             item = self._queue.get()
             if item is None:
                 return
-            dst, src, ticket = item
+            dst, src, ticket, label = item
+            timeline, start = self.timeline, time.perf_counter_ns()
             try:
                 dst.copy_(src)
             except BaseException as exc:  # surfaced to the waiter, never lost in the thread
                 ticket.error = exc
+            if timeline is not None:
+                timeline.add("copy", label, start, time.perf_counter_ns(), bytes=ticket.nbytes)
             ticket.done.release()
 
     def close(self) -> None:

@@ -97,3 +97,38 @@ def test_threads_sharing_a_model_get_exact_logits(threads, compiled_dir):
         w.join(timeout=120)
     assert not failures, failures[0]
     _sane(shared)
+
+
+def _trace(path) -> dict:
+    import json
+
+    trace = json.loads(path.read_text())
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M" and e.get("tid")}
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    return {"names": names, "spans": spans}
+
+
+def test_timeline_is_a_chrome_trace_with_copy_and_compute_tracks(compiled_dir, tmp_path):
+    model = runtime.load(compiled_dir("tiny-mixtral"), expert_cache=3, timeline=True)
+    model.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=4, do_sample=False)
+    trace = _trace(model.timeline.write(tmp_path / "trace.json"))
+    by_track: dict[str, list] = {}
+    for span in trace["spans"]:
+        by_track.setdefault(trace["names"][span["tid"]], []).append(span)
+    assert set(by_track) == {"model stream", "compute stream", "copy stream"}
+    assert len(by_track["copy stream"]) == model.context.cache.engine.copies  # every copy, one span each
+    assert sum(s["args"]["bytes"] for s in by_track["copy stream"]) == model.stats()["total"]["bytes_moved"]
+    assert [s["name"] for s in by_track["model stream"]] == ["prefill 2x8", "decode 2x1", "decode 2x1", "decode 2x1"]
+    computes = [s["name"] for s in by_track["compute stream"] if s["name"].startswith("experts")]
+    assert computes == [f"experts L{layer}" for _ in range(4) for layer in range(4)]
+
+
+def test_generate_cli_writes_a_timeline(compiled_dir, tmp_path, capsys):
+    from expertflow.tools.generate import main
+
+    out = tmp_path / "t.json"
+    assert main([str(compiled_dir("tiny-mixtral")), "Hello", "--max-new-tokens", "3", "--quiet", "--budget", "2",
+                 "--timeline", str(out)]) == 0
+    assert {"copy stream", "compute stream"} <= set(_trace(out)["names"].values())
+    assert [p.name for p in tmp_path.iterdir()] == ["t.json"]  # written atomically, nothing else left

@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions; the median is kept (default 3)")
     p.add_argument("--skip-compile-memory", action="store_true", help="do not measure compile peak memory")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--timeline", type=Path, metavar="PATH", help="write a Chrome/Perfetto trace of the offloaded "
+                   "run's copy and compute streams to PATH (ui.perfetto.dev or chrome://tracing)")
     return p.parse_args(argv)
 
 
@@ -152,8 +154,16 @@ def _measure(args: argparse.Namespace, source: Path, compiled: Path) -> dict[str
         [hf_stepper(hf, device), ef_stepper(full)], ids, args.tokens, args.repeats)
     result["resident_over_hf"] = result["resident_s_per_token"] / result["hf_eager_s_per_token"]
     total = full.stats()["slots"]
-    small = runtime.load(compiled, device=args.device, expert_cache=runtime.budget_argument(args.budget))
-    (result["offload_s_per_token"],) = timed_pair([ef_stepper(small)], ids, args.tokens, 1, small.reset_stats)
+    small = runtime.load(compiled, device=args.device, expert_cache=runtime.budget_argument(args.budget),
+                         timeline=args.timeline is not None)
+    def after_warmup() -> None:
+        small.reset_stats()
+        if small.timeline is not None:
+            small.timeline.clear()
+
+    (result["offload_s_per_token"],) = timed_pair([ef_stepper(small)], ids, args.tokens, 1, after_warmup)
+    if args.timeline is not None:
+        result["timeline"] = str(small.timeline.write(args.timeline))
     result["offload_slots"], result["all_slots"] = small.stats()["slots"], total
     result["offload_stats"] = small.stats()["total"]
     return result
