@@ -1,0 +1,257 @@
+"""expertflow-simulate: replay a routing trace through cache policies, against Belady's MIN.
+
+An offloaded MoE copies one expert per cache miss, so the loads a policy makes are the bytes it
+moves. This replays a recorded routing trace through a model of the runtime's expert cache (one
+pool of slots shared by all MoE layers) for every policy and cache size asked, and compares each
+with Belady's MIN, the fewest loads any demand-loading policy can make on that trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, NoReturn
+
+from tqdm import tqdm
+
+from .cache_sim import POLICIES, Access, SimResult, TimeModel, next_uses, parse_trace, predict_time, simulate
+
+PROG = "expertflow-simulate"
+
+HELP = __doc__ + """
+policies:
+  lru          least recently used (slot) first
+  lfu          fewest accesses so far in the trace, least recently used among ties
+  layer_cycle  the runtime's rule: an empty slot, else the layer that runs again last (layers run
+               in a cycle per token), least recently used within it
+  belady       Belady's MIN: the expert needed again farthest in the future (needs the whole trace)
+
+trace format (JSONL): one record per token and MoE layer, in execution order by (seq, token,
+layer), each (seq, token, layer) once; seq, token, layer: non-negative integers; experts: the
+expert ids the router chose (top-k), each below --experts-per-layer. Other keys are ignored.
+  {"seq": 0, "token": 5, "layer": 3, "experts": [6, 2]}
+
+A step (one record) needs all its experts resident at once: slots holding them are never evicted
+while it runs; a step needing more experts than slots runs in waves, as the runtime does. Each
+expert not resident when a step starts is one load of --expert-bytes. Columns: loads/MIN is the
+policy's loads over Belady's at the same cache size; with --bandwidth and --layer-ms, ms/token
+is the predicted decode time (copies one at a time on one copy engine, each layer waiting for
+its misses, then computing for --layer-ms) and /bound its ratio to the copy time alone.
+"""
+
+EXAMPLES = """
+examples:
+  expertflow-simulate --trace routing.jsonl --experts-per-layer 64 --cache 8,16,32
+  expertflow-simulate --trace routing.jsonl --experts-per-layer 8 --cache 4,8 --expert-bytes 176160768 \\
+      --bandwidth 25 --layer-ms 0.4 --plot hit_rate.png
+"""
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage block: the house rule for bad input
+        raise UsageError(message)
+
+
+def _positive_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{what} must be integers of at least 1, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog=PROG, description=HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("compiled", nargs="?", type=Path, metavar="COMPILED",
+                   help="directory written by expertflow-compile, for its calibration routing trace (not "
+                        "written yet: pass --trace)")
+    p.add_argument("--trace", type=Path, metavar="FILE", help="routing trace, JSONL (format above)")
+    p.add_argument("--experts-per-layer", type=int, metavar="N",
+                   help="routed experts in each MoE layer; expert ids in the trace must be below N")
+    p.add_argument("--cache", metavar="C1,C2,...",
+                   help="cache sizes to replay, in expert slots shared by all layers, e.g. 8,16,32")
+    p.add_argument("--policies", default=",".join(POLICIES), metavar="P1,P2,...",
+                   help=f"policies to replay (default {','.join(POLICIES)}); Belady is always replayed for "
+                        "the loads/MIN column")
+    p.add_argument("--expert-bytes", type=int, default=1, metavar="B",
+                   help="bytes one expert's copy moves (default 1: the bytes column counts loads)")
+    p.add_argument("--bandwidth", type=float, metavar="GBPS",
+                   help="host-to-device copy bandwidth in GB/s (1e9 bytes), for the time model; needs --layer-ms")
+    p.add_argument("--layer-ms", type=float, metavar="MS",
+                   help="compute time of one MoE layer for one token, in ms, for the time model; needs --bandwidth")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per (policy, cache) row instead of the table")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="also write a PNG of hit rate against cache size, "
+                   "one line per policy (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    _check(args)
+    return args
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Everything that can be checked before a replay, so that a bad input costs nothing. The
+    missing trace of a compiled directory is said first: it is what such a user needs to hear."""
+    if args.compiled is not None and not args.compiled.is_dir():
+        raise UsageError(f"{args.compiled} is not a directory")
+    if args.trace is None:
+        if args.compiled is not None:
+            raise UsageError(f"{args.compiled} has no routing trace (compiled directories do not record "
+                             "calibration traces yet); pass --trace FILE")
+        raise UsageError("no routing trace: pass --trace FILE")
+    for flag, value in (("--experts-per-layer", args.experts_per_layer), ("--cache", args.cache)):
+        if value is None:
+            raise UsageError(f"{flag} is required")
+    args.cache = sorted(set(_positive_ints(args.cache, "--cache")))
+    args.policies = list(dict.fromkeys(v.strip() for v in args.policies.split(",") if v.strip()))
+    unknown = [v for v in args.policies if v not in POLICIES]
+    if unknown or not args.policies:
+        raise UsageError(f"unknown policy {', '.join(unknown) or '(none given)'}; known: {', '.join(POLICIES)}")
+    if args.experts_per_layer < 1 or args.expert_bytes < 1:
+        raise UsageError("--experts-per-layer and --expert-bytes must be at least 1")
+    if (args.bandwidth is None) != (args.layer_ms is None):
+        raise UsageError("--bandwidth and --layer-ms go together: the time model needs both")
+    if args.bandwidth is not None and not (math.isfinite(args.bandwidth) and args.bandwidth > 0
+                                           and math.isfinite(args.layer_ms) and args.layer_ms >= 0):
+        raise UsageError("--bandwidth must be above 0 and --layer-ms at least 0")
+    if not args.trace.is_file():
+        raise UsageError(f"trace {args.trace} is not a readable file")
+    if args.plot is not None:
+        if not args.plot.parent.is_dir():
+            raise UsageError(f"--plot: directory {args.plot.parent} does not exist")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--plot needs matplotlib: pip install matplotlib")
+
+
+def replay(trace: list[Access], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per (policy, cache), in policy then cache order; Belady runs for the ratio too."""
+    names = list(dict.fromkeys([*args.policies, "belady"]))
+    future = next_uses(trace)
+    time_model = (TimeModel(args.bandwidth, args.layer_ms, args.expert_bytes)
+                  if args.bandwidth is not None else None)
+    results: dict[tuple[str, int], SimResult] = {}
+    with tqdm(total=len(trace) * len(names) * len(args.cache), desc="replaying", unit="step",
+              disable=True if args.quiet else None, file=sys.stderr) as bar:
+        for name in names:
+            for cache in args.cache:
+                results[name, cache] = simulate(trace, name, cache, args.expert_bytes, future, bar.update)
+    rows = []
+    for name in args.policies:
+        for cache in args.cache:
+            r, best = results[name, cache], results["belady", cache]
+            row: dict[str, Any] = {
+                "policy": name, "predictor": "none", "cache": cache, "accesses": r.accesses, "hits": r.hits,
+                "hit_rate": r.hit_rate, "loads": r.loads, "bytes": r.bytes,
+                "loads_over_min": r.loads / best.loads if best.loads else 1.0,
+                "tokens": r.tokens, "expert_bytes": r.expert_bytes,
+                "per_layer": {str(layer): {"hits": c.hits, "loads": c.loads} for layer, c in r.per_layer.items()}}
+            if time_model is not None:
+                t = predict_time(r, time_model)
+                row.update(ms_per_token=t.ms_per_token, bound_ms_per_token=t.bound_ms_per_token,
+                           over_bound=t.over_bound)
+            rows.append(row)
+    return rows
+
+
+def _size(n: int, expert_bytes: int) -> str:
+    if n < 1024 or expert_bytes == 1:  # bytes of 1-byte experts are a count of loads: keep it exact
+        return str(n)
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024:
+            return f"{size:.2f} {unit}"
+    return f"{size / 1024:.2f} TiB"
+
+
+def render(trace: list[Access], rows: list[dict[str, Any]], source: Path) -> str:
+    layers = {a.layer for a in trace}
+    distinct = len({(a.layer, e) for a in trace for e in a.experts})
+    lines = [f"trace {source}: {len(trace)} steps, {rows[0]['tokens']} tokens, {len(layers)} MoE layers, "
+             f"{distinct} distinct experts touched; predictor: none (demand loading)"]
+    header = ["policy", "cache", "accesses", "hits", "hit rate", "loads", "bytes", "loads/MIN"]
+    timed = "ms_per_token" in rows[0]
+    if timed:
+        header += ["ms/token", "/bound"]
+    table = [header]
+    for r in rows:
+        cells = [r["policy"], str(r["cache"]), str(r["accesses"]), str(r["hits"]), f"{r['hit_rate']:.3f}",
+                 str(r["loads"]), _size(r["bytes"], r["expert_bytes"]), f"{r['loads_over_min']:.3f}"]
+        if timed:
+            over = r["over_bound"]
+            cells += [f"{r['ms_per_token']:.4f}", "-" if over is None else f"{over:.2f}"]
+        table.append(cells)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:  # names left-aligned, numbers right-aligned
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Hit rate against cache size, one line per policy; written to a temporary file in the same
+    directory and renamed, so PATH is either the whole PNG or untouched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    try:
+        for name in dict.fromkeys(r["policy"] for r in rows):
+            mine = [r for r in rows if r["policy"] == name]
+            ax.plot([r["cache"] for r in mine], [r["hit_rate"] for r in mine], marker="o", label=name)
+        ax.set_xlabel("cache (expert slots, shared by all layers)")
+        ax.set_ylabel("hit rate")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    finally:
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        try:
+            trace = parse_trace(args.trace, args.experts_per_layer)
+        except ValueError as exc:
+            raise UsageError(f"{args.trace}: {exc}") from None
+        if not trace:
+            raise UsageError(f"{args.trace}: the trace has no records")
+        rows = replay(trace, args)
+        if args.plot is not None:
+            write_plot(rows, args.plot)
+    except (UsageError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print("\n".join(json.dumps(row) for row in rows))
+    else:
+        print(render(trace, rows, args.trace))
+        if args.plot is not None:
+            print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
