@@ -2,10 +2,11 @@
 
     python examples/generate.py [MODEL] [--out DIR] [--device cuda] [--budget 25%] [--tokens 32]
 
-MODEL is a preset (default tiny-mixtral: seeded random weights, so its text is gibberish, but the
-very text transformers gives), a save_pretrained directory, or a hub id in the local Hugging Face
-cache (fetched beforehand with `hf download`). It is compiled into --out (default
-compiled/MODEL) once; later runs reuse that directory.
+MODEL is a preset (default tiny-trained-moe, trained on the Python stdlib: Python-like text; the
+tiny-* random-weight presets give gibberish, but the very text transformers gives), a
+save_pretrained directory, or a hub id in the local Hugging Face cache (fetched beforehand with
+`hf download`). It is compiled into --out (default compiled/MODEL) once; later runs reuse that
+directory.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from expertflow.tools.generate import stats_table
 from expertflow.tools.presets import PRESETS
 from expertflow.tools.source import UserError
 
-PROMPTS = ["Beautiful is better than ugly.", "Now is better than"]
+PROMPTS = ["def __init__(self", "class Parser:\n    \"\"\""]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default="tiny-mixtral", help="preset, model directory or cached hub id")
+    p.add_argument("model", nargs="?", default="tiny-trained-moe", help="preset, model directory or cached hub id")
     p.add_argument("--out", type=Path, help="compiled directory to write or reuse (default compiled/MODEL)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--budget", default="25%", help="expert slots (8), a size (4GiB) or a fraction (default 25%%)")

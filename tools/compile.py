@@ -21,9 +21,11 @@ from .source import UserError, resolve_model
 HELP = __doc__ + """
 
 MODEL is a directory written by save_pretrained, a hub id already in the local Hugging Face
-cache (ExpertFlow never downloads), or a built-in preset (tiny-mixtral, tiny-qwen2-moe,
-tiny-qwen3-moe, tiny-olmoe, tiny-deepseek-v3, tiny-gpt-oss, tiny-granitemoe; bench-mixtral-240m
-is a 459 MiB bfloat16 Mixtral for benchmarks).
+cache (ExpertFlow never downloads), or a built-in preset: tiny-trained-moe (a 2.7M-parameter
+Mixtral trained on the Python stdlib's sources, shipped in the package: learned routing,
+Python-like text); seeded random weights of tiny-mixtral, tiny-qwen2-moe, tiny-qwen3-moe,
+tiny-olmoe, tiny-deepseek-v3, tiny-gpt-oss, tiny-granitemoe; bench-mixtral-240m, a 459 MiB
+bfloat16 Mixtral for benchmarks.
 
 The output directory holds manifest.json (checksums, config, memory plan), graph.json (the
 scheduled graph), dense.safetensors, experts.safetensors (one contiguous blob per layer and

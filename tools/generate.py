@@ -22,7 +22,7 @@ from .source import UserError
 
 EXAMPLES = """
 examples:
-  expertflow-generate tiny-mixtral "Beautiful is better than" --stats
+  expertflow-generate tiny-trained-moe "def __init__(self" --stats
   expertflow-generate compiled/ "Explain MoE offloading." --chat --budget 4GiB --device cuda
   expertflow-generate ./my-model "Once upon a time" --sample --temperature 0.7 --top-p 0.9 --seed 1
 """

@@ -1,9 +1,13 @@
-"""Built-in presets: seeded random weights of real MoE architectures at small size.
+"""Built-in presets: seeded random weights of real MoE architectures at small size, and one trained model.
 
-Made with transformers' config classes and ``save_pretrained`` on first use, with the byte-level
-tokenizer of ``preset_tokenizer``, so a fresh machine with no network can compile and generate
-text. Seeded: the same preset is the same model
-everywhere.
+The random ones (``PRESETS``) are made with transformers' config classes and ``save_pretrained`` on
+first use, with the byte-level tokenizer of ``preset_tokenizer``, so a fresh machine with no network
+can compile and generate text. Seeded: the same preset is the same model everywhere.
+
+The shipped ones (``SHIPPED``) are trained weights saved in this package (``preset_models/``):
+``tiny-trained-moe``, a 2.7M-parameter Mixtral trained on the Python standard library's sources by
+examples/train_tiny_moe.py, whose routing is learned and whose text looks like Python. They are not
+in ``PRESETS``, which means "random weights" to the tools that list it.
 """
 
 from __future__ import annotations
@@ -50,6 +54,28 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         _COMMON, intermediate_size=64, num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2,
         embedding_multiplier=3.0, logits_scaling=0.25, residual_multiplier=1.5, attention_multiplier=0.125)),
 }
+
+
+#: Presets with trained weights shipped in the package: name -> save_pretrained directory.
+SHIPPED: dict[str, Path] = {
+    "tiny-trained-moe": Path(__file__).resolve().parent / "preset_models" / "tiny-trained-moe",
+}
+
+
+def names() -> list[str]:
+    """Every preset name: the random-weight presets, then the shipped trained ones."""
+    return [*PRESETS, *SHIPPED]
+
+
+def shipped(name: str) -> Path:
+    """The shipped preset's directory, as save_pretrained wrote it."""
+    path = SHIPPED[name]
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        from .source import UserError
+
+        raise UserError(f"the shipped preset {name} is missing from {path}: this ExpertFlow was installed "
+                        "without its package data; reinstall it from a checkout (pip install .)")
+    return path
 
 
 def build(name: str, seed: int = 0):
@@ -104,7 +130,12 @@ def _stamp(name: str) -> str:
 
 
 def materialize(name: str, root: Path | None = None) -> Path:
-    """The preset saved with ``save_pretrained`` under ``root`` (a per-user temp dir by default)."""
+    """The preset saved with ``save_pretrained`` under ``root`` (a per-user temp dir by default).
+
+    A shipped preset is its directory in the package, whatever ``root``: nothing is built or copied.
+    """
+    if name in SHIPPED:
+        return shipped(name)
     root = Path(root) if root else Path(tempfile.gettempdir()) / "expertflow-presets"
     path = root / name
     if _is_current(path, name):

@@ -14,7 +14,7 @@ def resolve_model(model: str, presets_dir: Path | None = None) -> Path:
     """The local directory holding ``model``'s config.json and weights; never touches the network."""
     from . import presets
 
-    if model in presets.PRESETS:
+    if model in presets.PRESETS or model in presets.SHIPPED:
         return presets.materialize(model, presets_dir)
     try:
         path = Path(model).expanduser()
@@ -26,7 +26,7 @@ def resolve_model(model: str, presets_dir: Path | None = None) -> Path:
     if model.count("/") == 1 and not model.startswith((".", "/")):
         return _from_hub_cache(model)
     raise UserError(f"{model} does not exist; pass a model directory, a cached hub id, or a preset "
-                    f"({', '.join(presets.PRESETS)})")
+                    f"({', '.join(presets.names())})")
 
 
 def _local(model: str, path: Path) -> Path:
