@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .cache import ExpertCache, Handle
+from .routing import RoutingTrace
 from .store import ExpertLayout
 from .timeline import Timeline
 
@@ -43,6 +44,7 @@ class RuntimeContext:
         self.modules = modules
         self._views: dict[tuple[int, int, int], nn.Module] = {}
         self.timeline: Timeline | None = None  # set by runtime.load(timeline=True)
+        self.routing: RoutingTrace | None = None  # set by runtime.load(record_routing=True)
 
     def _view(self, layer: int, lo: int, hi: int) -> nn.Module:
         """The experts module over slots lo..hi only: experts functions pay per expert group, so
@@ -57,7 +59,8 @@ class RuntimeContext:
         return view
 
     def route(self, layer: int, top_k_index: torch.Tensor) -> None:
-        return None
+        if self.routing is not None:
+            self.routing.add(layer, top_k_index)
 
     def prefetch(self, layer: int, expert_ids: torch.Tensor) -> Handle:
         return self.cache.prefetch(layer, expert_ids)

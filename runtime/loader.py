@@ -33,6 +33,7 @@ from .derive import Derived, derive, make_config
 from .manifest import TEXT_FILES, LoadError, check_files, memory_plan, read_json, read_manifest, regular_file
 from .model import CompiledModel, model_class
 from .store import ExpertLayout, HostStore
+from .routing import RoutingTrace
 from .streams import CopyEngine
 from .timeline import Timeline
 
@@ -138,14 +139,16 @@ def _drop_prefetch(gm: fx.GraphModule) -> None:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int | str | None = None,
-         verify: bool = True, preload: bool | None = None, timeline: bool = False) -> CompiledModel:
+         verify: bool = True, preload: bool | None = None, timeline: bool = False,
+         record_routing: bool = False) -> CompiledModel:
     """Loads a compiled directory; ``expert_cache`` is slots, a size ('4GiB'), a fraction ('25%'),
     or None for every expert resident.
 
     ``verify=False`` skips the files' sha256 (every other check stays). ``preload`` copies experts
     into the slots now (default: only when all of them fit), so the first steps do not pay for
     cold misses; bytes moved then are counted in ``stats()``. ``timeline`` records the copy and
-    compute streams (``model.timeline.write("trace.json")`` for Perfetto / chrome://tracing).
+    compute streams (``model.timeline.write("trace.json")`` for Perfetto / chrome://tracing);
+    ``record_routing`` the routes taken (``model.routing.write_jsonl(path)`` for expertflow-simulate).
     """
     path = Path(path)
     where = f"{path}/manifest.json"
@@ -181,6 +184,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     model = cls(gm, config, context, list(derived.mask_kinds), _generation_config(path, manifest, config))
     if timeline:
         model.timeline = context.timeline = cache.engine.timeline = Timeline(dev)
+    if record_routing:
+        model.routing = context.routing = RoutingTrace()
     return model
 
 

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..ir.hf_compat import CACHE_KEYWORDS, mask_cache_keyword, output_cache_field
 from .context import RuntimeContext
 from .inputs import check_attention_mask, check_input_ids, check_position_ids
+from .routing import RoutingTrace
 from .timeline import Timeline
 
 
@@ -66,6 +67,7 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         self.context = context
         self._step_lock = threading.Lock()
         self.timeline: Timeline | None = None  # runtime.load(timeline=True): the copy and compute streams
+        self.routing: RoutingTrace | None = None  # runtime.load(record_routing=True): the routes taken
         self._masks = {k: f for k, f in _mask_functions().items() if k in set(mask_kinds)}
         self._cache_field = output_cache_field(CausalLMOutputWithPast)
         if generation_config is not None:
@@ -126,6 +128,8 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         with self._step_lock:  # one step at a time: the expert cache is shared by every caller
             self.context.cache.abort()  # a no-op, unless an interrupt also cut short the last abort
             start = self.timeline.mark() if self.timeline is not None else None
+            if self.routing is not None:
+                self.routing.begin(batch, seq, past)
             try:
                 logits = self.graph_module(ids, position_ids, cache, masks, keep, self.context)
             except BaseException:  # Ctrl-C or an error part way: the next step must find a sane cache

@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeline", type=Path, metavar="PATH", help="write a Chrome/Perfetto trace of the copy and "
                    "compute streams (a span per expert copy, per layer's wait and expert compute, per step) to "
                    "PATH; open it in ui.perfetto.dev or chrome://tracing")
+    p.add_argument("--trace-out", type=Path, metavar="PATH", help="write the routes taken (one JSON line per "
+                   "sequence, token and MoE layer: its top-k experts) to PATH, for expertflow-simulate --trace")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes; only the generated text")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -144,7 +146,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.quiet and manifest.get("source") in presets.PRESETS:
         print(f"note: {manifest['source']} is a preset with seeded random weights: its text is gibberish, "
               "but exactly the text transformers would give", file=sys.stderr)
-    model = runtime.load(path, device=args.device, expert_cache=budget, timeline=args.timeline is not None)
+    model = runtime.load(path, device=args.device, expert_cache=budget, timeline=args.timeline is not None,
+                         record_routing=args.trace_out is not None)
     tokenizer = runtime.load_tokenizer(path)
     inputs = encode(tokenizer, args.prompt, args.chat)
     if not args.chat:
@@ -160,6 +163,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     new = out.shape[1] - inputs["input_ids"].shape[1]
     if args.timeline is not None:
         model.timeline.write(args.timeline)
+    if args.trace_out is not None:
+        model.routing.write_jsonl(args.trace_out)
     return {"path": path, "new_tokens": new, "seconds": seconds, "stats": model.stats()}
 
 
