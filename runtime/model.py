@@ -19,7 +19,7 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..ir.hf_compat import CACHE_KEYWORDS, mask_cache_keyword, output_cache_field
+from ..ir.hf_compat import mask_cache_keyword, output_cache_field
 from .context import RuntimeContext
 from .inputs import check_attention_mask, check_input_ids, check_position_ids
 from .routing import RoutingTrace
@@ -155,14 +155,6 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
             raise ValueError("generate needs input_ids: a 2-D tensor of token ids (batch, sequence)")
         check_input_ids(ids, self.config.vocab_size, "input_ids" if inputs is None else "inputs")
         return super().generate(inputs, *args, **kwargs)
-
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        # Both cache names reach forward; transformers' generate uses its release's name.
-        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        for name in CACHE_KEYWORDS:
-            if inputs.get(name) is None:
-                inputs.pop(name, None)
-        return inputs
 
     def stats(self) -> dict[str, Any]:
         """Per-layer hits, misses, prefetch accuracy, bytes moved, stall time; and totals."""

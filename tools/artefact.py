@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from ..ir.serialize import graph_to_json
 from ..passes.trace import TraceInfo
-from ..runtime.manifest import SCHEMA_VERSION, TEXT_FILES, digest_of, memory_plan, sha256  # noqa: F401
+from ..runtime.manifest import TEXT_FILES, digest_of, sha256
 from ..runtime.store import ALIGN, ExpertLayout, blob_key
 
 MANIFEST = "manifest.json"

@@ -69,6 +69,7 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
     from ..passes.manager import PassError
     from ..passes.pipeline import PIPELINE, compile_graph
     from ..passes.trace import TraceFailure
+    from ..runtime.manifest import SCHEMA_VERSION, memory_plan
     from . import artefact
     from safetensors import SafetensorError
 
@@ -120,7 +121,7 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
             write_dumps(gm, tmp / "dumps")
         dense_bytes = (tmp / "dense.safetensors").stat().st_size
         return {
-            "schema_version": artefact.SCHEMA_VERSION, "source": str(model), "source_path": str(source),
+            "schema_version": SCHEMA_VERSION, "source": str(model), "source_path": str(source),
             "architecture": (config.architectures or [type(lm).__name__])[0], "model_type": config.model_type,
             "dtype": artefact.dtype_name(dtype), "config": config.to_dict(),
             "attn_implementation": config._attn_implementation,
@@ -128,7 +129,7 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
             "transformers": transformers.__version__, "expertflow": __version__,
             "options": {"lookahead": options.lookahead, "predictor": options.predictor},
             "mask_kinds": info.mask_kinds, "layouts": [lay.to_json() for lay in layouts.values()],
-            "memory_plan": artefact.memory_plan(layouts, dense_bytes),
+            "memory_plan": memory_plan(layouts, dense_bytes),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch": torch.__version__,
         }
