@@ -60,7 +60,7 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
 
 def test_schema_constants_agree_with_the_writers():
     from expertflow.ir.serialize import SCHEMA
-    from expertflow.tools.artefact import SCHEMA_VERSION
+    from expertflow.runtime.manifest import SCHEMA_VERSION
 
     assert (ins.GRAPH_SCHEMA, ins.MANIFEST_SCHEMA) == (SCHEMA, SCHEMA_VERSION)
 
