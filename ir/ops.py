@@ -20,6 +20,7 @@ class ExecutionContext(Protocol):
     """What the graph needs from whoever runs it (the runtime, or a reference executor)."""
 
     def route(self, layer: int, top_k_index: torch.Tensor) -> None: ...
+    def predict_path(self, hidden: torch.Tensor) -> torch.Tensor: ...
     def prefetch(self, layer: int, expert_ids: torch.Tensor) -> Any: ...
     def wait(self, layer: int, handle: Any, top_k_index: torch.Tensor) -> Any: ...
     def expert_compute(
@@ -42,6 +43,18 @@ def predict(ctx: ExecutionContext, layer: int, predicted_index: torch.Tensor) ->
     result so analyses and dumps can find it.
     """
     return predicted_index
+
+
+def predict_path(ctx: ExecutionContext, hidden: torch.Tensor) -> torch.Tensor:
+    """The routing-path predictor: every MoE layer's expected experts for each token of ``hidden``
+    (the token embeddings), as ids [tokens, MoE layers, k], from one forward of the network the
+    compiled directory ships (``runtime/path_predictor.py``)."""
+    return ctx.predict_path(hidden)
+
+
+def path_layer(paths: torch.Tensor, position: int) -> torch.Tensor:
+    """The predicted ids of the ``position``-th MoE layer (in depth order) out of ``predict_path``."""
+    return paths[:, position]
 
 
 def prefetch(ctx: ExecutionContext, layer: int, expert_ids: torch.Tensor) -> Any:
@@ -81,7 +94,8 @@ for _fn in (route, prefetch, wait):
     has_side_effect(_fn)
 
 #: Ops by short name, for serialisation and dumps.
-OPS = {fn.__name__: fn for fn in (route, predict, prefetch, wait, expert_compute, permute, unpermute)}
+OPS = {fn.__name__: fn for fn in (route, predict, predict_path, path_layer, prefetch, wait, expert_compute,
+                                  permute, unpermute)}
 #: Which stream each op belongs to when the schedule pass has nothing better to say.
 COPY_OPS = frozenset({"prefetch", "wait"})
 

@@ -8,8 +8,13 @@ embedding output for the first d layers), giving ``predict(ef_ctx, L_j, ids)`` a
 overlaps the compute of layer j-d. Layer j's ``wait`` then reads that handle. This is the
 training-free predictor of Fate and mixtral-offloading.
 
-Before: lowered graph (``lower_experts``), waits with handle None. After: each wait whose router
-slice is self-contained reads a prefetch handle; the others keep None and load on demand.
+With ``options.predictor == "routing_path"`` (ExpertFlow's routing-path predictor) it instead
+inserts, right after the token embedding, ``paths = predict_path(ef_ctx, embeds)`` and for MoE
+layer number j ``prefetch(ef_ctx, L_j, predict(ef_ctx, L_j, path_layer(paths, j)))``: every
+layer's copies are issued before the first layer computes, and each wait reads its handle.
+
+Before: lowered graph (``lower_experts``), waits with handle None. After: each wait whose
+predictor could be placed reads a prefetch handle; the others keep None and load on demand.
 """
 
 from __future__ import annotations
@@ -89,6 +94,8 @@ def insert_prefetch(gm: fx.GraphModule, options: CompileOptions | None = None) -
     if not computes or all(w.args[2] is not None for w in waits):
         return PassResult(gm, False)
     embed = next((n for n in graph.nodes if n.meta.get("ef.role") == "embed"), None)
+    if options.predictor == "routing_path":
+        return _insert_path(gm, computes, embed)
     inputs = [by_name.get(n.meta.get("ef.block_input") or "") for n in computes]
     ctx = context_node(graph)
     modified = False
@@ -111,3 +118,26 @@ def insert_prefetch(gm: fx.GraphModule, options: CompileOptions | None = None) -
         wait.update_arg(2, handle)
         modified = True
     return PassResult(gm, modified)
+
+
+def _insert_path(gm: fx.GraphModule, computes: list[fx.Node], embed: fx.Node | None) -> PassResult:
+    if embed is None:
+        raise PassError(PASS, "the routing-path predictor reads the token embedding, and none was found")
+    graph, ctx = gm.graph, context_node(gm.graph)
+    with graph.inserting_after(embed):
+        paths = graph.call_function(ops.predict_path, (ctx, embed))
+    paths.meta.update({"ef.role": "predictor"})
+    last = paths
+    for j, compute in enumerate(computes):
+        layer, wait = compute.args[1], compute.args[5]
+        with graph.inserting_after(last):
+            picked = graph.call_function(ops.path_layer, (paths, j))
+        with graph.inserting_after(picked):
+            predicted = graph.call_function(ops.predict, (ctx, layer, picked))
+        with graph.inserting_after(predicted):
+            last = graph.call_function(ops.prefetch, (ctx, layer, predicted))
+        for new in (picked, predicted, last):
+            new.meta["ef.layer"] = layer
+        picked.meta["ef.role"] = "predictor"
+        wait.update_arg(2, last)
+    return PassResult(gm, True)

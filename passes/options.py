@@ -1,20 +1,31 @@
-"""Options shared by the compile pipeline's passes."""
+"""Options shared by the compile pipeline's passes and the runtime that runs their graph."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: Routing predictors the passes can insert (``insert_prefetch``).
+PREDICTORS = ("cross_layer_gate", "routing_path", "none")
+#: Expert-cache eviction rules the runtime implements (``runtime/policy.py``).
+POLICIES = ("layer_cycle", "lru", "lfu", "predictive")
+
 
 @dataclass(frozen=True)
 class CompileOptions:
-    #: Prefetch for MoE layer j+lookahead is issued while MoE layer j computes.
+    #: Cross-layer gate: the prefetch for MoE layer j+lookahead is issued while MoE layer j computes.
     lookahead: int = 1
-    #: The routing predictor: "cross_layer_gate" (layer j+d's router on layer j's hidden state)
+    #: The routing predictor: "cross_layer_gate" (layer j+d's router on layer j's hidden state),
+    #: "routing_path" (a network trained at compile time on calibration traces that predicts every
+    #: layer's experts from the token embedding, so all prefetches start before the first layer),
     #: or "none" (no prefetch; every expert loads on demand at its wait).
     predictor: str = "cross_layer_gate"
+    #: Which resident expert the runtime's cache evicts (not a graph rewrite: the runtime reads it).
+    policy: str = "layer_cycle"
 
     def __post_init__(self) -> None:
-        if self.lookahead < 1:
-            raise ValueError(f"lookahead must be >= 1, got {self.lookahead}")
-        if self.predictor not in ("cross_layer_gate", "none"):
-            raise ValueError(f"unknown predictor {self.predictor!r}; choose 'cross_layer_gate' or 'none'")
+        if type(self.lookahead) is not int or self.lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1 (an integer), got {self.lookahead!r}")
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"unknown predictor {self.predictor!r}; choose one of {', '.join(PREDICTORS)}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")

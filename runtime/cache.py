@@ -14,18 +14,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .policy import Policy, make_policy
 from .store import ExpertLayout, HostStore
 from .streams import CopyEngine, Ticket
 
 
 @dataclass
 class LayerStats:
-    hits: int = 0
-    misses: int = 0
+    hits: int = 0               # needed experts ready at the wait: resident + in_flight
+    misses: int = 0             # needed experts loaded on demand at the wait
+    resident: int = 0           # needed and already in their slot when the wait began
+    in_flight: int = 0          # needed, prefetched, copy still running when the wait began
     predicted: int = 0          # experts named by prefetches
     predicted_used: int = 0     # of those, chosen by the router
     needed: int = 0             # distinct experts the router chose, summed over steps
     prefetch_dropped: int = 0   # predictions with no free slot to go to
+    prefetch_cancelled: int = 0  # unneeded prefetches whose copy had not started when their layer ran
+    prefetch_wasted: int = 0    # prefetched experts (copied) their layer did not need
     waves: int = 0
     bytes_moved: int = 0
     stall_s: float = 0.0
@@ -49,18 +54,18 @@ class Pool:
 class Handle:
     layer: int
     predicted: list[int]
+    loaded: list[int] = field(default_factory=list)  # the predicted experts this prefetch copied
 
 
 class ExpertCache:
     def __init__(self, layouts: dict[int, ExpertLayout], store: HostStore, slots: int,
-                 device: torch.device, engine: CopyEngine):
+                 device: torch.device, engine: CopyEngine, policy: Policy | None = None):
         self.layouts, self.store, self.slots, self.engine = layouts, store, slots, engine
+        self.policy = policy if policy is not None else make_policy("layer_cycle", list(layouts))
         self.stats = {layer: LayerStats() for layer in layouts}
         # Expert id -> slot, per layer, on the device: the compute remaps ids with one gather.
         self.luts = {layer: torch.full((lay.num_experts + 1,), -1, dtype=torch.long, device=device)
                      for layer, lay in layouts.items()}
-        self.order = {layer: i for i, layer in enumerate(sorted(layouts))}
-        self.now: int | None = None  # position in ``order`` of the layer being computed
         self.pools: dict[tuple, Pool] = {}
         for layout in layouts.values():
             if layout.signature not in self.pools:
@@ -85,40 +90,39 @@ class ExpertCache:
     def pool(self, layer: int) -> Pool:
         return self._pool_of[layer]
 
-    def _next_use(self, layer: int) -> int:
-        """How many MoE layers from now ``layer`` runs again (layers run in a cycle per token)."""
-        if self.now is None:
-            return 0
-        n = len(self.order)
-        return (self.order[layer] - self.now - 1) % n + 1
-
     def _victim(self, pool: Pool, protect: set[int]) -> int | None:
-        """An empty slot, else the one whose layer runs again last (least recently used among
-        those). Plain LRU would evict exactly the next layer's experts: layers run in a cycle."""
+        """An empty slot, else the policy's victim among slots not in use, reserved or protected
+        (offered least recently used first, so ties fall to LRU)."""
         for slot, owner in enumerate(pool.owner):
             if owner is None and slot not in pool.pinned and slot not in pool.reserved:
                 return slot
-        best, best_use = None, -1
-        for slot in pool.lru:  # oldest first, so ties keep LRU order
-            if slot in pool.pinned or slot in pool.reserved or slot in protect:
-                continue
-            owner = pool.owner[slot]
-            use = self._next_use(owner[0]) if owner is not None else len(self.order) + 1
-            if use > best_use:
-                best, best_use = slot, use
-        return best
+        candidates = [pool.owner[s] for s in pool.lru if s not in pool.pinned and s not in pool.reserved
+                      and s not in protect and pool.owner[s] is not None]
+        key = self.policy.victim(candidates)
+        return pool.where[key] if key is not None else None
 
-    def _load(self, pool: Pool, slot: int, layer: int, expert: int) -> None:
+    def _load(self, pool: Pool, slot: int, layer: int, expert: int, demand: bool = True) -> None:
         # Ordered so that an interrupt between any two statements leaves a consistent cache: the
         # old owner is forgotten before its bytes are overwritten, and the new owner is named
         # only once its copy's ticket is recorded (a hit always waits for the bytes).
         old = pool.owner[slot]
+        previous = pool.tickets.get(slot)
+        if previous is not None and not previous.ready():
+            # Demand copies overtake queued prefetches: an earlier copy into this slot must never
+            # land after this one. Cancel it if it has not started, else let it finish first.
+            if previous.cancel():
+                if old is not None:
+                    self.stats[old[0]].bytes_moved -= previous.nbytes
+                    self.stats[old[0]].prefetch_cancelled += 1
+            else:
+                previous.wait()
         if old is not None:
             pool.owner[slot] = None
             del pool.where[old]
             self.luts[old[0]][old[1]] = -1
         pool.tickets[slot] = ticket = self.engine.submit((pool.ident, slot), pool.tensor[slot],
-                                                         self.store.blob(layer, expert), f"L{layer} E{expert}")
+                                                         self.store.blob(layer, expert), f"L{layer} E{expert}",
+                                                         demand=demand)
         pool.owner[slot], pool.where[(layer, expert)] = (layer, expert), slot
         self.luts[layer][expert] = slot
         self.stats[layer].bytes_moved += ticket.nbytes
@@ -133,7 +137,9 @@ class ExpertCache:
         pool, stats = self.pool(layer), self.stats[layer]
         predicted = self._valid(layer, ids)
         stats.predicted += len(predicted)
+        self.policy.hint(layer, predicted)
         protect = {pool.where[(layer, e)] for e in predicted if (layer, e) in pool.where}
+        handle = Handle(layer, predicted)
         for e in predicted:
             slot = pool.where.get((layer, e))
             if slot is None:
@@ -141,19 +147,21 @@ class ExpertCache:
                 if slot is None:
                     stats.prefetch_dropped += 1
                     continue
-                self._load(pool, slot, layer, e)
+                self._load(pool, slot, layer, e, demand=False)
+                handle.loaded.append(e)
             pool.reserved[slot] = layer
             protect.add(slot)
-        return Handle(layer, predicted)
+        return handle
 
     def plan(self, layer: int, handle: Handle | None, top_k_index: torch.Tensor) -> list[list[int]]:
         """The experts ``top_k_index`` needs, in waves that each fit the slots (resident first)."""
         pool, stats = self.pool(layer), self.stats[layer]
         needed = self._valid(layer, top_k_index)
         stats.needed += len(needed)
-        self.now = self.order[layer]
+        self.policy.begin(layer)
         if handle is not None:
             stats.predicted_used += len(set(handle.predicted) & set(needed))
+            self._drop_unneeded(pool, layer, [e for e in handle.loaded if e not in needed])
         for slot, owner_layer in list(pool.reserved.items()):
             if owner_layer == layer:
                 del pool.reserved[slot]
@@ -161,6 +169,24 @@ class ExpertCache:
         waves = [needed[i:i + self.slots] for i in range(0, len(needed), self.slots)] or [[]]
         stats.waves += len(waves)
         return waves
+
+    def _drop_unneeded(self, pool: Pool, layer: int, experts: list[int]) -> None:
+        """Prefetches this layer turned out not to need: a copy not started yet is cancelled (no
+        byte moves, the slot is empty again); one that ran is a wasted prefetch."""
+        stats = self.stats[layer]
+        for e in experts:
+            slot = pool.where.get((layer, e))
+            ticket = pool.tickets.get(slot) if slot is not None else None
+            if ticket is not None and ticket.cancel():
+                stats.prefetch_cancelled += 1
+                stats.bytes_moved -= ticket.nbytes
+                pool.owner[slot] = None
+                del pool.where[(layer, e)]
+                self.luts[layer][e] = -1
+                pool.lru.pop(slot, None)
+                pool.reserved.pop(slot, None)
+            else:
+                stats.prefetch_wasted += 1
 
     def acquire(self, layer: int, experts: list[int]) -> list[int]:
         """Makes ``experts`` resident and pinned; returns their slots in the same order."""
@@ -181,7 +207,13 @@ class ExpertCache:
                 self._load(pool, slot, layer, e)
             else:
                 stats.hits += 1
+                ticket = pool.tickets.get(slot)
+                if ticket is not None and not ticket.ready():
+                    stats.in_flight += 1
+                else:
+                    stats.resident += 1
                 pool.lru.move_to_end(slot)
+            self.policy.use((layer, e))
             pool.pinned.add(slot)
             protect.add(slot)
             slots.append(slot)
@@ -207,4 +239,3 @@ class ExpertCache:
             self.engine.mark_read([(pool.ident, s) for s in sorted(pool.pinned)])  # queued reads come first
             pool.pinned.clear()
             pool.reserved.clear()
-        self.now = None

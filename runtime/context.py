@@ -45,6 +45,7 @@ class RuntimeContext:
         self._views: dict[tuple[int, int, int], nn.Module] = {}
         self.timeline: Timeline | None = None  # set by runtime.load(timeline=True)
         self.routing: RoutingTrace | None = None  # set by runtime.load(record_routing=True)
+        self.path_predictor: nn.Module | None = None  # set by runtime.load for a routing_path graph
 
     def _view(self, layer: int, lo: int, hi: int) -> nn.Module:
         """The experts module over slots lo..hi only: experts functions pay per expert group, so
@@ -61,6 +62,11 @@ class RuntimeContext:
     def route(self, layer: int, top_k_index: torch.Tensor) -> None:
         if self.routing is not None:
             self.routing.add(layer, top_k_index)
+
+    def predict_path(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.path_predictor is None:
+            raise RuntimeError("this graph calls the routing-path predictor but none was loaded")
+        return self.path_predictor(hidden)
 
     def prefetch(self, layer: int, expert_ids: torch.Tensor) -> Handle:
         return self.cache.prefetch(layer, expert_ids)

@@ -13,6 +13,7 @@ release), weights are safetensors, the rest is JSON.
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ from .derive import Derived, derive, make_config
 from .manifest import TEXT_FILES, LoadError, check_files, memory_plan, read_json, read_manifest, regular_file
 from .model import CompiledModel, model_class
 from .store import ExpertLayout, HostStore
+from ..ir import ops
+from ..passes.options import CompileOptions
+from .path_predictor import FILE as PREDICTOR_FILE, load_predictor
+from .policy import make_policy
+from .prior import load_prior
 from .routing import RoutingTrace
 from .streams import CopyEngine
 from .timeline import Timeline
@@ -140,7 +146,8 @@ def _drop_prefetch(gm: fx.GraphModule) -> None:
 
 def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int | str | None = None,
          verify: bool = True, preload: bool | None = None, timeline: bool = False,
-         record_routing: bool = False) -> CompiledModel:
+         record_routing: bool = False, predictor: str | None = None, lookahead: int | None = None,
+         policy: str | None = None) -> CompiledModel:
     """Loads a compiled directory; ``expert_cache`` is slots, a size ('4GiB'), a fraction ('25%'),
     or None for every expert resident.
 
@@ -149,6 +156,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     cold misses; bytes moved then are counted in ``stats()``. ``timeline`` records the copy and
     compute streams (``model.timeline.write("trace.json")`` for Perfetto / chrome://tracing);
     ``record_routing`` the routes taken (``model.routing.write_jsonl(path)`` for expertflow-simulate).
+    ``predictor`` ("cross_layer_gate", "routing_path", "none"), ``lookahead`` and ``policy``
+    ("layer_cycle", "lru", "lfu", "predictive") override what the model was compiled with: the
+    graph is derived again with them (they change what is loaded, never what is computed).
     """
     path = Path(path)
     where = f"{path}/manifest.json"
@@ -163,6 +173,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     derived = derive(manifest, config, dtype, where)
     _check_derived(path, manifest, layouts, derived)
     graph = _graph(path, manifest, derived)  # validated before any code is generated from it
+    options = _options(manifest, where, predictor, lookahead, policy)
+    if options != {**DEFAULT_OPTIONS, **manifest["options"]}:
+        derived = derive({**manifest, "options": options}, config, dtype, where)
+        graph = derived.graph
     lm = build_skeleton(config, dtype)
     driver = Driver(lm)
     assign_weights(lm, _dense(path, lm, layouts, dev))
@@ -175,11 +189,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     if everything:
         _drop_prefetch(gm)
     store = HostStore(regular_file(path, "experts.safetensors"), layouts, pin=dev.type == "cuda")
-    cache = ExpertCache(layouts, store, slots, dev, CopyEngine(dev))
+    prior = load_prior(path, manifest, layouts) if options["policy"] == "predictive" else None
+    cache = ExpertCache(layouts, store, slots, dev, CopyEngine(dev), make_policy(options["policy"], list(layouts), prior))
     if preload or (preload is None and everything):
         cache.preload()
     modules = {layer: driver.get_submodule(lay.module) for layer, lay in layouts.items()}
     context = RuntimeContext(cache, modules)
+    if any(n.target is ops.predict_path for n in gm.graph.nodes):
+        context.path_predictor = _path_predictor(path, manifest, config, layouts, dev)
     cls = model_class(manifest["architecture"])
     model = cls(gm, config, context, list(derived.mask_kinds), _generation_config(path, manifest, config))
     if timeline:
@@ -187,6 +204,38 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     if record_routing:
         model.routing = context.routing = RoutingTrace()
     return model
+
+
+DEFAULT_OPTIONS = asdict(CompileOptions())
+
+
+def _options(manifest: dict[str, Any], where: str, predictor: str | None, lookahead: int | None,
+             policy: str | None) -> dict[str, Any]:
+    """The manifest's compile options with the caller's overrides, checked (LoadError)."""
+    options = {**DEFAULT_OPTIONS, **manifest["options"]}
+    for name, value in (("predictor", predictor), ("lookahead", lookahead), ("policy", policy)):
+        if value is not None:
+            options[name] = value
+    try:
+        CompileOptions(**options)
+    except (TypeError, ValueError) as exc:
+        raise LoadError(f"{where}: {exc}") from None
+    if options["predictor"] == "routing_path" and PREDICTOR_FILE not in manifest["files"]:
+        raise LoadError(f"{path_of(where)} has no routing-path predictor (compile with --calibration to train "
+                        "one); use predictor='cross_layer_gate'")
+    return options
+
+
+def path_of(where: str) -> str:
+    return where.removesuffix("/manifest.json")
+
+
+def _path_predictor(path: Path, manifest: dict[str, Any], config: Any, layouts: dict[int, ExpertLayout],
+                    dev: torch.device) -> Any:
+    experts = {lay.num_experts for lay in layouts.values()}
+    if len(experts) != 1:
+        raise LoadError(f"{path}: the routing-path predictor needs every MoE layer to have as many experts")
+    return load_predictor(path, config.hidden_size, len(layouts), experts.pop(), dev)
 
 
 def _generation_config(path: Path, manifest: dict[str, Any], config: Any) -> Any:

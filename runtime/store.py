@@ -136,6 +136,21 @@ def _int(d: dict[str, Any], field: str, label: str, low: int, high: int) -> int:
     return value
 
 
+def read_tensors(directory: Path, name: str) -> tuple[dict[str, torch.Tensor], Path]:
+    """A small safetensors file of the compiled directory, read whole on the CPU (LoadError if bad)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .manifest import regular_file
+
+    file = regular_file(directory, name)
+    try:
+        return load_file(str(file)), file
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise LoadError(f"{file} is not a valid safetensors file ({str(exc).splitlines()[0][:200]}); "
+                        "recompile the model") from None
+
+
 def blob_key(layer: int, expert: int) -> str:
     return f"layers.{layer}.experts.{expert}"
 

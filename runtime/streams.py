@@ -8,6 +8,7 @@ prefetch really overlaps compute there too and CI exercises the same ordering lo
 from __future__ import annotations
 
 import queue
+from collections import deque
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,22 @@ class Ticket:
     event: "torch.cuda.Event | None" = None
     device: torch.device | None = None  # the model's GPU: its current stream waits on the event
     error: BaseException | None = None
+    #: Whoever acquires it first decides: the CPU worker (the copy runs) or ``cancel`` (it never does).
+    claim: threading.Lock = field(default_factory=threading.Lock)
+    cancelled: bool = False
+
+    def ready(self) -> bool:
+        """True once the bytes have landed (a query: never blocks, never syncs the host)."""
+        if self.event is not None:
+            return bool(self.event.query())
+        return not self.done.locked()
+
+    def cancel(self) -> bool:
+        """Drops a CPU copy not started yet; True if it will never run. CUDA copies are already queued."""
+        if self.event is None and self.claim.acquire(blocking=False):
+            self.cancelled = True
+            return True
+        return False
 
     def wait(self) -> None:
         if self.event is not None:
@@ -57,31 +74,46 @@ class CopyEngine:
         self.copies = 0
         self._slot_read: dict[tuple[int, int], torch.cuda.Event] = {}
         self.timeline: Timeline | None = None  # set by runtime.load(timeline=True)
+        self._slot_write: dict[tuple[int, int], torch.cuda.Event] = {}
         if device.type == "cuda":
             self._stream = torch.cuda.Stream(device=device)
+            self._demand_stream = torch.cuda.Stream(device=device, priority=-1)
         else:
-            self._queue: queue.SimpleQueue = queue.SimpleQueue()  # put and get are single C calls
+            # deque append/popleft and SimpleQueue put/get are single C calls: no lost wake-ups
+            self._demand: deque = deque()
+            self._speculative: deque = deque()
+            self._queue: queue.SimpleQueue = queue.SimpleQueue()
             self._thread = threading.Thread(target=self._run, name="expertflow-copy", daemon=True)
             self._thread.start()
 
-    def submit(self, key: tuple[int, int], dst: torch.Tensor, src: torch.Tensor, label: str = "") -> Ticket:
-        """Copies ``src`` into ``dst``, the slot ``key`` = (pool, slot), after its last reader."""
+    def submit(self, key: tuple[int, int], dst: torch.Tensor, src: torch.Tensor, label: str = "",
+               demand: bool = False) -> Ticket:
+        """Copies ``src`` into ``dst``, the slot ``key`` = (pool, slot), after its last reader.
+
+        A ``demand`` copy (a compute is waiting for it) goes before every queued prefetch: on CPU
+        the worker takes demand copies first; on CUDA they run on their own high-priority stream.
+        """
         ticket = Ticket(nbytes=src.numel() * src.element_size())
-        self.bytes_moved += ticket.nbytes
-        self.copies += 1
         if self.device.type == "cuda":
+            self.bytes_moved += ticket.nbytes
+            self.copies += 1
             # Every stream and event on the model's GPU: on cuda:1 the current device may be cuda:0.
-            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            stream = self._demand_stream if demand else self._stream
+            with torch.cuda.device(self.device), torch.cuda.stream(stream):
+                if key in self._slot_write:  # copies into one slot stay in order across the two streams
+                    stream.wait_event(self._slot_write[key])
                 if key in self._slot_read:  # the slot's last reader must finish first
-                    self._stream.wait_event(self._slot_read.pop(key))
-                start = self.timeline.mark(self._stream) if self.timeline is not None else None
+                    stream.wait_event(self._slot_read.pop(key))
+                start = self.timeline.mark(stream) if self.timeline is not None else None
                 dst.copy_(src, non_blocking=True)
                 ticket.event, ticket.device = torch.cuda.Event(), self.device
-                ticket.event.record(self._stream)
+                ticket.event.record(stream)
+                self._slot_write[key] = ticket.event
                 if self.timeline is not None:
-                    self.timeline.add("copy", label, start, self.timeline.mark(self._stream), bytes=ticket.nbytes)
+                    self.timeline.add("copy", label, start, self.timeline.mark(stream), bytes=ticket.nbytes)
         else:
-            self._queue.put((dst, src, ticket, label))
+            (self._demand if demand else self._speculative).append((dst, src, ticket, label))
+            self._queue.put(True)  # one wake-up per copy; the worker takes demand copies first
         return ticket
 
     def mark_read(self, keys: list[tuple[int, int]]) -> None:
@@ -97,10 +129,14 @@ class CopyEngine:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            if self._queue.get() is None:
                 return
-            dst, src, ticket, label = item
+            dst, src, ticket, label = (self._demand or self._speculative).popleft()
+            if not ticket.claim.acquire(blocking=False):  # cancelled: its layer ran without it
+                ticket.done.release()
+                continue
+            self.bytes_moved += ticket.nbytes  # counted here, the one writer: a cancelled copy moves nothing
+            self.copies += 1
             timeline, start = self.timeline, time.perf_counter_ns()
             try:
                 dst.copy_(src)

@@ -292,9 +292,9 @@ def test_copies_are_ordered_per_pool_and_slot() -> None:
             super().__init__(torch.device("cpu"))
             self.submitted, self.read = [], []
 
-        def submit(self, key, dst, src, label=""):
+        def submit(self, key, dst, src, label="", demand=True):
             self.submitted.append(key)
-            return super().submit(key, dst, src, label)
+            return super().submit(key, dst, src, label, demand)
 
         def mark_read(self, keys):
             self.read.extend(keys)

@@ -346,7 +346,7 @@ def test_cli_help_explains_options_and_format(capsys):
 
 
 @pytest.mark.parametrize("args,says", [
-    (["{dir}"], "has no routing trace"),
+    (["{dir}"], "has no calibration traces"),
     (["{dir}", "--experts-per-layer", "8", "--cache", "4"], "pass --trace"),
     (["{dir}/nope", "--trace", "{trace}", "--experts-per-layer", "8", "--cache", "4"], "not a directory"),
     (["--trace", "{dir}/missing.jsonl", "--experts-per-layer", "8", "--cache", "4"], "missing.jsonl"),

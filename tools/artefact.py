@@ -153,8 +153,12 @@ class OutputExists(FileExistsError):
     """The output directory exists and replacing it was not asked for."""
 
 
-def write_compiled(out_dir: Path, force: bool, build: Callable[[Path], dict[str, Any]]) -> Path:
+def write_compiled(out_dir: Path, force: bool, build: Callable[[Path], dict[str, Any]],
+                   finish: Callable[[Path], dict[str, Any]] | None = None) -> Path:
     """Runs ``build(tmp)`` in a temporary sibling of ``out_dir`` and renames it into place.
+
+    ``finish(tmp)``, if given, runs once the manifest is written (it may load the directory) and
+    returns fields to add to it; the files it wrote are checksummed and the manifest rewritten.
 
     On any failure, Ctrl-C included, the temporary directory and any parent directories made
     for it are removed, and an existing ``out_dir`` is left as it was.
@@ -171,16 +175,25 @@ def write_compiled(out_dir: Path, force: bool, build: Callable[[Path], dict[str,
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
         manifest = build(tmp)
-        manifest["files"] = {p.relative_to(tmp).as_posix(): sha256(p)
-                             for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest["digest"] = digest_of(manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _seal(tmp, manifest)
+        if finish is not None:
+            manifest.update(finish(tmp))
+            _seal(tmp, manifest)
         _move_into_place(tmp, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
         raise
     return out_dir
+
+
+def _seal(tmp: Path, manifest: dict[str, Any]) -> None:
+    """Checksums every file but the manifest, then writes the manifest with its own digest."""
+    manifest.pop("digest", None)
+    manifest["files"] = {p.relative_to(tmp).as_posix(): sha256(p)
+                         for p in sorted(tmp.rglob("*")) if p.is_file() and p.relative_to(tmp).as_posix() != MANIFEST}
+    manifest["digest"] = digest_of(manifest)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 def remove_stale(out_dir: Path) -> list[Path]:

@@ -9,13 +9,14 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
 
-from ..passes.options import CompileOptions
+from ..passes.options import POLICIES, PREDICTORS, CompileOptions
 from .source import UserError, resolve_model
 
 HELP = __doc__ + """
@@ -41,25 +42,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.add_argument("--lookahead", type=int, default=1,
                    help="prefetch MoE layer j+LOOKAHEAD while layer j computes (default 1)")
-    p.add_argument("--predictor", choices=["cross_layer_gate", "none"], default="cross_layer_gate",
-                   help="routing predictor driving prefetch: the next layers' routers applied to the "
-                        "current hidden state, or none (every expert loads on demand)")
+    p.add_argument("--predictor", choices=list(PREDICTORS), default="cross_layer_gate",
+                   help="routing predictor driving prefetch: cross_layer_gate (layer j+LOOKAHEAD's router on "
+                        "layer j's hidden state, training-free), routing_path (a small network trained on the "
+                        "calibration traces predicts every layer's experts from the token embedding, before "
+                        "the first layer runs; needs --calibration), or none (every expert loads on demand). "
+                        "runtime.load(predictor=...) can override it")
+    p.add_argument("--policy", choices=list(POLICIES), default="layer_cycle",
+                   help="expert-cache eviction: layer_cycle (evict from the layer that runs again last), lru, lfu, "
+                        "or predictive (farthest predicted next use; reads the routing prior --calibration "
+                        "fits). runtime.load(policy=...) can override it")
+    p.add_argument("--calibration", metavar="FILE|builtin",
+                   help="run the compiled model on this text (a UTF-8 file, its last fifth held out; or "
+                        "'builtin': Python standard-library sources, with other modules held out) and store "
+                        "the routing traces, the routing-path predictor and the routing prior in the output")
+    p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N",
+                   help="calibration tokens to record (default 8192; the held-out part adds a quarter for builtin)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the routing-path predictor's training (default 0)")
     p.add_argument("--no-dumps", action="store_true", help="skip the human-readable graph dumps")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    source: str  # a text file, or "builtin"
+    tokens: int = 8192
+    seed: int = 0
+
+
 def compile_model(model: str, output: Path, options: CompileOptions, force: bool = False,
-                  dumps: bool = True, quiet: bool = True) -> Path:
+                  dumps: bool = True, quiet: bool = True, calibration: Calibration | None = None) -> Path:
     """Compiles ``model`` into ``output``; raises UserError on bad input."""
     output = Path(output)
     check_output(output, force)  # before the model is loaded: a bad -o should fail in a second
+    if options.predictor == "routing_path" and calibration is None:
+        raise UserError("--predictor routing_path is trained on calibration traces: pass --calibration builtin "
+                        "(or a text file)")
+    if calibration is not None:
+        from .calibrate import texts
+        texts(calibration.source)  # a missing or non-UTF-8 file fails now, not after the compile
     with _libraries_quiet(quiet):
-        return _compile(model, output, options, force, dumps, quiet)
+        return _compile(model, output, options, force, dumps, quiet, calibration)
 
 
 def _compile(model: str, output: Path, options: CompileOptions, force: bool, dumps: bool,
-             quiet: bool) -> Path:
+             quiet: bool, calibration: Calibration | None = None) -> Path:
     import torch
     import transformers
     from transformers import AutoConfig
@@ -127,15 +155,26 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
             "attn_implementation": config._attn_implementation,
             "experts_implementation": config._experts_implementation,
             "transformers": transformers.__version__, "expertflow": __version__,
-            "options": {"lookahead": options.lookahead, "predictor": options.predictor},
+            "options": {"lookahead": options.lookahead, "predictor": options.predictor, "policy": options.policy},
             "mask_kinds": info.mask_kinds, "layouts": [lay.to_json() for lay in layouts.values()],
             "memory_plan": memory_plan(layouts, dense_bytes),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch": torch.__version__,
         }
 
+    def finish(tmp: Path) -> dict[str, Any]:
+        from .calibrate import CalibrationError, Probe, run
+
+        total = calibration.tokens * 5 // 4
+        with tqdm(total=total, desc="calibrating", unit="tok", disable=quiet) as bar:
+            try:
+                return run(tmp, calibration.source, calibration.tokens, Probe.of(gm), seed=calibration.seed,
+                           progress=bar.update)
+            except CalibrationError as exc:
+                raise UserError(str(exc)) from None
+
     try:
-        return artefact.write_compiled(output, force, build)
+        return artefact.write_compiled(output, force, build, finish if calibration is not None else None)
     except artefact.OutputExists:  # it appeared while compiling
         raise UserError(f"{output} already exists; pass --force to replace it") from None
 
@@ -221,9 +260,10 @@ def _main(args: argparse.Namespace) -> int:
     try:
         for stale in remove_stale(args.output):
             print(f"expertflow-compile: removed {stale}, left by a compile that was killed", file=sys.stderr)
-        options = CompileOptions(lookahead=args.lookahead, predictor=args.predictor)
+        options = CompileOptions(lookahead=args.lookahead, predictor=args.predictor, policy=args.policy)
+        calibration = Calibration(args.calibration, args.calibration_tokens, args.seed) if args.calibration else None
         out = compile_model(args.model, args.output, options, force=args.force, dumps=not args.no_dumps,
-                            quiet=args.quiet)
+                            quiet=args.quiet, calibration=calibration)
     except (UserError, ValueError, OSError, ImportError, KeyError) as exc:
         print(f"expertflow-compile: error: {one_line(exc)}", file=sys.stderr)
         return 2

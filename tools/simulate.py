@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
+from ..runtime.policy import POLICIES as RUNTIME_POLICIES
 from .cache_sim import POLICIES, Access, SimResult, TimeModel, next_uses, parse_trace, predict_time, simulate
 
 PROG = "expertflow-simulate"
@@ -75,16 +76,20 @@ def _positive_ints(text: str, what: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(prog=PROG, description=HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("compiled", nargs="?", type=Path, metavar="COMPILED",
-                   help="directory written by expertflow-compile, for its calibration routing trace (not "
-                        "written yet: pass --trace)")
+                   help="directory written by expertflow-compile --calibration: replays its held-out calibration "
+                        "tokens with every predictor (none, oracle, routing_path, cross_layer_gate@d, frequency, "
+                        "transition) under every policy, and prints each predictor's recall@k and precision")
+    p.add_argument("--group", default="token", metavar="MODE",
+                   help="with COMPILED: how tokens form steps: token (decode, one sequence; default), batch:N "
+                        "(N sequences decoding together) or prefill (a whole sequence per step)")
     p.add_argument("--trace", type=Path, metavar="FILE", help="routing trace, JSONL (format above)")
     p.add_argument("--experts-per-layer", type=int, metavar="N",
                    help="routed experts in each MoE layer; expert ids in the trace must be below N")
     p.add_argument("--cache", metavar="C1,C2,...",
                    help="cache sizes to replay, in expert slots shared by all layers, e.g. 8,16,32")
-    p.add_argument("--policies", default=",".join(POLICIES), metavar="P1,P2,...",
-                   help=f"policies to replay (default {','.join(POLICIES)}); Belady is always replayed for "
-                        "the loads/MIN column")
+    p.add_argument("--policies", default=None, metavar="P1,P2,...",
+                   help=f"policies to replay (default {','.join(POLICIES)}; with COMPILED "
+                        f"{','.join(RUNTIME_POLICIES)}); Belady is always replayed for the loads/MIN column")
     p.add_argument("--expert-bytes", type=int, default=1, metavar="B",
                    help="bytes one expert's copy moves (default 1: the bytes column counts loads)")
     p.add_argument("--bandwidth", type=float, metavar="GBPS",
@@ -102,15 +107,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.policies is None:
+        args.policies = ",".join(RUNTIME_POLICIES if args.trace is None and args.compiled is not None else POLICIES)
     """Everything that can be checked before a replay, so that a bad input costs nothing. The
     missing trace of a compiled directory is said first: it is what such a user needs to hear."""
     if args.compiled is not None and not args.compiled.is_dir():
         raise UsageError(f"{args.compiled} is not a directory")
+    if args.trace is None and args.compiled is not None:
+        if not (args.compiled / "calibration.safetensors").is_file():
+            raise UsageError(f"{args.compiled} has no calibration traces: compile with --calibration builtin, "
+                             "or pass --trace FILE")
+        if args.cache is None:
+            raise UsageError("--cache is required")
+        args.cache = sorted(set(_positive_ints(args.cache, "--cache")))
+        args.policies = [v.strip() for v in args.policies.split(",") if v.strip() and v.strip() != "belady"]
+        unknown = [v for v in args.policies if v not in RUNTIME_POLICIES]
+        if unknown or not args.policies:
+            raise UsageError(f"unknown policy {', '.join(unknown) or '(none given)'}; with COMPILED: "
+                             f"{', '.join(RUNTIME_POLICIES)} (Belady's MIN is the loads/MIN column)")
+        if args.group not in ("token", "prefill") and not (args.group.startswith("batch:")
+                                                          and args.group[6:].isdigit() and int(args.group[6:]) > 0):
+            raise UsageError(f"--group {args.group!r}: use token, batch:N (N >= 1) or prefill")
+        _check_time(args)
+        return
     if args.trace is None:
-        if args.compiled is not None:
-            raise UsageError(f"{args.compiled} has no routing trace (compiled directories do not record "
-                             "calibration traces yet); pass --trace FILE")
-        raise UsageError("no routing trace: pass --trace FILE")
+        raise UsageError("no routing trace: pass --trace FILE (or a compiled directory with calibration traces)")
     for flag, value in (("--experts-per-layer", args.experts_per_layer), ("--cache", args.cache)):
         if value is None:
             raise UsageError(f"{flag} is required")
@@ -121,11 +142,7 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown policy {', '.join(unknown) or '(none given)'}; known: {', '.join(POLICIES)}")
     if args.experts_per_layer < 1 or args.expert_bytes < 1:
         raise UsageError("--experts-per-layer and --expert-bytes must be at least 1")
-    if (args.bandwidth is None) != (args.layer_ms is None):
-        raise UsageError("--bandwidth and --layer-ms go together: the time model needs both")
-    if args.bandwidth is not None and not (math.isfinite(args.bandwidth) and args.bandwidth > 0
-                                           and math.isfinite(args.layer_ms) and args.layer_ms >= 0):
-        raise UsageError("--bandwidth must be above 0 and --layer-ms at least 0")
+    _check_time(args)
     if not args.trace.is_file():
         raise UsageError(f"trace {args.trace} is not a readable file")
     if args.plot is not None:
@@ -133,6 +150,38 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--plot: directory {args.plot.parent} does not exist")
         if importlib.util.find_spec("matplotlib") is None:
             raise UsageError("--plot needs matplotlib: pip install matplotlib")
+
+
+def _check_time(args: argparse.Namespace) -> None:
+    if (args.bandwidth is None) != (args.layer_ms is None):
+        raise UsageError("--bandwidth and --layer-ms go together: the time model needs both")
+    if args.bandwidth is not None and not (math.isfinite(args.bandwidth) and args.bandwidth > 0
+                                           and math.isfinite(args.layer_ms) and args.layer_ms >= 0):
+        raise UsageError("--bandwidth must be above 0 and --layer-ms at least 0")
+
+
+def _compiled(args: argparse.Namespace) -> int:
+    from ..runtime.manifest import LoadError
+    from . import simulate_compiled as sc
+
+    time_model = None
+    try:
+        blob = args.expert_bytes if args.expert_bytes != 1 else None
+        if args.bandwidth is not None:
+            blob = blob or sc.read_manifest(args.compiled)["memory_plan"]["expert_blob_bytes"]
+            time_model = TimeModel(args.bandwidth, args.layer_ms, blob)
+        rows, recall = sc.evaluate(args.compiled, args.cache, args.policies, args.group, time_model, blob)
+        if args.plot is not None:
+            write_plot([dict(r, policy=f"{r['policy']}+{r['predictor']}") for r in rows], args.plot)
+    except (LoadError, ValueError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print("\n".join(json.dumps(row) for row in rows))
+        print(json.dumps({"recall": recall}))
+    else:
+        print(sc.render(rows, recall, args.compiled))
+    return 0
 
 
 def replay(trace: list[Access], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -232,6 +281,8 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        if args.trace is None:
+            return _compiled(args)
         try:
             trace = parse_trace(args.trace, args.experts_per_layer)
         except ValueError as exc:

@@ -1,0 +1,79 @@
+"""ExpertFlow's routing-path predictor: every MoE layer's experts for a token, from its embedding.
+
+One forward pass of a small network (standardise, linear, GELU, linear) maps a token's embedding to
+a score per (MoE layer, expert); each layer's top-k scores are its predicted experts. The graph
+calls it once per step right after the embedding (``ops.predict_path``), so the copies for every
+layer can start before the first layer computes. It is trained at compile time on calibration
+traces (``tools/train_predictor.py``) and shipped as ``predictor.safetensors``: tensors only. A
+forged predictor can only make the cache load the wrong experts (slower), never change the
+output: the router's true choice is what is computed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .manifest import LoadError
+from .store import read_tensors
+
+FILE = "predictor.safetensors"
+MAX_WIDTH = 1 << 14
+_SHAPES = ("mean", "std", "w1", "b1", "w2", "b2", "top_k")
+
+
+class PathPredictor(nn.Module):
+    def __init__(self, hidden: int, width: int, layers: int, experts: int, top_k: int):
+        super().__init__()
+        self.layers, self.experts, self.top_k = layers, experts, top_k
+        self.register_buffer("mean", torch.zeros(hidden))
+        self.register_buffer("std", torch.ones(hidden))
+        self.inner = nn.Linear(hidden, width)
+        self.outer = nn.Linear(width, layers * experts)
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores [..., layers, experts] (logits of "the router picks this expert")."""
+        x = (hidden.float() - self.mean) / self.std
+        out = self.outer(nn.functional.gelu(self.inner(x)))
+        return out.reshape(*hidden.shape[:-1], self.layers, self.experts)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Predicted expert ids [tokens, layers, top_k] for hidden [..., hidden]."""
+        scores = self.scores(hidden.reshape(-1, hidden.shape[-1]))
+        return scores.topk(self.top_k, dim=-1).indices
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "std": self.std, "w1": self.inner.weight, "b1": self.inner.bias,
+                "w2": self.outer.weight, "b2": self.outer.bias, "top_k": torch.tensor([self.top_k])}
+
+    @staticmethod
+    def from_tensors(t: dict[str, torch.Tensor], hidden: int, layers: int, experts: int, where: str) -> "PathPredictor":
+        """The predictor in ``t``, every shape and value checked against the model's (LoadError)."""
+        if sorted(t) != sorted(_SHAPES):
+            raise LoadError(f"{where} holds {sorted(t)[:8]}, expected the tensors {', '.join(_SHAPES)}; "
+                            "recompile the model")
+        w1, w2, k = t["w1"], t["w2"], t["top_k"]
+        width = w1.shape[0] if w1.dim() == 2 else -1
+        expect = {"mean": (hidden,), "std": (hidden,), "w1": (width, hidden), "b1": (width,),
+                  "w2": (layers * experts, width), "b2": (layers * experts,), "top_k": (1,)}
+        for name, shape in expect.items():
+            if tuple(t[name].shape) != shape or (name != "top_k" and t[name].dtype != torch.float32):
+                raise LoadError(f"{where}: {name} is {t[name].dtype} {tuple(t[name].shape)}, expected float32 "
+                                f"{shape} for {layers} MoE layers of {experts} experts; recompile the model")
+        if not 0 < width <= MAX_WIDTH or k.dtype != torch.int64 or not 0 < int(k) <= experts:
+            raise LoadError(f"{where}: width {width} or top_k {k.tolist()} out of range; recompile the model")
+        if not all(torch.isfinite(v).all() for v in t.values()) or not (t["std"] > 0).all():
+            raise LoadError(f"{where} holds non-finite values or a non-positive std; recompile the model")
+        out = PathPredictor(hidden, width, layers, experts, int(k))
+        with torch.no_grad():
+            for name, value in out.tensors().items():
+                if name != "top_k":
+                    value.copy_(t[name])
+        return out.eval()
+
+
+def load_predictor(path: Path, hidden: int, layers: int, experts: int, device: torch.device) -> PathPredictor:
+    tensors, file = read_tensors(path, FILE)
+    return PathPredictor.from_tensors(tensors, hidden, layers, experts, str(file)).to(device)

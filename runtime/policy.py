@@ -1,0 +1,157 @@
+"""Which resident expert to evict: the cache policies, shared by the runtime and the simulator.
+
+A policy sees keys ``(layer, expert)`` and picks a victim among candidates it is given oldest
+first (least recently used first: the caller keeps recency, so ties always fall to LRU order).
+Both ``runtime/cache.py`` and ``tools/prefetch_sim.py`` drive the same objects with the same
+calls, so the simulator's counts are the runtime's by construction:
+
+- ``begin(layer)``: ``layer``'s wait starts (its route is known); layers run in a cycle per step;
+- ``hint(layer, experts)``: a prefetch predicts these experts for ``layer``'s next run;
+- ``use(key)``: a compute reads ``key`` (a hit, or after a demand load);
+- ``victim(candidates)``: the key to evict, one of ``candidates`` (never a slot in use or in flight:
+  the caller leaves those out).
+
+Policies: ``lru``; ``lfu`` (fewest uses, counts outlive eviction); ``layer_cycle`` (evict from the
+layer that runs again last: plain LRU evicts exactly the layers about to run); ``predictive``
+(evict the expert whose predicted next use is farthest, ExpertFlow's predictive cache: a use
+the predictor announced counts as certain, any other is estimated from how often that expert is
+reused by the next step after a use, and how often it is chosen otherwise).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+Key = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class RoutingPrior:
+    """Per (layer, expert): P(chosen by the next step | chosen by this one), and P(chosen by the
+    next step | not chosen by this one); fitted on calibration traces (``tools/train_predictor``)."""
+
+    reuse: dict[Key, float]
+    fresh: dict[Key, float]
+
+
+class Policy:
+    name = ""
+
+    def __init__(self, layers: Sequence[int], prior: RoutingPrior | None = None):
+        self.position = {layer: i for i, layer in enumerate(sorted(layers))}
+        self.now: int | None = None  # position of the layer whose wait began last
+
+    def begin(self, layer: int) -> None:
+        self.now = self.position[layer]
+
+    def hint(self, layer: int, experts: Sequence[int]) -> None:
+        pass
+
+    def use(self, key: Key) -> None:
+        pass
+
+    def distance(self, layer: int) -> int:
+        """How many layer runs from now ``layer`` runs again (1 .. layers)."""
+        if self.now is None:
+            return self.position[layer] + 1
+        n = len(self.position)
+        return (self.position[layer] - self.now - 1) % n + 1
+
+    def victim(self, candidates: Sequence[Key]) -> Key | None:
+        raise NotImplementedError
+
+
+class LRU(Policy):
+    name = "lru"
+
+    def victim(self, candidates: Sequence[Key]) -> Key | None:
+        return candidates[0] if candidates else None
+
+
+class LFU(Policy):
+    name = "lfu"
+
+    def __init__(self, layers: Sequence[int], prior: RoutingPrior | None = None):
+        super().__init__(layers, prior)
+        self.count: Counter[Key] = Counter()
+
+    def use(self, key: Key) -> None:
+        self.count[key] += 1
+
+    def victim(self, candidates: Sequence[Key]) -> Key | None:
+        return min(candidates, key=self.count.__getitem__, default=None)  # min keeps the first of ties
+
+
+class LayerCycle(Policy):
+    name = "layer_cycle"
+
+    def victim(self, candidates: Sequence[Key]) -> Key | None:
+        best, far = None, -1
+        for key in candidates:
+            d = self.distance(key[0])
+            if d > far:
+                best, far = key, d
+        return best
+
+
+class Predictive(Policy):
+    name = "predictive"
+
+    def __init__(self, layers: Sequence[int], prior: RoutingPrior | None = None):
+        super().__init__(layers, prior)
+        self.prior = prior
+        self.step = 0        # how many times the layer cycle has wrapped (model steps)
+        self.last: dict[Key, int] = {}  # key -> step of its last use
+        self.predicted: set[Key] = set()  # announced by a prefetch, its layer not run yet
+        self.uses: Counter[Key] = Counter()
+
+    def begin(self, layer: int) -> None:
+        if self.now is not None and self.position[layer] <= self.now:
+            self.step += 1
+        super().begin(layer)
+        self.predicted = {k for k in self.predicted if k[0] != layer}
+
+    def hint(self, layer: int, experts: Sequence[int]) -> None:
+        self.predicted.update((layer, e) for e in experts)
+
+    def use(self, key: Key) -> None:
+        self.last[key] = self.step
+        self.uses[key] += 1
+
+    def _chance(self, key: Key) -> float:
+        """P(``key``'s layer picks it at its next run), without a prediction saying so."""
+        # "recent": chosen at its layer's last run (this step's if that layer already ran in it)
+        ran = self.now is not None and self.position[key[0]] <= self.now
+        recent = self.last.get(key) == (self.step if ran else self.step - 1)
+        if self.prior is not None:
+            table = self.prior.reuse if recent else self.prior.fresh
+            return table.get(key, 0.0)
+        return (self.uses[key] + 1) / (self.step + 2)  # online popularity, Laplace-smoothed
+
+    def next_use(self, key: Key) -> float:
+        """Expected layer runs until ``key`` is needed: certain at its layer's next run when
+        predicted; else a geometric number of model steps at its chance per step."""
+        d = self.distance(key[0])
+        if key in self.predicted:
+            return d
+        p = max(self._chance(key), 1e-6)
+        return d + len(self.position) * (1.0 / p - 1.0)
+
+    def victim(self, candidates: Sequence[Key]) -> Key | None:
+        best, far = None, -1.0
+        for key in candidates:
+            use = self.next_use(key)
+            if use > far:
+                best, far = key, use
+        return best
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LayerCycle, LRU, LFU, Predictive)}
+
+
+def make_policy(name: str, layers: Sequence[int], prior: RoutingPrior | None = None) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return POLICIES[name](layers, prior)

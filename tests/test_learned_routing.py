@@ -1,0 +1,154 @@
+"""Learned routing: calibration, the routing-path predictor, cache policies, the prefetch replay."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from expertflow import runtime
+from expertflow.passes.options import CompileOptions
+from expertflow.runtime.manifest import LoadError
+from expertflow.tools import simulate
+from expertflow.tools.cache_sim import Access, simulate as demand_replay
+from expertflow.tools.compile import Calibration, compile_model
+from expertflow.tools.prefetch_sim import Issue, replay
+from expertflow.tools.source import UserError, resolve_model
+from expertflow.tools.train_predictor import train_path_predictor
+
+NAME = "tiny-trained-moe"
+PROMPTS = ["def __init__(self", "import os\nimport sys\n", "class Error(Exception):"]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("learned") / "c"
+    options = CompileOptions(predictor="routing_path", policy="predictive")
+    return compile_model(NAME, out, options, dumps=False, calibration=Calibration("builtin", 1024, seed=0))
+
+
+def _random_trace(rng: random.Random, layers: int, experts: int, k: int, tokens: int) -> list[Access]:
+    return [Access(0, t, j, tuple(sorted(rng.sample(range(experts), k)))) for t in range(tokens) for j in range(layers)]
+
+
+def _random_issues(rng: random.Random, trace: list[Access], experts: int, k: int, layers: int) -> list[list[Issue]]:
+    issues: list[list[Issue]] = [[] for _ in trace]
+    for s in range(len(trace)):
+        lead = rng.randint(0, min(s % layers, 2))
+        issues[s - lead].append(Issue(s, tuple(sorted(rng.sample(range(experts), k)))))
+    return issues
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_no_policy_or_predictor_beats_belady(seed):
+    rng = random.Random(seed)
+    layers, experts, k = rng.randint(1, 4), rng.randint(2, 6), 2
+    k = min(k, experts)
+    trace = _random_trace(rng, layers, experts, k, rng.randint(3, 25))
+    issues = _random_issues(rng, trace, experts, k, layers)
+    for cache in (k, k + 1, 2 * k + 1, layers * experts):
+        best = demand_replay(trace, "belady", cache).loads
+        for policy in ("lru", "lfu", "layer_cycle", "predictive"):
+            for plan in ([[] for _ in trace], issues):
+                assert replay(trace, plan, policy, cache).loads >= best
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_runtime_policies_replay_as_the_reference_simulator(seed):
+    # cache_sim's LRU, LFU and layer-cycle are checked against brute force (test_simulate.py);
+    # the runtime's policy objects, driven by the prefetch replay without predictions, must agree.
+    rng = random.Random(seed)
+    trace = _random_trace(rng, rng.randint(1, 4), 6, 2, 30)
+    for policy, cache in itertools.product(("lru", "lfu", "layer_cycle"), (2, 3, 5, 9)):
+        ref = demand_replay(trace, policy, cache)
+        got = replay(trace, [[] for _ in trace], policy, cache)
+        assert (got.loads, got.hits) == (ref.loads, ref.hits), (policy, cache)
+
+
+def test_training_is_deterministic_under_a_seed():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 16, generator=gen)
+    routes = torch.randint(0, 8, (300, 3, 2), generator=gen)
+    a, _ = train_path_predictor(x, routes, 8, 2, seed=5, epochs=3)
+    b, _ = train_path_predictor(x, routes, 8, 2, seed=5, epochs=3)
+    c, _ = train_path_predictor(x, routes, 8, 2, seed=6, epochs=3)
+    for name, value in a.tensors().items():
+        torch.testing.assert_close(value, b.tensors()[name], rtol=0, atol=0)
+    assert not torch.equal(a.tensors()["w1"], c.tensors()["w1"])
+
+
+def test_calibration_writes_traces_predictor_and_prior(calibrated):
+    manifest = json.loads((calibrated / "manifest.json").read_text())
+    for name in ("calibration.safetensors", "predictor.safetensors", "prior.safetensors"):
+        assert name in manifest["files"]
+    cal = manifest["calibration"]
+    assert cal["train_tokens"] == 1024 and cal["heldout_tokens"] >= 128
+    assert cal["routing_path"]["parameters"] > 0
+    assert manifest["options"] == {"lookahead": 1, "predictor": "routing_path", "policy": "predictive"}
+
+
+@pytest.mark.parametrize("predictor,policy", list(itertools.product(
+    ("routing_path", "cross_layer_gate", "none"), ("layer_cycle", "lru", "lfu", "predictive"))))
+def test_every_predictor_and_policy_gives_hf_tokens(calibrated, predictor, policy):
+    source = resolve_model(NAME)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    batch = AutoTokenizer.from_pretrained(source)(PROMPTS, return_tensors="pt", padding=True)
+    want = hf.generate(**batch, max_new_tokens=8, do_sample=False)
+    model = runtime.load(calibrated, expert_cache=5, predictor=predictor, policy=policy)
+    torch.testing.assert_close(model(**batch).logits, hf(**batch).logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(model.generate(**batch, max_new_tokens=8, do_sample=False), want)
+    stats = model.stats()["total"]
+    assert stats["hits"] == stats["resident"] + stats["in_flight"]
+    assert (stats["predicted"] > 0) == (predictor != "none")
+
+
+def test_routing_path_needs_a_predictor_file(compiled_dir, tmp_path):
+    with pytest.raises(LoadError, match="has no routing-path predictor"):
+        runtime.load(compiled_dir("tiny-mixtral"), expert_cache=3, predictor="routing_path")
+    with pytest.raises(LoadError, match="unknown cache policy 'mru'"):
+        runtime.load(compiled_dir("tiny-mixtral"), expert_cache=3, policy="mru")
+    with pytest.raises(UserError, match="pass --calibration"):
+        compile_model("tiny-mixtral", tmp_path / "x", CompileOptions(predictor="routing_path"))
+
+
+def test_a_forged_predictor_is_refused_in_one_line(calibrated, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from expertflow.runtime.manifest import digest_of, sha256
+
+    forged = tmp_path / "forged"
+    shutil.copytree(calibrated, forged)
+    t = load_file(str(forged / "predictor.safetensors"))
+    t["w2"] = t["w2"][:-1]
+    save_file(t, str(forged / "predictor.safetensors"))
+    manifest = json.loads((forged / "manifest.json").read_text())
+    manifest["files"]["predictor.safetensors"] = sha256(forged / "predictor.safetensors")
+    manifest["digest"] = digest_of(manifest)
+    (forged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LoadError) as err:
+        runtime.load(forged, expert_cache=4)
+    assert "w2 is torch.float32" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_simulate_a_compiled_directory(calibrated, capsys):
+    assert simulate.main([str(calibrated), "--cache", "8,16", "--json", "--quiet"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    rows, recall = lines[:-1], lines[-1]["recall"]
+    assert {"policy", "predictor", "cache", "accesses", "hits", "hit_rate", "loads", "bytes"} <= set(rows[0])
+    oracle = [r for r in rows if r["predictor"] == "oracle"]
+    assert all(r["ready_at_wait"] == 1.0 for r in oracle)
+    assert all(r["loads"] >= r["min_loads"] for r in rows)
+    assert {"routing_path", "cross_layer_gate@1", "frequency", "transition"} <= set(recall)
+    assert 0 < recall["routing_path"]["recall"] <= 1
+
+
+def test_simulate_without_calibration_says_what_to_do(compiled_dir, capsys):
+    assert simulate.main([str(compiled_dir("tiny-mixtral")), "--cache", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no calibration traces" in err and "--calibration builtin" in err and "\n" not in err

@@ -1,0 +1,103 @@
+"""Predictions of every predictor for a routing trace, as the prefetches a replay issues.
+
+A prediction is, per token and MoE layer position j, the expert ids a predictor names and the
+layer position before whose wait it can be issued (what the predictor must have seen by then):
+
+- ``oracle``: the true route, all issued before the token's first layer (the causal bound's
+  perfect routing-path predictor; evaluation only);
+- ``routing_path``: the trained network on the token embedding, all before the first layer;
+- ``cross_layer_gate@d``: layer j's router on layer j-d's input, before layer j-d's wait (the
+  embedding, before the first layer, for j < d);
+- ``frequency``: each layer's k most popular experts, before the first layer (static baseline);
+- ``transition``: layer j's k likeliest experts given layer j-1's true route, before layer j's
+  wait (layer 0: the frequency prior).
+
+Steps group tokens as the runtime runs them: ``token`` (decode, one sequence), ``batch:N`` (N
+sequences decoding together: one step per layer covers their tokens at one position) or
+``prefill`` (a whole sequence per step); a grouped step needs, and is predicted, the union.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .cache_sim import Access
+from .prefetch_sim import Issue
+from .train_predictor import frequency_table, multi_hot, transition_table
+
+Prediction = tuple[torch.Tensor, list[int]]  # ids [tokens, layers, k] (< 0: none), issue position per layer
+
+
+def topk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
+    # stable ordering of ties (lowest id first) keeps predictions reproducible across machines
+    order = torch.argsort(-scores, dim=-1, stable=True)
+    return order[..., :k]
+
+
+def fit_trace_predictors(train: torch.Tensor, n_experts: int, k: int) -> dict[str, torch.Tensor]:
+    """The tables ``frequency`` [layers, n] and ``transition`` [layers, n, n] from training routes."""
+    return {"frequency": frequency_table(train, n_experts), "transition": transition_table(train, n_experts)}
+
+
+def trace_predictions(experts: torch.Tensor, tables: dict[str, torch.Tensor], k: int) -> dict[str, Prediction]:
+    """``oracle``, ``frequency`` and ``transition`` for routes ``experts`` [tokens, layers, k]."""
+    tokens, layers, _ = experts.shape
+    n = tables["frequency"].shape[1]
+    popular = topk_ids(tables["frequency"], k)  # [layers, k]
+    freq = popular.unsqueeze(0).expand(tokens, layers, k)
+    hot = multi_hot(experts, n)
+    trans = [freq[:, 0]]
+    for j in range(1, layers):
+        scores = hot[:, j - 1] @ tables["transition"][j] + 1e-3 * tables["frequency"][j]  # ties: popularity
+        trans.append(topk_ids(scores, k))
+    return {"oracle": (experts, [0] * layers), "frequency": (freq, [0] * layers),
+            "transition": (torch.stack(trans, 1), list(range(layers)))}
+
+
+def xgate_prediction(pred: torch.Tensor, d: int) -> Prediction:
+    layers = pred.shape[1]
+    return pred, [max(j - d, 0) for j in range(layers)]
+
+
+def groups(seq: torch.Tensor, token: torch.Tensor, mode: str) -> list[list[int]]:
+    """Token row indices per step group, in execution order (module docstring)."""
+    rows: dict[tuple[int, int], list[int]] = {}
+    seqs, toks = seq.tolist(), token.tolist()
+    if mode == "token":
+        keys = [(s, t) for s, t in zip(seqs, toks)]
+    elif mode == "prefill":
+        keys = [(s, 0) for s in seqs]
+    elif mode.startswith("batch:"):
+        size = int(mode.split(":", 1)[1])
+        first = sorted(set(seqs))
+        rank = {s: i // size for i, s in enumerate(first)}
+        keys = [(rank[s], t) for s, t in zip(seqs, toks)]
+    else:
+        raise ValueError(f"unknown grouping {mode!r}; use token, batch:N or prefill")
+    for i, key in enumerate(keys):
+        rows.setdefault(key, []).append(i)
+    return [rows[k] for k in sorted(rows)]
+
+
+def build(experts: torch.Tensor, layers: Sequence[int], grouped: list[list[int]],
+          predictions: dict[str, Prediction]) -> tuple[list[Access], dict[str, list[list[Issue]]]]:
+    """The replay's steps and, per predictor, the issues before each step."""
+    trace: list[Access] = []
+    issues: dict[str, list[list[Issue]]] = {name: [] for name in predictions}
+    ids = experts.tolist()
+    preds = {name: (p.tolist(), pos) for name, (p, pos) in predictions.items()}
+    for g, rows in enumerate(grouped):
+        base = len(trace)
+        for j, layer in enumerate(layers):
+            need = sorted({e for r in rows for e in ids[r][j] if e >= 0})
+            trace.append(Access(g, 0, layer, tuple(need)))
+        for name, (p, pos) in preds.items():
+            per_step: list[list[Issue]] = [[] for _ in layers]
+            for j in range(len(layers)):
+                named = tuple(sorted({e for r in rows for e in p[r][j] if e >= 0}))
+                if named:
+                    per_step[pos[j]].append(Issue(base + j, named))
+            issues[name].extend(per_step)
+    return trace, issues

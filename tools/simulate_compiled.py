@@ -1,0 +1,140 @@
+"""``expertflow-simulate COMPILED``: every predictor and policy on the calibration's held-out text.
+
+The compiled directory's ``calibration.safetensors`` (``expertflow-compile --calibration``) holds
+routes, the cross-layer gate's predictions at every lookahead and the routing-path predictor's,
+for training and held-out tokens. Trace-only predictors (frequency, transition) and the routing
+prior are fitted on the training tokens; every row replays the held-out tokens only.
+The causal bound is the fewest loads over policies with the oracle (a perfect routing-path
+predictor: the current step's true route through every layer, known before its first layer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from ..runtime.manifest import check_files, read_manifest, regular_file
+from ..runtime.policy import RoutingPrior
+from ..runtime.prior import prior_tensors
+from . import predictors as P
+from .cache_sim import TimeModel, simulate
+from .prefetch_sim import replay
+
+FILE = "calibration.safetensors"
+
+
+def load_calibration(compiled: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The calibration tensors (checksum checked) and the manifest; ValueError if there are none."""
+    manifest = read_manifest(compiled)
+    if FILE not in manifest["files"]:
+        raise ValueError(f"{compiled} has no calibration traces: compile with --calibration builtin, or pass --trace FILE")
+    check_files(compiled, manifest, only=(FILE,))
+    rec = load_file(str(regular_file(compiled, FILE)))
+    need = {"experts", "seq", "token", "split", "layers"}
+    if not need <= set(rec) or rec["experts"].dim() != 3:
+        raise ValueError(f"{compiled}/{FILE} lacks {sorted(need - set(rec))}; recompile with --calibration")
+    return rec, manifest
+
+
+def _prior(routes: torch.Tensor, seq: torch.Tensor, layers: list[int]) -> RoutingPrior:
+    t = prior_tensors(routes, seq)
+    table = {name: {(layer, e): float(p) for i, layer in enumerate(layers) for e, p in enumerate(t[name][i].tolist())}
+             for name in ("reuse", "fresh")}
+    return RoutingPrior(table["reuse"], table["fresh"])
+
+
+def predictions(rec: dict[str, torch.Tensor], n: int) -> dict[str, P.Prediction]:
+    train, held = rec["split"] == 0, rec["split"] == 1
+    k = rec["experts"].shape[2]
+    tables = P.fit_trace_predictors(rec["experts"][train], n, k)
+    out = P.trace_predictions(rec["experts"][held], tables, k)
+    if "path" in rec:
+        out["routing_path"] = (rec["path"][held], [0] * rec["experts"].shape[1])
+    for d in range(1, 9):
+        if f"xgate{d}" in rec:
+            out[f"cross_layer_gate@{d}"] = P.xgate_prediction(rec[f"xgate{d}"][held], d)
+    out["none"] = (torch.full_like(rec["experts"][held], -1), [0] * rec["experts"].shape[1])
+    return out
+
+
+def recall_table(rec: dict[str, torch.Tensor], preds: dict[str, P.Prediction], n: int) -> dict[str, dict[str, Any]]:
+    """Per predictor: recall@k (share of true experts named) and precision, per layer and overall."""
+    true = P.multi_hot(rec["experts"][rec["split"] == 1], n)
+    out = {}
+    for name, (ids, _) in preds.items():
+        if name in ("none", "oracle"):
+            continue
+        hit = P.multi_hot(ids, n) * true
+        named = P.multi_hot(ids, n).sum((0, 2)).clamp(min=1)
+        per = hit.sum((0, 2)) / true.sum((0, 2)).clamp(min=1)
+        out[name] = {"recall": float(hit.sum() / true.sum().clamp(min=1)), "per_layer_recall": per.tolist(),
+                     "precision": float(hit.sum() / named.sum()), "per_layer_precision": (hit.sum((0, 2)) / named).tolist()}
+    return out
+
+
+def evaluate(compiled: Path, caches: list[int], policies: list[str], group: str,
+             time: TimeModel | None, expert_bytes: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows per (policy, predictor, cache) and the predictors' recall, on the held-out tokens."""
+    rec, manifest = load_calibration(compiled)
+    layers = rec["layers"].tolist()
+    n = int(rec["experts_per_layer"][0]) if "experts_per_layer" in rec else int(rec["experts"].max()) + 1
+    blob = expert_bytes or manifest["memory_plan"]["expert_blob_bytes"]
+    preds = predictions(rec, n)
+    held = rec["split"] == 1
+    grouped = P.groups(rec["seq"][held], rec["token"][held], group)
+    trace, issues = P.build(rec["experts"][held], layers, grouped, preds)
+    train = rec["split"] == 0
+    prior = _prior(rec["experts"][train], rec["seq"][train], layers)
+    rows = []
+    for cache in caches:
+        best = simulate(trace, "belady", cache, blob).loads
+        causal = None
+        results = []
+        for policy in policies:
+            for name in preds:
+                r = replay(trace, issues[name], policy, cache, name, blob, prior, time)
+                results.append(r)
+                if name == "oracle":
+                    causal = r.loads if causal is None else min(causal, r.loads)
+        for r in results:
+            row = {"policy": r.policy, "predictor": r.predictor, "cache": cache, "accesses": r.accesses,
+                   "hits": r.hits, "hit_rate": r.hit_rate, "loads": r.loads, "bytes": r.bytes,
+                   "resident": r.resident, "in_flight": r.in_flight, "missed": r.missed,
+                   "ready_at_wait": r.hit_rate, "wasted_prefetches": r.wasted, "dropped_prefetches": r.dropped,
+                   "loads_over_min": r.loads / best if best else 1.0, "min_loads": best, "causal_bound_loads": causal,
+                   "tokens": r.tokens, "group": group}
+            if time is not None:
+                copy_ms = r.bytes / (time.bandwidth_gbps * 1e9) * 1e3
+                row.update(ms_per_token=r.ms / max(r.tokens, 1), bound_ms_per_token=copy_ms / max(r.tokens, 1),
+                           over_bound=r.ms / copy_ms if copy_ms else None)
+            rows.append(row)
+    return rows, recall_table(rec, preds, n)
+
+
+def render(rows: list[dict[str, Any]], recall: dict[str, Any], compiled: Path) -> str:
+    lines = [f"{compiled}: held-out calibration tokens, steps grouped by {rows[0]['group']}; "
+             f"{rows[0]['tokens']} steps of tokens. ready = resident or in flight at the wait"]
+    header = ["policy", "predictor", "cache", "ready", "resident", "in flight", "missed", "loads", "loads/MIN",
+              "wasted", "causal/MIN"]
+    timed = "ms_per_token" in rows[0]
+    header += ["ms/token", "/bound"] if timed else []
+    table = [header]
+    for r in rows:
+        causal = r["causal_bound_loads"] / r["min_loads"] if r["min_loads"] and r["causal_bound_loads"] else 1.0
+        cells = [r["policy"], r["predictor"], str(r["cache"]), f"{r['ready_at_wait']:.3f}", str(r["resident"]),
+                 str(r["in_flight"]), str(r["missed"]), str(r["loads"]), f"{r['loads_over_min']:.2f}",
+                 str(r["wasted_prefetches"]), f"{causal:.2f}"]
+        if timed:
+            cells += [f"{r['ms_per_token']:.4f}", "-" if r["over_bound"] is None else f"{r['over_bound']:.2f}"]
+        table.append(cells)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    lines.append("predictor recall@k / precision on held-out tokens (per MoE layer):")
+    for name, r in recall.items():
+        per = " ".join(f"{x:.2f}" for x in r["per_layer_recall"])
+        lines.append(f"  {name:22s} recall {r['recall']:.3f}  precision {r['precision']:.3f}  layers [{per}]")
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""Training the routing-path predictor, and fitting the trace-only predictors, on calibration data.
+
+The routing-path predictor (``runtime/path_predictor.py``) learns, from the training tokens of a
+calibration record (``tools/calibrate.py``), to score every (MoE layer, expert) for a token from
+its embedding: a multi-label problem (the router's top-k are the positives), trained with binary
+cross-entropy and Adam. Everything is seeded: the same calibration and seed give the same bytes.
+The frequency prior (per-layer popularity) and the transition table (layer j+1's experts from
+layer j's) need only the routes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..runtime.path_predictor import PathPredictor
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    parameters: int
+    seconds: float
+    train_tokens: int
+    final_loss: float
+
+
+def multi_hot(experts: torch.Tensor, n: int) -> torch.Tensor:
+    """[tokens, layers, k] ids (negative: none) -> [tokens, layers, n] 0/1 float."""
+    out = torch.zeros(*experts.shape[:2], n)
+    out.scatter_(2, experts.clamp(min=0).long(), (experts >= 0).float())
+    return out
+
+
+def train_path_predictor(inputs: torch.Tensor, experts: torch.Tensor, n_experts: int, top_k: int,
+                         seed: int = 0, width: int = 256, epochs: int = 40, batch: int = 256,
+                         lr: float = 3e-3) -> tuple[PathPredictor, TrainReport]:
+    """Fits a PathPredictor mapping ``inputs`` [tokens, hidden] to the routes ``experts`` [tokens,
+    layers, k]. Deterministic under ``seed`` (its own generator; the global RNG is left alone)."""
+    start = time.perf_counter()
+    tokens, hidden = inputs.shape
+    layers = experts.shape[1]
+    target = multi_hot(experts, n_experts)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PathPredictor(hidden, width, layers, n_experts, top_k)
+    mean, std = inputs.mean(0), inputs.std(0).clamp(min=1e-5)
+    with torch.no_grad():
+        model.mean.copy_(mean)
+        model.std.copy_(std)
+    opt = torch.optim.Adam([p for p in model.parameters()], lr=lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    steps = epochs * max(1, (tokens + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.05)
+    last = float("nan")
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(tokens, generator=gen)
+        for i in range(0, tokens, batch):
+            idx = order[i:i + batch]
+            loss = loss_fn(model.scores(inputs[idx]), target[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            last = float(loss.detach())
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    return model, TrainReport(params, time.perf_counter() - start, tokens, last)
+
+
+def frequency_table(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[layers, n] how often each expert is chosen, per layer."""
+    return multi_hot(experts, n_experts).sum(0)
+
+
+def transition_table(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[layers, n, n]: T[j, a, b] = how often layer j+1 chose b when layer j chose a (T[0] unused:
+    layer 0 has no previous layer; the frequency prior predicts it)."""
+    hot = multi_hot(experts, n_experts)
+    out = torch.zeros(experts.shape[1], n_experts, n_experts)
+    for j in range(1, experts.shape[1]):
+        out[j] = hot[:, j - 1].T @ hot[:, j]
+    return out
