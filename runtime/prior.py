@@ -55,6 +55,11 @@ def load_prior(path: Path, manifest: dict[str, Any], layouts: dict[int, Any]) ->
                             "recompile the model")
     if sorted(t) != ["fresh", "reuse"]:
         raise LoadError(f"{file} holds {sorted(t)[:6]}, expected reuse and fresh; recompile the model")
+    return as_prior(t, layers)
+
+
+def as_prior(t: dict[str, torch.Tensor], layers: list[int]) -> RoutingPrior:
+    """The policy's lookup tables from ``reuse`` and ``fresh`` [MoE layers, experts] (layer order)."""
     table = {name: {(layer, e): float(p) for i, layer in enumerate(layers) for e, p in enumerate(t[name][i].tolist())}
              for name in ("reuse", "fresh")}
     return RoutingPrior(table["reuse"], table["fresh"])

@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..runtime.manifest import check_files, read_manifest, regular_file
-from ..runtime.policy import RoutingPrior
-from ..runtime.prior import prior_tensors
+from ..runtime.prior import as_prior, prior_tensors
 from . import predictors as P
 from .cache_sim import TimeModel, simulate
 from .prefetch_sim import replay
@@ -37,13 +36,6 @@ def load_calibration(compiled: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     if not need <= set(rec) or rec["experts"].dim() != 3:
         raise ValueError(f"{compiled}/{FILE} lacks {sorted(need - set(rec))}; recompile with --calibration")
     return rec, manifest
-
-
-def _prior(routes: torch.Tensor, seq: torch.Tensor, layers: list[int]) -> RoutingPrior:
-    t = prior_tensors(routes, seq)
-    table = {name: {(layer, e): float(p) for i, layer in enumerate(layers) for e, p in enumerate(t[name][i].tolist())}
-             for name in ("reuse", "fresh")}
-    return RoutingPrior(table["reuse"], table["fresh"])
 
 
 def predictions(rec: dict[str, torch.Tensor], n: int) -> dict[str, P.Prediction]:
@@ -87,7 +79,7 @@ def evaluate(compiled: Path, caches: list[int], policies: list[str], group: str,
     grouped = P.groups(rec["seq"][held], rec["token"][held], group)
     trace, issues = P.build(rec["experts"][held], layers, grouped, preds)
     train = rec["split"] == 0
-    prior = _prior(rec["experts"][train], rec["seq"][train], layers)
+    prior = as_prior(prior_tensors(rec["experts"][train], rec["seq"][train]), layers)
     rows = []
     for cache in caches:
         best = simulate(trace, "belady", cache, blob).loads
