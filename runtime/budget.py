@@ -20,6 +20,7 @@ class Budget:
     slots: int | None = None
     nbytes: float | None = None
     percent: float | None = None
+    auto: bool = False  # the largest that fits the device's free memory (``auto_budget``)
 
 
 def check_budget(budget: int | str | None) -> Budget:
@@ -27,9 +28,11 @@ def check_budget(budget: int | str | None) -> Budget:
     'all'); LoadError for what no model could take, so a CLI can refuse it before compiling."""
     if budget is None or budget == "all":
         return Budget()
+    if budget == "auto":
+        return Budget(auto=True)
     if isinstance(budget, bool) or not isinstance(budget, (int, str)):
         raise LoadError(f"expert_cache={budget!r}: give a slot count (int), a size like '4GiB', a fraction "
-                        "like '25%', or 'all'")
+                        "like '25%', 'auto' or 'all'")
     if isinstance(budget, int):
         if budget < 1:
             raise LoadError(f"expert_cache={budget!r} holds no expert: the minimum is 1 slot")
@@ -58,6 +61,8 @@ def parse_budget(budget: int | str | None, layouts: dict[int, ExpertLayout]) -> 
         per_pool[lay.signature] = per_pool.get(lay.signature, 0) + lay.num_experts
     everything = max(per_pool.values())
     slot_bytes = max(lay.blob_bytes for lay in layouts.values()) * len(per_pool)
+    if request.auto:
+        raise LoadError("expert_cache='auto' needs the device's free memory: pass it to runtime.load")
     if request.slots is not None:
         slots = request.slots
     elif request.percent is not None:
@@ -75,3 +80,51 @@ def parse_budget(budget: int | str | None, layouts: dict[int, ExpertLayout]) -> 
 def budget_argument(text: str) -> int | str:
     """A command line's ``--budget``: digits are a slot count, anything else goes to parse_budget."""
     return int(text) if text.strip().isdigit() else text
+
+
+@dataclass(frozen=True)
+class AutoBudget:
+    """What ``expert_cache='auto'`` chose, and from what (bytes)."""
+
+    slots: int
+    free: int        # free memory on the device the slots live on
+    dense: int       # the dense weights that will live there too
+    kv: int          # KV cache for the requested batch and context
+    margin: int      # kept free for activations and the allocator
+    slot_bytes: int  # one slot in every pool
+
+    def describe(self) -> str:
+        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+        return (f"expert_cache='auto': {self.slots} slots ({gib(self.slots * self.slot_bytes)}) from {gib(self.free)} "
+                f"free, less dense weights {gib(self.dense)}, KV cache {gib(self.kv)} and margin {gib(self.margin)}")
+
+
+def auto_budget(layouts: dict[int, ExpertLayout], free: int, dense: int, kv: int) -> AutoBudget:
+    """The most slots (up to every expert) that fit ``free`` after ``dense``, ``kv`` and a margin of
+    10% (at least 256 MiB); LoadError when not even one does."""
+    pools = len({lay.signature for lay in layouts.values()})
+    slot_bytes = max(lay.blob_bytes for lay in layouts.values()) * pools
+    everything = parse_budget(None, layouts)
+    margin = max(free // 10, 256 * 2**20)
+    room = free - dense - kv - margin
+    slots = min(everything, room // slot_bytes) if room > 0 else 0
+    if slots < 1:
+        raise LoadError(f"expert_cache='auto': {free / 2**30:.2f} GiB free holds the dense weights "
+                        f"({dense / 2**30:.2f} GiB), KV cache ({kv / 2**30:.2f} GiB) and margin but not one expert slot "
+                        f"({slot_bytes} bytes); use a smaller batch or context, or a larger device")
+    return AutoBudget(int(slots), free, dense, kv, margin, slot_bytes)
+
+
+def kv_cache_bytes(config: object, batch: int, context: int, element_size: int) -> int:
+    """Keys and values of every attention layer for ``batch`` sequences of ``context`` tokens (an
+    upper bound: sliding-window layers are counted at full length)."""
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    if getattr(config, "kv_lora_rank", None):  # multi-head latent attention caches per-head K and V
+        k = heads * (int(getattr(config, "qk_nope_head_dim", 0)) + int(getattr(config, "qk_rope_head_dim", 0)))
+        v = heads * int(getattr(config, "v_head_dim", 0))
+    else:
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or int(getattr(config, "hidden_size", 0)) // heads)
+        k = v = kv_heads * head_dim
+    return layers * batch * context * (k + v) * element_size

@@ -101,6 +101,13 @@ class ExpertCache:
         key = self.policy.victim(candidates)
         return pool.where[key] if key is not None else None
 
+    def _yielding(self, pool: Pool, protect: set[int]) -> int | None:
+        """The policy's victim among reserved slots too (only pins and ``protect`` hold)."""
+        candidates = [pool.owner[s] for s in pool.lru if s not in pool.pinned and s not in protect
+                      and pool.owner[s] is not None]
+        key = self.policy.victim(candidates)
+        return pool.where[key] if key is not None else None
+
     def _load(self, pool: Pool, slot: int, layer: int, expert: int, demand: bool = True) -> None:
         # Ordered so that an interrupt between any two statements leaves a consistent cache: the
         # old owner is forgotten before its bytes are overwritten, and the new owner is named
@@ -199,7 +206,7 @@ class ExpertCache:
                 stats.misses += 1
                 slot = self._victim(pool, protect)
                 if slot is None:  # reservations of other layers yield to a compute that must run
-                    slot = next((s for s in pool.lru if s not in pool.pinned and s not in protect), None)
+                    slot = self._yielding(pool, protect)
                     if slot is None:
                         raise RuntimeError(f"layer {layer}: all {self.slots} expert slots are pinned by "
                                            "computes in flight; the graph waits twice before computing")

@@ -69,11 +69,16 @@ class RuntimeContext:
         return self.path_predictor(hidden)
 
     def prefetch(self, layer: int, expert_ids: torch.Tensor) -> Handle:
-        return self.cache.prefetch(layer, expert_ids)
+        handle = self.cache.prefetch(layer, expert_ids)
+        if self.routing is not None:
+            self.routing.request("prefetch", layer, handle.predicted)
+        return handle
 
     def wait(self, layer: int, handle: Handle | None, top_k_index: torch.Tensor) -> SlotPlan:
         start = self.timeline.mark() if self.timeline is not None else None
         waves = self.cache.plan(layer, handle, top_k_index)
+        if self.routing is not None:
+            self.routing.request("wait", layer, sorted(e for wave in waves for e in wave))
         plan = SlotPlan(layer, waves, self.cache.acquire(layer, waves[0]))
         if self.timeline is not None:
             self.timeline.add("compute", f"wait L{layer}", start, self.timeline.mark(), experts=sum(map(len, waves)))

@@ -27,7 +27,8 @@ from .. import __version__
 from ..ir.serialize import GraphFormatError, graph_from_json
 from ..ir.skeleton import assign_weights, build_skeleton
 from ..passes.driver import Driver
-from .budget import parse_budget
+from .arena import available_host_bytes
+from .budget import AutoBudget, auto_budget, check_budget, kv_cache_bytes, parse_budget
 from .cache import ExpertCache
 from .context import RuntimeContext
 from .derive import Derived, derive, make_config
@@ -42,6 +43,27 @@ from .prior import load_prior
 from .routing import RoutingTrace
 from .streams import CopyEngine
 from .timeline import Timeline
+
+EXPERTS = "experts.safetensors"
+
+
+def _auto(manifest: dict[str, Any], layouts: dict[int, ExpertLayout], config: Any, dtype: torch.dtype,
+          dev: torch.device, batch: int, context: int | None) -> AutoBudget:
+    """``expert_cache='auto'``: free memory where the slots live, less what else lives there."""
+    if type(batch) is not int or batch < 1 or (context is not None and (type(context) is not int or context < 1)):
+        raise LoadError(f"batch_size={batch!r} and max_context={context!r} must be positive integers")
+    limit = int(getattr(config, "max_position_embeddings", 0) or 4096)
+    context = context if context is not None else min(limit, 4096)
+    plan = manifest["memory_plan"]
+    if dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0]
+    else:  # the host holds the expert arena as well as the slots
+        host = available_host_bytes()
+        if host is None:
+            raise LoadError("expert_cache='auto' cannot tell this host's free memory; give a size such as '4GiB'")
+        free = max(host - plan["expert_bytes_total"], 0)
+    kv = kv_cache_bytes(config, batch, context, torch.empty((), dtype=dtype).element_size())
+    return auto_budget(layouts, free, plan["dense_bytes"], kv)
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -147,7 +169,7 @@ def _drop_prefetch(gm: fx.GraphModule) -> None:
 def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int | str | None = None,
          verify: bool = True, preload: bool | None = None, timeline: bool = False,
          record_routing: bool = False, predictor: str | None = None, lookahead: int | None = None,
-         policy: str | None = None) -> CompiledModel:
+         policy: str | None = None, batch_size: int = 1, max_context: int | None = None) -> CompiledModel:
     """Loads a compiled directory; ``expert_cache`` is slots, a size ('4GiB'), a fraction ('25%'),
     or None for every expert resident.
 
@@ -159,17 +181,25 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     ``predictor`` ("cross_layer_gate", "routing_path", "none"), ``lookahead`` and ``policy``
     ("layer_cycle", "lru", "lfu", "predictive") override what the model was compiled with: the
     graph is derived again with them (they change what is loaded, never what is computed).
+    ``expert_cache="auto"`` takes the most slots that fit the device's free memory after the dense
+    weights, a KV cache for ``batch_size`` sequences of ``max_context`` tokens (default: the
+    model's context, at most 4096) and a margin; ``model.budget`` says what it chose.
     """
     path = Path(path)
     where = f"{path}/manifest.json"
     manifest = read_manifest(path)
     dev = check_device(device)
     layouts = _layouts(manifest, where)
-    slots = parse_budget(expert_cache, layouts)  # before the checksums: a bad budget fails at once
+    # before the checksums: a bad budget fails at once
+    slots = 0 if check_budget(expert_cache).auto else parse_budget(expert_cache, layouts)
     if verify:
-        check_files(path, manifest)
+        check_files(path, manifest, skip=(EXPERTS,))  # the experts' checksum: during their one read
     config = make_config(manifest, where)
     dtype = getattr(torch, manifest["dtype"])
+    auto = None
+    if check_budget(expert_cache).auto:
+        auto = _auto(manifest, layouts, config, dtype, dev, batch_size, max_context)
+        slots = auto.slots
     derived = derive(manifest, config, dtype, where)
     _check_derived(path, manifest, layouts, derived)
     graph = _graph(path, manifest, derived)  # validated before any code is generated from it
@@ -188,7 +218,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     everything = slots == parse_budget(None, layouts)
     if everything:
         _drop_prefetch(gm)
-    store = HostStore(regular_file(path, "experts.safetensors"), layouts, pin=dev.type == "cuda")
+    store = HostStore(regular_file(path, EXPERTS), layouts, pin=dev.type == "cuda",
+                      digest=manifest["files"][EXPERTS] if verify else None)
     prior = load_prior(path, manifest, layouts) if options["policy"] == "predictive" else None
     cache = ExpertCache(layouts, store, slots, dev, CopyEngine(dev), make_policy(options["policy"], list(layouts), prior))
     if preload or (preload is None and everything):
@@ -199,6 +230,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
         context.path_predictor = _path_predictor(path, manifest, config, layouts, dev)
     cls = model_class(manifest["architecture"])
     model = cls(gm, config, context, list(derived.mask_kinds), _generation_config(path, manifest, config))
+    model.budget, model.directory = auto, path
     if timeline:
         model.timeline = context.timeline = cache.engine.timeline = Timeline(dev)
     if record_routing:

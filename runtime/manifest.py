@@ -155,10 +155,12 @@ def check_fields(m: dict[str, Any], where: str) -> None:
         raise LoadError(f"{where}: layouts must be a non-empty list of MoE layer layouts; recompile the model")
 
 
-def check_files(directory: Path, manifest: dict[str, Any], only: tuple[str, ...] | None = None) -> None:
-    """Every listed file (or those in ``only``) is a regular file inside the directory with its sha256."""
+def check_files(directory: Path, manifest: dict[str, Any], only: tuple[str, ...] | None = None,
+                skip: tuple[str, ...] = ()) -> None:
+    """Every listed file (or those in ``only``, less ``skip``) is a regular file inside the
+    directory with its sha256. (The loader checks the experts while it reads them: ``skip``.)"""
     for name, expected in manifest["files"].items():
-        if only is not None and name not in only:
+        if (only is not None and name not in only) or name in skip:
             continue
         path = regular_file(directory, name, f"files[{name!r}]")
         try:

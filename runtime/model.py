@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..ir.hf_compat import mask_cache_keyword, output_cache_field
 from .context import RuntimeContext
 from .inputs import check_attention_mask, check_input_ids, check_position_ids
+from .budget import AutoBudget
+from .batching import Schedule
 from .routing import RoutingTrace
 from .timeline import Timeline
 
@@ -67,7 +70,10 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         self.context = context
         self._step_lock = threading.Lock()
         self.timeline: Timeline | None = None  # runtime.load(timeline=True): the copy and compute streams
+        self.budget: AutoBudget | None = None  # what expert_cache="auto" chose (runtime.load)
         self.routing: RoutingTrace | None = None  # runtime.load(record_routing=True): the routes taken
+        self.directory: Path | None = None  # the compiled directory (runtime.load): its tokenizer
+        self.last_schedule: Schedule | None = None  # what the last generate_many ran
         self._masks = {k: f for k, f in _mask_functions().items() if k in set(mask_kinds)}
         self._cache_field = output_cache_field(CausalLMOutputWithPast)
         if generation_config is not None:
@@ -146,6 +152,39 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         out = CausalLMOutputWithPast(loss=loss, logits=logits,
                                      **{self._cache_field: cache if use_cache is not False else None})
         return out if return_dict is not False else out.to_tuple()
+
+    def generate_many(self, prompts: list, batch_size: int = 8, schedule: str = "route-aware",
+                      tokenizer: Any = None, **generation_kwargs: Any) -> list:
+        """One output per prompt, in the caller's order: token-id lists (prompt + new tokens) for
+        token-id prompts, text (new tokens only) for strings. Prompts are micro-batched by
+        ``schedule``: "route-aware" groups prompts whose prefill routes share experts, "fifo"
+        keeps the caller's order (``runtime/batching.py``); ``self.last_schedule`` says what ran.
+        ``generation_kwargs`` go to transformers' ``generate`` (``max_new_tokens``, ...)."""
+        from .batching import check_request, generate_many
+        from .loader import load_tokenizer
+
+        strings = isinstance(prompts, (list, tuple)) and any(isinstance(p, str) for p in prompts)
+        if strings and tokenizer is None and self.directory is not None:
+            tokenizer = load_tokenizer(self.directory)
+        check_request(prompts, batch_size, schedule, tokenizer is not None)
+        ids = [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+        limit = getattr(self.config, "max_position_embeddings", None)
+        new = int(generation_kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or 0)
+        for i, p in enumerate(ids):
+            check_input_ids(torch.tensor([p]), self.config.vocab_size, f"prompt {i}")
+            if limit and len(p) + new > limit:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={new} it exceeds the model's "
+                                 f"context of {limit}: shorten it or lower max_new_tokens")
+        gc = self.generation_config
+        pad = next((t for t in (gc.pad_token_id, gc.eos_token_id, getattr(self.config, "pad_token_id", None), 0)
+                    if t is not None), 0)
+        pad = pad[0] if isinstance(pad, list) else pad
+        eos = gc.eos_token_id if generation_kwargs.get("eos_token_id") is None else generation_kwargs["eos_token_id"]
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        outputs, self.last_schedule = generate_many(self, ids, batch_size, schedule, pad, eos, **generation_kwargs)
+        if not strings:
+            return outputs
+        return [tokenizer.decode(out[len(p):], skip_special_tokens=True) for out, p in zip(outputs, ids)]
 
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate``, after checking the ids (a string or a 1-D tensor gets a

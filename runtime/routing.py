@@ -6,6 +6,11 @@ record per (sequence, token, layer): ``{"seq": 0, "token": 5, "layer": 3, "exper
 A forward with an empty cache starts new sequences (numbered after the previous ones); later
 steps continue the latest. ``token`` is the position in the sequence, padding included: padded
 positions are routed and loaded like any other.
+
+Beside the routes, ``log`` keeps the cache's requests in the order the runtime made them: each
+prefetch's predicted experts and each wait's needed experts, per layer. Replayed by
+``tools/prefetch_sim.replay_log``, it gives the simulator the runtime's exact issue order, so the
+two can be compared count for count.
 """
 
 from __future__ import annotations
@@ -27,10 +32,21 @@ class Step:
     routes: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch * length, k) ids
 
 
+@dataclass(frozen=True)
+class Request:
+    kind: str                 # "prefetch" or "wait"
+    layer: int
+    experts: tuple[int, ...]  # predicted (prefetch) or needed (wait) expert ids
+
+
 @dataclass
 class RoutingTrace:
     steps: list[Step] = field(default_factory=list)
     sequences: int = 0
+    log: list[Request] = field(default_factory=list)
+
+    def request(self, kind: str, layer: int, experts: list[int]) -> None:
+        self.log.append(Request(kind, layer, tuple(experts)))
 
     def begin(self, batch: int, length: int, past: int) -> None:
         if past == 0 or not self.steps:

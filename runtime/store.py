@@ -8,16 +8,17 @@ a slot pool of shape (slots, blob_bytes) can be viewed as the module's 3-D param
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+from collections.abc import Callable
 
 import torch
 
+from .arena import read_arena
 from .manifest import LoadError
 
 ALIGN = 64
@@ -156,40 +157,43 @@ def blob_key(layer: int, expert: int) -> str:
 
 
 class HostStore:
-    """Expert blobs memory-mapped from a safetensors file; zero-copy uint8 views.
+    """Expert blobs in one host arena (``runtime/arena.py``): uint8 views, pinned on CUDA.
 
-    The header is checked against the layouts before any view is made: exactly one ``U8`` blob of
-    the layout's size per (layer, expert), each inside the file, none overlapping another. A
-    violation raises LoadError naming the blob.
+    The header is checked against the layouts before anything is allocated: exactly one ``U8``
+    blob of the layout's size per (layer, expert), each inside the file, none overlapping another,
+    and no more than 5% of the data section outside the blobs. A violation raises LoadError
+    naming the blob. ``digest``, when given, is the file's sha256, checked during the one read.
     """
 
     HEADER_LIMIT = 64 * 2**20
+    SLACK = 1.05  # data section over blob bytes: more is padding nobody should pay memory for
 
-    def __init__(self, path: Path, layouts: dict[int, ExpertLayout], pin: bool = False):
-        self._file = open(path, "rb")
-        size = os.fstat(self._file.fileno()).st_size
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-        try:
-            spans = self._spans(path, size, layouts)
-        except LoadError:
-            self.close()
-            raise
-        self.blobs: dict[str, torch.Tensor] = {}
-        for key, (start, end) in spans.items():
-            blob = torch.frombuffer(self._map, dtype=torch.uint8, offset=start, count=end - start)
-            self.blobs[key] = blob.pin_memory() if pin else blob
+    def __init__(self, path: Path, layouts: dict[int, ExpertLayout], pin: bool = False,
+                 digest: str | None = None, progress: Callable[[int], None] | None = None):
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            spans, base = self._spans(path, f, size, layouts)
+        need = sum(end - start for start, end in spans.values())
+        if size - base > need * self.SLACK:
+            raise LoadError(f"{path}: its data section holds {size - base} bytes for {need} bytes of blobs; "
+                            "recompile the model")
+        self.arena = read_arena(path, base, size - base, digest, pin, progress)
+        self.nbytes = need
+        self.blobs: dict[str, torch.Tensor] = {key: self.arena.data[start - base:end - base]
+                                               for key, (start, end) in spans.items()}
 
-    def _spans(self, path: Path, size: int, layouts: dict[int, ExpertLayout]) -> dict[str, tuple[int, int]]:
+    def _spans(self, path: Path, f: BinaryIO, size: int,
+               layouts: dict[int, ExpertLayout]) -> tuple[dict[str, tuple[int, int]], int]:
         def bad(why: str) -> LoadError:
             return LoadError(f"{path}: {why}; recompile the model")
 
         if size < 8:
             raise bad("too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", self._map[:8])
+        (header_len,) = struct.unpack("<Q", f.read(8))
         if header_len > min(size - 8, self.HEADER_LIMIT):
             raise bad(f"its header claims {header_len} bytes, more than the file holds")
         try:
-            header = json.loads(self._map[8:8 + header_len])
+            header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise bad(f"its header is not JSON ({str(exc).splitlines()[0]})") from None
         if not isinstance(header, dict):
@@ -212,10 +216,11 @@ class HostStore:
         for (a, (_, a_end)), (b, (b_start, _)) in zip(ordered, ordered[1:]):
             if b_start < a_end:
                 raise bad(f"blobs {a!r} and {b!r} overlap")
-        return spans
+        return spans, base
 
     def blob(self, layer: int, expert: int) -> torch.Tensor:
         return self.blobs[blob_key(layer, expert)]
 
     def close(self) -> None:
         self.blobs = {}
+        self.arena.close()

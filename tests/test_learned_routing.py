@@ -16,7 +16,8 @@ from expertflow.runtime.manifest import LoadError
 from expertflow.tools import simulate
 from expertflow.tools.cache_sim import Access, simulate as demand_replay
 from expertflow.tools.compile import Calibration, compile_model
-from expertflow.tools.prefetch_sim import Issue, replay
+from expertflow.runtime.routing import Request
+from expertflow.tools.prefetch_sim import Issue, from_log, replay
 from expertflow.tools.source import UserError, resolve_model
 from expertflow.tools.train_predictor import train_path_predictor
 
@@ -106,6 +107,39 @@ def test_every_predictor_and_policy_gives_hf_tokens(calibrated, predictor, polic
     assert (stats["predicted"] > 0) == (predictor != "none")
 
 
+@pytest.mark.parametrize("predictor,policy,slots", [
+    ("cross_layer_gate", "layer_cycle", 5), ("cross_layer_gate", "predictive", 16), ("routing_path", "lru", 8),
+    ("routing_path", "predictive", 5), ("none", "predictive", 8), ("none", "lfu", 16)])
+def test_the_simulator_counts_what_the_runtime_did_with_prefetch(calibrated, predictor, policy, slots):
+    """The runtime's own requests (prefetches and waits, in its order), replayed by the simulator
+    with the same policy and prior, give the runtime's hits and bytes within 2%. They differ only
+    where a prefetch was cancelled before its copy started (the replay has no clock): without a
+    predictor they are equal."""
+    model = runtime.load(calibrated, expert_cache=slots, predictor=predictor, policy=policy, record_routing=True)
+    batch = runtime.load_tokenizer(calibrated)(["def __init__(self"], return_tensors="pt")
+    model.generate(**batch, max_new_tokens=40, do_sample=False)
+    trace, issues = from_log(model.routing.log)
+    blob = json.loads((calibrated / "manifest.json").read_text())["memory_plan"]["expert_blob_bytes"]
+    got = replay(trace, issues, policy, slots, predictor, blob, model.context.cache.policy.prior
+                 if policy == "predictive" else None)
+    stats = model.stats()["total"]
+    assert got.accesses == stats["hits"] + stats["misses"]
+    assert got.predicted == stats["predicted"] and (got.predicted > 0) == (predictor != "none")
+    assert abs(got.hits - stats["hits"]) <= 0.02 * got.accesses, (got, stats)
+    assert abs(got.bytes - stats["bytes_moved"]) <= 0.02 * got.bytes, (got, stats)
+    if predictor == "none":
+        assert (got.hits, got.bytes) == (stats["hits"], stats["bytes_moved"])
+
+
+def test_the_runtime_log_becomes_steps_and_issues():
+    log = [Request("prefetch", 0, (1, 2)), Request("wait", 0, (2, 3)), Request("prefetch", 1, (4,)),
+           Request("prefetch", 0, (5,)), Request("wait", 1, (4,)), Request("wait", 0, (5, 1)),
+           Request("prefetch", 1, (0,))]  # the last one's layer never ran again: dropped
+    trace, issues = from_log(log)
+    assert [(a.layer, a.experts) for a in trace] == [(0, (2, 3)), (1, (4,)), (0, (1, 5))]
+    assert issues == [[Issue(0, (1, 2))], [Issue(1, (4,)), Issue(2, (5,))], []]
+
+
 def test_routing_path_needs_a_predictor_file(compiled_dir, tmp_path):
     with pytest.raises(LoadError, match="has no routing-path predictor"):
         runtime.load(compiled_dir("tiny-mixtral"), expert_cache=3, predictor="routing_path")
@@ -144,6 +178,15 @@ def test_simulate_a_compiled_directory(calibrated, capsys):
     oracle = [r for r in rows if r["predictor"] == "oracle"]
     assert all(r["ready_at_wait"] == 1.0 for r in oracle)
     assert all(r["loads"] >= r["min_loads"] for r in rows)
+    for cache in (8, 16):  # the causal bound: the oracle's best, prefetched or told as hints
+        bound = {r["causal_bound_loads"] for r in rows if r["cache"] == cache}
+        assert bound == {min(r["loads"] for r in rows if r["cache"] == cache
+                             and r["predictor"] in ("oracle", "oracle:hint"))}
+        # a hint moves nothing: only the predictive policy reads hints, the others replay as "none"
+        for policy in ("lru", "lfu", "layer_cycle"):
+            same = {r["loads"] for r in rows if r["cache"] == cache and r["policy"] == policy
+                    and r["predictor"] in ("none", "oracle:hint", "oracle+next:hint")}
+            assert len(same) == 1, (policy, cache, same)
     assert {"routing_path", "cross_layer_gate@1", "frequency", "transition"} <= set(recall)
     assert 0 < recall["routing_path"]["recall"] <= 1
 
@@ -152,3 +195,22 @@ def test_simulate_without_calibration_says_what_to_do(compiled_dir, capsys):
     assert simulate.main([str(compiled_dir("tiny-mixtral")), "--cache", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert "has no calibration traces" in err and "--calibration builtin" in err and "\n" not in err
+
+
+def test_simulate_compares_request_schedules(calibrated, capsys):
+    assert simulate.main([str(calibrated), "--cache", "8,16", "--schedule", "2,4", "--prompt-len", "16",
+                          "--json", "--quiet"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {(r["schedule"], r["batch"], r["cache"]) for r in rows} == \
+        set(itertools.product(("fifo", "route-aware"), (2, 4), (8, 16)))
+    for r in rows:
+        assert r["micro_batches"] == -(-r["requests"] // r["batch"])
+        # tiny-trained-moe: 4 MoE layers of 8 experts, top-2: a step touches at most min(2B, 8) per layer
+        assert 0 < r["distinct_experts_per_step"] <= 4 * min(2 * r["batch"], 8)
+        assert r["loads"] <= r["accesses"] and r["bytes"] == r["loads"] * json.loads(
+            (calibrated / "manifest.json").read_text())["memory_plan"]["expert_blob_bytes"]
+    for size in (2, 4):  # the same decode tokens either way: only the grouping differs
+        fifo, aware = ([r for r in rows if r["schedule"] == s and r["batch"] == size and r["cache"] == 8][0]
+                       for s in ("fifo", "route-aware"))
+        assert fifo["requests"] == aware["requests"]
+    assert simulate.main([str(calibrated), "--cache", "8", "--schedule", "0"]) == 2

@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("model", help="model directory, cached hub id, or preset name (e.g. tiny-mixtral)")
     p.add_argument("--compiled", type=Path, help="compiled directory of MODEL (default: compile into a temporary "
                    "directory, removed when the run ends)")
-    p.add_argument("--budget", default="25%", help="expert cache for the offloaded run: slots, a size "
+    p.add_argument("--budget", default="25%", help="expert cache for the offloaded run: 'auto' (the most that "
+                   "fits free device memory after dense weights, KV cache and a margin), slots, a size "
                    "like '4GiB', or a percentage of all experts (default 25%%)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--batch", type=int, default=1, help="prompts per batch (default 1)")
@@ -155,7 +156,8 @@ def _measure(args: argparse.Namespace, source: Path, compiled: Path) -> dict[str
     result["resident_over_hf"] = result["resident_s_per_token"] / result["hf_eager_s_per_token"]
     total = full.stats()["slots"]
     small = runtime.load(compiled, device=args.device, expert_cache=runtime.budget_argument(args.budget),
-                         timeline=args.timeline is not None)
+                         timeline=args.timeline is not None, batch_size=args.batch,
+                         max_context=args.prompt_len + args.tokens + 1)
     def after_warmup() -> None:
         small.reset_stats()
         if small.timeline is not None:
@@ -165,6 +167,8 @@ def _measure(args: argparse.Namespace, source: Path, compiled: Path) -> dict[str
     if args.timeline is not None:
         result["timeline"] = str(small.timeline.write(args.timeline))
     result["offload_slots"], result["all_slots"] = small.stats()["slots"], total
+    if small.budget is not None:
+        result["auto_budget"] = small.budget.describe()
     result["offload_stats"] = small.stats()["total"]
     return result
 
@@ -179,6 +183,8 @@ def render(r: dict[str, Any]) -> str:
              f"hits {s['hits']}, misses {s['misses']}, hit rate {s['hit_rate']:.3f}, bytes moved "
              f"{s['bytes_moved']}, stall {s['stall_s']:.4f} s, prefetch precision "
              f"{s['prefetch_precision']:.3f}, recall {s['prefetch_recall']:.3f}"]
+    if "auto_budget" in r:
+        lines.append(r["auto_budget"])
     if r.get("random_weights"):
         lines.append("(a preset: seeded random weights, so routing is not a trained model's; hit rates and "
                      "prefetch accuracy say little about real models)")

@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("prompt", help="the text to continue (with --chat: the user's message)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
     p.add_argument("--budget", default="25%", help="expert cache on the device: slots (8), a size (4GiB), a "
-                   "fraction of all experts (25%%), or 'all' (default 25%%)")
+                   "fraction of all experts (25%%), 'auto' (the most that fits the device's free memory after "
+                   "the dense weights, a KV cache for this prompt and --max-new-tokens, and a margin), or 'all' "
+                   "(default 25%%)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="with --sample: divide logits by this (default 1.0)")
@@ -146,10 +148,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.quiet and manifest.get("source") in presets.PRESETS:
         print(f"note: {manifest['source']} is a preset with seeded random weights: its text is gibberish, "
               "but exactly the text transformers would give", file=sys.stderr)
-    model = runtime.load(path, device=args.device, expert_cache=budget, timeline=args.timeline is not None,
-                         record_routing=args.trace_out is not None)
     tokenizer = runtime.load_tokenizer(path)
     inputs = encode(tokenizer, args.prompt, args.chat)
+    model = runtime.load(path, device=args.device, expert_cache=budget, timeline=args.timeline is not None,
+                         record_routing=args.trace_out is not None,
+                         max_context=inputs["input_ids"].shape[1] + args.max_new_tokens)
+    if model.budget is not None and not args.quiet:
+        print(model.budget.describe(), file=sys.stderr)
     if not args.chat:
         print(args.prompt, end="", flush=True)
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \

@@ -12,6 +12,10 @@ layer position before whose wait it can be issued (what the predictor must have 
 - ``transition``: layer j's k likeliest experts given layer j-1's true route, before layer j's
   wait (layer 0: the frequency prior).
 
+``oracle+next`` adds, after each layer's step, a hint (no copy) of the next step's true route
+through that layer: what a perfect next-token predictor could tell the predictive policy, the
+most any next-step predictor can buy (evaluation only).
+
 Steps group tokens as the runtime runs them: ``token`` (decode, one sequence), ``batch:N`` (N
 sequences decoding together: one step per layer covers their tokens at one position) or
 ``prefill`` (a whole sequence per step); a grouped step needs, and is predicted, the union.
@@ -101,3 +105,13 @@ def build(experts: torch.Tensor, layers: Sequence[int], grouped: list[list[int]]
                     per_step[pos[j]].append(Issue(base + j, named))
             issues[name].extend(per_step)
     return trace, issues
+
+
+def next_step_hints(trace: Sequence[Access], issues: list[list[Issue]], layers: int) -> list[list[Issue]]:
+    """``issues`` plus, after each step, a hint naming the next group's true route through the
+    same layer (groups are ``layers`` consecutive steps)."""
+    out = [list(step) for step in issues]
+    for s in range(len(trace) - layers):
+        if s + 1 < len(out):
+            out[s + 1].append(Issue(s + layers, trace[s + layers].experts, load=False))
+    return out

@@ -5,7 +5,8 @@ chosen by the same policy objects the runtime uses (``runtime/policy.py``). A *s
 layer's run for a group of tokens (one token in decode; a batch of sequences' tokens, or a
 whole prompt, when grouped). Before a step's wait the prefetches due there are issued
 (``Issue``: the experts a predictor names for a later step); then the step's experts must all be
-resident. Rules, as ``runtime/cache.py`` applies them:
+resident. An issue may also be a hint only (``load=False``): the policy learns what a step will
+need, and nothing is copied. Rules, as ``runtime/cache.py`` applies them:
 
 - a prefetch of a resident expert reserves it; of another one loads it into an empty slot or the
   policy's victim among slots neither reserved nor needed by the running step (no victim: the
@@ -34,6 +35,7 @@ from .cache_sim import Access, TimeModel
 class Issue:
     target: int               # the step the experts are predicted for
     experts: tuple[int, ...]  # predicted ids for that step's layer
+    load: bool = True         # False: a hint to the policy only (what to keep), no copy
 
 
 @dataclass
@@ -142,13 +144,17 @@ def replay(trace: Sequence[Access], issues: Sequence[Sequence[Issue]], policy: s
 def _prefetch(cache: _Cache, issue: Issue, trace: Sequence[Access], now: float, engine: _Engine | None) -> None:
     r, layer = cache.r, trace[issue.target].layer
     cache.policy.hint(layer, issue.experts)
+    if not issue.load:
+        return
     needed = set(trace[issue.target].experts)
+    for e in issue.experts:  # the resident predictions are reserved first: no load evicts them
+        if (layer, e) in cache.lru:
+            cache.reserved.setdefault((layer, e), issue.target)
     for e in issue.experts:
         key = (layer, e)
         r.predicted += 1
         r.predicted_used += e in needed
         if key in cache.lru:
-            cache.reserved.setdefault(key, issue.target)
             continue
         try:
             cache.make_room(set(), force=False)
@@ -240,3 +246,28 @@ def _drop_stale(cache: _Cache, engine: _Engine, s: int) -> None:
         else:
             keep.append(item)
     engine.queue = keep
+
+
+def from_log(log: Sequence) -> tuple[list[Access], list[list[Issue]]]:
+    """The runtime's cache requests (``runtime.routing.Request``: prefetches and waits, in the
+    order it made them) as a replay's steps and issues: a prefetch is issued before the next
+    wait, for the first wait of its layer from there on (one it never reached is left out)."""
+    trace: list[Access] = []
+    issues: list[list[Issue]] = []
+    pending: list[tuple[int, tuple[int, ...]]] = []  # (layer, experts) awaiting their target wait
+    placed: list[tuple[int, int, tuple[int, ...]]] = []  # (issued before step, layer, experts)
+    for req in log:
+        if req.kind == "prefetch":
+            pending.append((req.layer, req.experts))
+        elif req.kind == "wait":
+            placed.extend((len(trace), layer, experts) for layer, experts in pending)
+            pending = []
+            trace.append(Access(0, len(trace), req.layer, tuple(sorted(set(req.experts)))))
+            issues.append([])
+        else:
+            raise ValueError(f"unknown cache request {req.kind!r}")
+    for at, layer, experts in placed:
+        target = next((s for s in range(at, len(trace)) if trace[s].layer == layer), None)
+        if target is not None and experts:
+            issues[at].append(Issue(target, experts))
+    return trace, issues

@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--group", default="token", metavar="MODE",
                    help="with COMPILED: how tokens form steps: token (decode, one sequence; default), batch:N "
                         "(N sequences decoding together) or prefill (a whole sequence per step)")
+    p.add_argument("--schedule", metavar="B1,B2,...",
+                   help="with COMPILED: instead of the predictor table, compare request schedules (fifo and "
+                        "route-aware, as model.generate_many runs them) with micro-batches of these sizes: "
+                        "distinct experts per micro-batch and per decode step, loads and bytes at each --cache")
+    p.add_argument("--prompt-len", type=int, default=32, metavar="P",
+                   help="with --schedule: tokens of each calibration sequence taken as its prompt (default 32)")
     p.add_argument("--trace", type=Path, metavar="FILE", help="routing trace, JSONL (format above)")
     p.add_argument("--experts-per-layer", type=int, metavar="N",
                    help="routed experts in each MoE layer; expert ids in the trace must be below N")
@@ -129,7 +135,13 @@ def _check(args: argparse.Namespace) -> None:
                                                           and args.group[6:].isdigit() and int(args.group[6:]) > 0):
             raise UsageError(f"--group {args.group!r}: use token, batch:N (N >= 1) or prefill")
         _check_time(args)
+        if args.schedule is not None:
+            args.schedule = sorted(set(_positive_ints(args.schedule, "--schedule")))
+            if args.prompt_len < 1:
+                raise UsageError("--prompt-len must be at least 1")
         return
+    if args.schedule is not None:
+        raise UsageError("--schedule needs a compiled directory with calibration traces, not --trace")
     if args.trace is None:
         raise UsageError("no routing trace: pass --trace FILE (or a compiled directory with calibration traces)")
     for flag, value in (("--experts-per-layer", args.experts_per_layer), ("--cache", args.cache)):
@@ -165,6 +177,16 @@ def _compiled(args: argparse.Namespace) -> int:
     from . import simulate_compiled as sc
 
     time_model = None
+    if args.schedule is not None:
+        from .simulate_schedule import evaluate_schedule, render_schedule
+        try:
+            rows = evaluate_schedule(args.compiled, args.schedule, args.cache, args.prompt_len,
+                                     args.expert_bytes if args.expert_bytes != 1 else None)
+        except (LoadError, ValueError, OSError) as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        print("\n".join(json.dumps(r) for r in rows) if args.json else render_schedule(rows, args.compiled))
+        return 0
     try:
         blob = args.expert_bytes if args.expert_bytes != 1 else None
         if args.bandwidth is not None:

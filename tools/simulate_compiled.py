@@ -5,7 +5,10 @@ routes, the cross-layer gate's predictions at every lookahead and the routing-pa
 for training and held-out tokens. Trace-only predictors (frequency, transition) and the routing
 prior are fitted on the training tokens; every row replays the held-out tokens only.
 The causal bound is the fewest loads over policies with the oracle (a perfect routing-path
-predictor: the current step's true route through every layer, known before its first layer).
+predictor: the current step's true route through every layer, known before its first layer),
+prefetched (``oracle``) or only told to the policy (``oracle:hint``: it evicts among the experts
+that route does not need, and loads on demand). ``oracle+next:hint`` also tells the policy the
+next step's route: the most that a next-token predictor could add.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from ..runtime.manifest import check_files, read_manifest, regular_file
 from ..runtime.prior import as_prior, prior_tensors
 from . import predictors as P
 from .cache_sim import TimeModel, simulate
-from .prefetch_sim import replay
+from .prefetch_sim import Issue, replay
 
 FILE = "calibration.safetensors"
 
@@ -78,6 +81,8 @@ def evaluate(compiled: Path, caches: list[int], policies: list[str], group: str,
     held = rec["split"] == 1
     grouped = P.groups(rec["seq"][held], rec["token"][held], group)
     trace, issues = P.build(rec["experts"][held], layers, grouped, preds)
+    issues["oracle:hint"] = [[Issue(i.target, i.experts, load=False) for i in step] for step in issues["oracle"]]
+    issues["oracle+next:hint"] = P.next_step_hints(trace, issues["oracle:hint"], len(layers))
     train = rec["split"] == 0
     prior = as_prior(prior_tensors(rec["experts"][train], rec["seq"][train]), layers)
     rows = []
@@ -86,10 +91,10 @@ def evaluate(compiled: Path, caches: list[int], policies: list[str], group: str,
         causal = None
         results = []
         for policy in policies:
-            for name in preds:
+            for name in issues:
                 r = replay(trace, issues[name], policy, cache, name, blob, prior, time)
                 results.append(r)
-                if name == "oracle":
+                if name in ("oracle", "oracle:hint"):
                     causal = r.loads if causal is None else min(causal, r.loads)
         for r in results:
             row = {"policy": r.policy, "predictor": r.predictor, "cache": cache, "accesses": r.accesses,

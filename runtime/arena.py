@@ -1,0 +1,111 @@
+"""The host arena: every expert byte in one page-aligned buffer, read once, pinned once.
+
+Pinning each expert blob separately goes through torch's caching host allocator, which rounds
+every allocation up to a power of two: a 352,321,536-byte Mixtral-8x7B expert would take 512 MiB,
+1.45x the weights. Instead the data section of ``experts.safetensors`` (the blobs, in file order)
+is read into one anonymous page-aligned mapping of exactly its size, and on CUDA that mapping is
+registered with the driver (``cudaHostRegister``): pinned bytes = expert bytes. The read is
+sequential in large chunks and hashes the file as it goes, so the checksum costs no second read.
+
+Before anything is allocated, the bytes needed are compared with the memory the host has
+available; a host that cannot hold the experts gets a one-line LoadError naming both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .manifest import LoadError
+
+CHUNK = 64 * 2**20  # bytes per read: large sequential reads, progress reported per chunk
+#: What the host must keep free beside the arena (the process, the dense weights' own copies).
+HEADROOM = 1.05
+
+
+def available_host_bytes() -> int | None:
+    """Bytes the host can still give (Linux ``MemAvailable``); None where it cannot be told."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass
+class Arena:
+    """``data``: a uint8 tensor over the page-aligned mapping; ``pinned``: registered with CUDA."""
+
+    data: torch.Tensor
+    buffer: mmap.mmap
+    pinned: bool = False
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
+            self.pinned = False
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def read_arena(path: Path, start: int, length: int, digest: str | None, pin: bool,
+               progress: Callable[[int], None] | None = None) -> Arena:
+    """Bytes ``start .. start + length`` of ``path`` in one arena; the whole file's sha256 must
+    equal ``digest`` (when given). LoadError, with nothing left allocated, on any failure."""
+    free = available_host_bytes()
+    if free is not None and length * HEADROOM > free:
+        raise LoadError(f"{path}: the experts need {_gib(length)} of host memory ({_gib(int(length * HEADROOM))} "
+                        f"with headroom) and {_gib(free)} is available; free memory or use a larger host")
+    buffer = mmap.mmap(-1, max(length, 1))  # anonymous: page-aligned, zero-filled lazily
+    data = torch.frombuffer(buffer, dtype=torch.uint8, count=length) if length else torch.empty(0, dtype=torch.uint8)
+    try:
+        _fill(path, start, data, digest, progress)
+        arena = Arena(data, buffer)
+        if pin and length:
+            err = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), length, 0)
+            if int(err) != 0:
+                raise LoadError(f"{path}: could not pin {_gib(length)} of host memory for the experts (CUDA error "
+                                f"{int(err)}); raise the locked-memory limit (ulimit -l) or use a smaller model")
+            arena.pinned = True
+        return arena
+    except BaseException:
+        del data
+        buffer.close()
+        raise
+
+
+def _fill(path: Path, start: int, data: torch.Tensor, digest: str | None,
+          progress: Callable[[int], None] | None) -> None:
+    """Reads the file once in order: bytes before ``start`` are only hashed, the rest land in ``data``."""
+    h = hashlib.sha256()
+    view = memoryview(data.numpy()) if data.numel() else memoryview(bytearray())
+    with open(path, "rb") as f:
+        head = f.read(start)
+        h.update(head)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:done + CHUNK])
+            if not n:
+                raise LoadError(f"{path} ended {len(view) - done} bytes early (truncated); recompile the model")
+            h.update(view[done:done + n])
+            done += n
+            if progress is not None:
+                progress(n)
+        if f.read(1):
+            raise LoadError(f"{path} has bytes after its last blob; recompile the model")
+    if digest is not None and h.hexdigest() != digest:
+        raise LoadError(f"{path} does not match its checksum (edited or truncated); recompile the model")

@@ -1,0 +1,58 @@
+"""Request scheduling: which prompts share a micro-batch.
+
+Each prompt comes with a route estimate: a vector over (MoE layer, expert) of the share of its
+tokens routed there (from its prefill, or the routing-path predictor). A micro-batch moves the
+union of its members' experts, so prompts whose routes are alike should meet:
+
+- ``fifo``: prompts in the caller's order, ``batch_size`` at a time;
+- ``route-aware``: greedy clustering. The longest prompt not yet placed seeds a batch (so
+  lengths stay balanced and padding small); the batch then takes, one at a time, the prompt
+  whose estimate is most like the batch's mean (cosine), less a small penalty for a length far
+  from the seed's. Ties go to the earlier prompt, so the plan is deterministic.
+
+Both return a partition of ``range(n)`` into batches of at most ``batch_size`` (the last may be
+smaller); callers restore the caller's order from the indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+SCHEDULES = ("route-aware", "fifo")
+LENGTH_PENALTY = 0.1  # cosine similarity given up per unit of relative length difference
+
+
+def plan_batches(estimates: torch.Tensor, lengths: Sequence[int], batch_size: int, schedule: str) -> list[list[int]]:
+    """Micro-batches of prompt indices; ``estimates`` is [prompts, features], rows sum to anything."""
+    n = len(lengths)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if schedule == "fifo":
+        return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    unit = torch.nn.functional.normalize(estimates.double(), dim=1)
+    length = torch.tensor(lengths, dtype=torch.float64)
+    scale = max(float(length.max()), 1.0) if n else 1.0
+    free = torch.ones(n, dtype=torch.bool)
+    batches = []
+    while bool(free.any()):
+        # the longest prompt left seeds the batch (stable: the earliest of equals)
+        seed = int(torch.where(free, length, torch.tensor(-1.0, dtype=torch.float64)).argmax())
+        batch, free[seed] = [seed], False
+        total = unit[seed].clone()
+        while len(batch) < batch_size and bool(free.any()):
+            centre = torch.nn.functional.normalize(total, dim=0)
+            score = unit @ centre - LENGTH_PENALTY * (length - length[seed]).abs() / scale
+            score[~free] = float("-inf")
+            pick = int(score.argmax())  # argmax returns the first maximum: deterministic ties
+            batch.append(pick)
+            free[pick] = False
+            total += unit[pick]
+        batches.append(sorted(batch))
+    return batches
+
+
+def distinct_experts(sets: Sequence[set[tuple[int, int]]], batches: list[list[int]]) -> list[int]:
+    """Per micro-batch: how many (layer, expert) its members touch together."""
+    return [len(set().union(*(sets[i] for i in batch))) for batch in batches]
