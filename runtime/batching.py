@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .routing import RoutingTrace
-from .scheduler import SCHEDULES, distinct_experts, plan_batches
+from .scheduler import SCHEDULES, distinct_experts, expert_sets, plan_batches
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,7 @@ def generate_many(model: Any, prompts: list[list[int]], batch_size: int, schedul
     """Each prompt's full sequence (prompt + new tokens), in the caller's order, and the schedule."""
     estimates = route_estimates(model, prompts, batch_size, pad)
     batches = plan_batches(estimates, [len(p) for p in prompts], batch_size, schedule)
-    layers = len(model.context.cache.layouts)
-    touched = [{(int(j), int(e)) for j, e in torch.nonzero(row.view(layers, -1)).tolist()} for row in estimates]
+    touched = expert_sets(estimates, len(model.context.cache.layouts))
     outputs: list[list[int]] = [[] for _ in prompts]
     for rows in batches:
         ids, mask = _padded(prompts, rows, pad)

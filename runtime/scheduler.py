@@ -53,6 +53,11 @@ def plan_batches(estimates: torch.Tensor, lengths: Sequence[int], batch_size: in
     return batches
 
 
+def expert_sets(estimates: torch.Tensor, layers: int) -> list[set[tuple[int, int]]]:
+    """Per prompt: the (MoE layer position, expert) pairs its estimate gives any weight."""
+    return [{(j, e) for j, e in torch.nonzero(row.view(layers, -1)).tolist()} for row in estimates]
+
+
 def distinct_experts(sets: Sequence[set[tuple[int, int]]], batches: list[list[int]]) -> list[int]:
     """Per micro-batch: how many (layer, expert) its members touch together."""
     return [len(set().union(*(sets[i] for i in batch))) for batch in batches]

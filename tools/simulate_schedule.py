@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..runtime.scheduler import SCHEDULES, distinct_experts, plan_batches
+from ..runtime.scheduler import SCHEDULES, distinct_experts, expert_sets, plan_batches
 from .cache_sim import Access, simulate
 from .simulate_compiled import load_calibration
 
@@ -45,7 +45,7 @@ def evaluate_schedule(compiled: Path, batch_sizes: list[int], caches: list[int],
     prompts = [r[:prompt_len].long() for r in reqs]
     estimates = torch.stack([torch.nn.functional.one_hot(p.clamp(min=0), n).sum((0, 2)).flatten().float()
                              for p in prompts])
-    touched = [{(j, int(e)) for j, e in torch.nonzero(row.view(len(layers), n)).tolist()} for row in estimates]
+    touched = expert_sets(estimates, len(layers))
     rows = []
     for size in batch_sizes:
         for schedule in SCHEDULES:
