@@ -19,6 +19,8 @@ import networkx as nx
 EF_PREFIX = "expertflow.ir.ops."
 #: Node kinds that cost nothing at run time: graph inputs/outputs and weight reads.
 FREE_OPS = frozenset({"placeholder", "get_attr", "output"})
+#: Streams that move bytes (``passes/schedule``): their nodes cost the compute stream nothing.
+COPY_STREAMS = frozenset({"copy", "demand"})
 _LAYER_IN_PATH = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
@@ -164,13 +166,12 @@ def to_networkx(graph: Any) -> nx.DiGraph:
     """A DiGraph keyed by node name, edges from producer to consumer, in program order.
 
     Node attributes: op, target (qualified), short (table name), ef_op, layer, stream,
-    slot_group, role, index (position in the graph: the order the runtime issues nodes).
+    role, index (position in the graph: the order the runtime issues nodes).
     """
     g = nx.DiGraph()
     for index, rec in enumerate(node_records(graph)):
         g.add_node(rec.name, op=rec.op, target=rec.target, short=rec.short_target, ef_op=rec.ef_op,
-                   layer=rec.layer, stream=rec.meta.get("ef.stream"), slot_group=rec.meta.get("ef.slot_group"),
-                   role=rec.meta.get("ef.role"), index=index)
+                   layer=rec.layer, stream=rec.meta.get("ef.stream"), role=rec.meta.get("ef.role"), index=index)
         for src in rec.inputs:
             g.add_edge(src, rec.name)
     return g
@@ -181,7 +182,7 @@ NodeCost = Callable[[Mapping[str, Any]], float]
 
 def unit_cost(attrs: Mapping[str, Any]) -> float:
     """1 per node the compute stream executes; inputs, weights, outputs and copy ops are free."""
-    return 0.0 if attrs["op"] in FREE_OPS or attrs.get("stream") == "copy" else 1.0
+    return 0.0 if attrs["op"] in FREE_OPS or attrs.get("stream") in COPY_STREAMS else 1.0
 
 
 def weighted_cost(attrs: Mapping[str, Any]) -> float:
@@ -226,7 +227,6 @@ class PrefetchOverlap:
     layer: int | None
     prefetch: str
     wait: str | None  # None: nothing waits on it (the handle is unused)
-    slot_group: int | None
     compute_nodes: int  # compute-stream nodes issued between the prefetch and its wait
     compute_cost: float  # the same nodes by weighted_cost: how heavy that window is
 
@@ -256,7 +256,7 @@ def stream_summary(g: nx.DiGraph) -> StreamSummary:
         window = [g.nodes[n] for n in order[attrs["index"] + 1:end]]
         busy = [a for a in window if unit_cost(a) > 0]
         fed.add(wait)
-        prefetches.append(PrefetchOverlap(attrs.get("layer"), name, wait, attrs.get("slot_group"), len(busy),
+        prefetches.append(PrefetchOverlap(attrs.get("layer"), name, wait, len(busy),
                                           sum(weighted_cost(a) for a in busy)))
     on_demand = [n for n in order if g.nodes[n].get("ef_op") == "wait" and n not in fed]
     return StreamSummary(per_stream, prefetches, on_demand)

@@ -10,6 +10,7 @@ dead-code elimination keeps them.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Protocol
 
 import torch
@@ -27,7 +28,8 @@ class ExecutionContext(Protocol):
         self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor, slots: Any,
     ) -> torch.Tensor: ...
-    def permute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> Any: ...
+    def permute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                slots: Any) -> Any: ...
 
 
 def route(ctx: ExecutionContext, layer: int, top_k_index: torch.Tensor) -> torch.Tensor:
@@ -78,16 +80,36 @@ def expert_compute(
     return ctx.expert_compute(layer, hidden, top_k_index, top_k_weights, slots)
 
 
-def permute(ctx: ExecutionContext, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> Any:
-    """Reorders tokens so those with similar routes are adjacent; returns (hidden, index, perm)."""
-    return ctx.permute(layer, hidden, top_k_index)
+def permute(ctx: ExecutionContext, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+            top_k_weights: torch.Tensor, slots: Any) -> Any:
+    """Reorders the step's tokens (rows) in the order their experts become resident (``slots``,
+    the wait's plan); returns (hidden, top_k_index, top_k_weights, perm), all in the new order.
+    ``perm`` is None when the order is kept (nothing to gain: one wave)."""
+    return ctx.permute(layer, hidden, top_k_index, top_k_weights, slots)
 
 
-def unpermute(perm: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """Undoes :func:`permute` on the rows of ``hidden``."""
+def unpermute(perm: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    """Undoes :func:`permute` on the rows of ``hidden`` (row i goes back to row perm[i])."""
+    if perm is None:
+        return hidden
     out = torch.empty_like(hidden)
     out[perm] = hidden
     return out
+
+
+def permute_of(compute: Any) -> Any:
+    """The ``permute`` node an ``expert_compute`` node reads its tokens from, or None."""
+    hidden = compute.args[2]
+    if getattr(hidden, "target", None) is operator.getitem and getattr(hidden.args[0], "target", None) is permute:
+        return hidden.args[0]
+    return None
+
+
+def unpermuted(node: Any) -> Any:
+    """The value before permutation of an expert_compute input (``permute(...)[i]`` -> its input)."""
+    if getattr(node, "target", None) is operator.getitem and getattr(node.args[0], "target", None) is permute:
+        return node.args[0].args[2 + node.args[1]]
+    return node
 
 
 for _fn in (route, prefetch, wait):

@@ -22,7 +22,7 @@ from torch.fx.node import _get_qualified_name
 from . import allowlist, ops
 
 SCHEMA = 2  # 2: the Driver takes logits_to_keep
-META_KEYS = ("ef.layer", "ef.role", "ef.stream", "ef.slot_group", "ef.module")
+META_KEYS = ("ef.layer", "ef.role", "ef.stream", "ef.module")
 #: The graph's inputs, in order: the Driver's forward, then the ExpertFlow execution context.
 INPUTS = ("input_ids", "position_ids", "cache", "masks", "logits_to_keep", "ef_ctx")
 _RESERVED = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {"self", "torch", "inf", "nan", "NoneType"}

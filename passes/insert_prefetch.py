@@ -102,7 +102,7 @@ def insert_prefetch(gm: fx.GraphModule, options: CompileOptions | None = None) -
     for j, (compute, wait) in enumerate(zip(computes, waits)):
         if wait.args[2] is not None:
             continue
-        layer, block_input, route = compute.args[1], inputs[j], compute.args[3]
+        layer, block_input, route = compute.args[1], inputs[j], ops.unpermuted(compute.args[3])
         if block_input is None:
             raise PassError(PASS, "cannot find the MoE block's input", compute)
         nodes = router_slice(block_input, route.args[2])

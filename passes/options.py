@@ -21,11 +21,16 @@ class CompileOptions:
     predictor: str = "cross_layer_gate"
     #: Which resident expert the runtime's cache evicts (not a graph rewrite: the runtime reads it).
     policy: str = "layer_cycle"
+    #: Token-permutation nodes around every expert compute (``insert_permute``): a layer computed in
+    #: waves then runs each wave on one contiguous range of rows.
+    permute: bool = True
 
     def __post_init__(self) -> None:
         if type(self.lookahead) is not int or self.lookahead < 1:
             raise ValueError(f"lookahead must be >= 1 (an integer), got {self.lookahead!r}")
         if self.predictor not in PREDICTORS:
             raise ValueError(f"unknown predictor {self.predictor!r}; choose one of {', '.join(PREDICTORS)}")
+        if type(self.permute) is not bool:
+            raise ValueError(f"permute must be true or false, got {self.permute!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")

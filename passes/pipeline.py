@@ -8,6 +8,7 @@ from torch import fx, nn
 
 from .dce import dce
 from .functionalize_inplace import functionalize_inplace
+from .insert_permute import insert_permute
 from .insert_prefetch import insert_prefetch
 from .lower_experts import lower_experts
 from .manager import PassManager, PassResult
@@ -16,7 +17,7 @@ from .schedule import schedule
 from .trace import TraceFailure, TraceInfo, trace_model
 from .verify import verify_graph
 
-PIPELINE = [functionalize_inplace, lower_experts, insert_prefetch, dce, schedule]
+PIPELINE = [functionalize_inplace, lower_experts, insert_prefetch, insert_permute, dce, schedule]
 
 
 def compile_graph(lm: nn.Module, options: CompileOptions | None = None,

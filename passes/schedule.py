@@ -1,12 +1,12 @@
-"""Assign every node to the copy or the compute stream, and double-buffer the slots.
+"""Assign every node to a stream: what the runtime's copy engine and compute stream do.
 
-Rewrites (metadata only): ``ef.stream`` is ``"copy"`` for ``prefetch`` and ``wait`` (the copy
-stream's issue and its join point) and ``"compute"`` for everything else; ``ef.slot_group`` is
-the MoE layer's depth parity on its prefetch, wait, route and expert_compute, so layer j+1's
-copies land in the other half of the double buffer while layer j computes.
+Rewrites (metadata only): ``ef.stream`` is ``"copy"`` on ``prefetch`` (speculative copies, on the
+copy stream, in issue order), ``"demand"`` on ``wait`` (its mispredicted experts are copied on the
+high-priority demand stream, ahead of every queued prefetch, and the compute stream joins the
+copies there) and ``"compute"`` on everything else. The runtime reads these at load time
+(``runtime/loader.copy_streams``): the stream a node names is the stream its copies take.
 
-Before: lowered graph. After: every node has ``ef.stream``; every ExpertFlow op of a MoE layer
-has ``ef.slot_group``.
+Before: lowered graph. After: every node has ``ef.stream``.
 """
 
 from __future__ import annotations
@@ -18,19 +18,17 @@ from torch import fx
 from ..ir import ops
 from .manager import PassResult
 
+#: The stream of each ExpertFlow op that copies; every other node computes.
+STREAM_OF = {"prefetch": "copy", "wait": "demand"}
+STREAMS = ("copy", "demand", "compute")
+
 
 def schedule(gm: fx.GraphModule, options: Any = None) -> PassResult:
-    computes = [n for n in gm.graph.nodes if n.target is ops.expert_compute]
-    group = {n.args[1]: depth % 2 for depth, n in enumerate(computes)}
     modified = False
     for node in gm.graph.nodes:
         name = ops.op_name(node.target) if node.op == "call_function" else None
-        stream = "copy" if name in ops.COPY_OPS else "compute"
+        stream = STREAM_OF.get(name or "", "compute")
         if node.meta.get("ef.stream") != stream:
             node.meta["ef.stream"] = stream
             modified = True
-        if name in ("prefetch", "wait", "route", "expert_compute") and node.args[1] in group:
-            if node.meta.get("ef.slot_group") != group[node.args[1]]:
-                node.meta["ef.slot_group"] = group[node.args[1]]
-                modified = True
     return PassResult(gm, modified)

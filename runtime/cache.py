@@ -8,12 +8,12 @@ correction) and pins those slots until the compute that reads them is queued.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
+from .device_state import SlotTable, StallClock
 from .policy import Policy, make_policy
 from .store import ExpertLayout, HostStore
 from .streams import CopyEngine, Ticket
@@ -52,9 +52,14 @@ class Pool:
 
 @dataclass
 class Handle:
+    """One prefetch. Issued with its ids still on the device (``ids``); resolved at the next wait,
+    whose one host synchronisation reads them together with that wait's routing decision."""
+
     layer: int
-    predicted: list[int]
+    predicted: list[int] = field(default_factory=list)
     loaded: list[int] = field(default_factory=list)  # the predicted experts this prefetch copied
+    ids: torch.Tensor | None = None  # set until resolved
+    demand: bool = False  # its copies take the demand stream (the schedule pass said so)
 
 
 class ExpertCache:
@@ -63,9 +68,16 @@ class ExpertCache:
         self.layouts, self.store, self.slots, self.engine = layouts, store, slots, engine
         self.policy = policy if policy is not None else make_policy("layer_cycle", list(layouts))
         self.stats = {layer: LayerStats() for layer in layouts}
-        # Expert id -> slot, per layer, on the device: the compute remaps ids with one gather.
-        self.luts = {layer: torch.full((lay.num_experts + 1,), -1, dtype=torch.long, device=device)
-                     for layer, lay in layouts.items()}
+        # Expert id -> slot, per layer: the compute remaps ids with one gather on the device. The
+        # host edits its own copy; the device table is refreshed by one asynchronous upload per
+        # layer that changed (a Python-int write into a CUDA tensor would be a blocking copy each).
+        self.tables = {layer: SlotTable(lay.num_experts, device) for layer, lay in layouts.items()}
+        self.host_syncs = 0           # device-to-host reads made by the cache (one per wait)
+        self._pending: list[Handle] = []   # prefetches issued, not yet read back
+        self._deferred: list[Handle] = []  # read back; their copies start after the wait's demand loads
+        self.resolved: list[Handle] = []   # the prefetches the last wait read back, in issue order
+        self.routed: list[int] = []        # the last wait's top-k ids (flat), as read back
+        self.stall = StallClock(device)
         self.pools: dict[tuple, Pool] = {}
         for layout in layouts.values():
             if layout.signature not in self.pools:
@@ -126,44 +138,85 @@ class ExpertCache:
         if old is not None:
             pool.owner[slot] = None
             del pool.where[old]
-            self.luts[old[0]][old[1]] = -1
+            self.tables[old[0]].set(old[1], -1)
         pool.tickets[slot] = ticket = self.engine.submit((pool.ident, slot), pool.tensor[slot],
                                                          self.store.blob(layer, expert), f"L{layer} E{expert}",
                                                          demand=demand)
         pool.owner[slot], pool.where[(layer, expert)] = (layer, expert), slot
-        self.luts[layer][expert] = slot
+        self.tables[layer].set(expert, slot)
         self.stats[layer].bytes_moved += ticket.nbytes
         pool.lru[slot] = None
         pool.lru.move_to_end(slot)
 
-    def _valid(self, layer: int, ids: torch.Tensor) -> list[int]:
-        n = self.layouts[layer].num_experts
-        return [e for e in torch.unique(ids).tolist() if 0 <= e < n]
+    def _host_ids(self, tensors: list[torch.Tensor]) -> list[list[int]]:
+        """The ids of every tensor, read to the host in one transfer: the one synchronisation a
+        wait makes (the routing decision must reach the host to choose what to copy)."""
+        flat = [t.reshape(-1) for t in tensors]
+        values = torch.cat([f.to(flat[-1].device, torch.long) for f in flat]).tolist() if flat else []
+        self.host_syncs += 1
+        out, at = [], 0
+        for f in flat:
+            out.append(values[at:at + f.numel()])
+            at += f.numel()
+        return out
 
-    def prefetch(self, layer: int, ids: torch.Tensor) -> Handle:
-        pool, stats = self.pool(layer), self.stats[layer]
-        predicted = self._valid(layer, ids)
-        stats.predicted += len(predicted)
-        self.policy.hint(layer, predicted)
-        protect = {pool.where[(layer, e)] for e in predicted if (layer, e) in pool.where}
-        handle = Handle(layer, predicted)
-        for e in predicted:
+    def _valid(self, layer: int, ids: list[int]) -> list[int]:
+        n = self.layouts[layer].num_experts
+        return sorted({e for e in ids if 0 <= e < n})
+
+    def prefetch(self, layer: int, ids: torch.Tensor, demand: bool = False) -> Handle:
+        """Queues a prefetch of ``layer``'s predicted experts. Nothing is read back here: the next
+        wait reads these ids with its own routing decision, reserves the resident ones, and starts
+        the copies of the others right after its own demand loads."""
+        handle = Handle(layer, ids=ids.detach(), demand=demand)
+        self._pending.append(handle)
+        return handle
+
+    def _resolve(self, handle: Handle, ids: list[int], running: int) -> None:
+        """Reserves ``handle``'s resident predictions; the others load after ``running``'s demand
+        loads, unless the prediction is for ``running`` itself (its wait loads what is needed)."""
+        pool, layer, stats = self.pool(handle.layer), handle.layer, self.stats[handle.layer]
+        handle.predicted, handle.ids = self._valid(layer, ids), None
+        stats.predicted += len(handle.predicted)
+        self.policy.hint(layer, handle.predicted)
+        for e in handle.predicted:
             slot = pool.where.get((layer, e))
+            if slot is not None:
+                pool.reserved[slot] = layer
+        if layer != running:
+            self._deferred.append(handle)
+
+    def _issue(self, handle: Handle) -> None:
+        """Starts the copies of ``handle``'s predictions that are not resident."""
+        pool, layer, stats = self.pool(handle.layer), handle.layer, self.stats[handle.layer]
+        protect = {pool.where[(layer, e)] for e in handle.predicted if (layer, e) in pool.where}
+        for e in handle.predicted:
+            if (layer, e) in pool.where:
+                continue
+            slot = self._victim(pool, protect)
             if slot is None:
-                slot = self._victim(pool, protect)
-                if slot is None:
-                    stats.prefetch_dropped += 1
-                    continue
-                self._load(pool, slot, layer, e, demand=False)
-                handle.loaded.append(e)
+                stats.prefetch_dropped += 1
+                continue
+            self._load(pool, slot, layer, e, demand=handle.demand)
+            handle.loaded.append(e)
             pool.reserved[slot] = layer
             protect.add(slot)
-        return handle
+
+    def issue_deferred(self) -> None:
+        """Starts the copies the last wait's read-back decided (after its demand loads)."""
+        deferred, self._deferred = self._deferred, []
+        for handle in deferred:
+            self._issue(handle)
 
     def plan(self, layer: int, handle: Handle | None, top_k_index: torch.Tensor) -> list[list[int]]:
         """The experts ``top_k_index`` needs, in waves that each fit the slots (resident first)."""
         pool, stats = self.pool(layer), self.stats[layer]
-        needed = self._valid(layer, top_k_index)
+        pending, self._pending = self._pending, []
+        *predicted, routed = self._host_ids([h.ids for h in pending] + [top_k_index])
+        for h, ids in zip(pending, predicted):
+            self._resolve(h, ids, layer)
+        self.resolved, self.routed = pending, routed
+        needed = self._valid(layer, routed)
         stats.needed += len(needed)
         self.policy.begin(layer)
         if handle is not None:
@@ -189,14 +242,15 @@ class ExpertCache:
                 stats.bytes_moved -= ticket.nbytes
                 pool.owner[slot] = None
                 del pool.where[(layer, e)]
-                self.luts[layer][e] = -1
+                self.tables[layer].set(e, -1)
                 pool.lru.pop(slot, None)
                 pool.reserved.pop(slot, None)
             else:
                 stats.prefetch_wasted += 1
 
-    def acquire(self, layer: int, experts: list[int]) -> list[int]:
-        """Makes ``experts`` resident and pinned; returns their slots in the same order."""
+    def acquire(self, layer: int, experts: list[int], demand: bool = True) -> list[int]:
+        """Makes ``experts`` resident and pinned (misses copy on the demand stream unless
+        ``demand`` is False); returns their slots in the same order."""
         pool, stats = self.pool(layer), self.stats[layer]
         protect = {pool.where[(layer, e)] for e in experts if (layer, e) in pool.where}
         slots = []
@@ -211,7 +265,7 @@ class ExpertCache:
                         raise RuntimeError(f"layer {layer}: all {self.slots} expert slots are pinned by "
                                            "computes in flight; the graph waits twice before computing")
                     pool.reserved.pop(slot, None)
-                self._load(pool, slot, layer, e)
+                self._load(pool, slot, layer, e, demand=demand)
             else:
                 stats.hits += 1
                 ticket = pool.tickets.get(slot)
@@ -224,13 +278,14 @@ class ExpertCache:
             pool.pinned.add(slot)
             protect.add(slot)
             slots.append(slot)
-        start = time.perf_counter()
+        self.issue_deferred()  # the next layers' prefetches queue behind this layer's demand copies
+        start = self.stall.start()
         for slot in slots:
             ticket = pool.tickets.get(slot)
             if ticket is not None:  # forgotten only once waited for: an interrupted wait keeps it
                 ticket.wait()
                 pool.tickets.pop(slot, None)
-        stats.stall_s += time.perf_counter() - start
+        self.stall.stop(layer, start, self.stats)
         return slots
 
     def release(self, layer: int, slots: list[int]) -> None:
@@ -242,6 +297,7 @@ class ExpertCache:
         """Returns the cache to its between-steps state after a step stopped part way (an
         exception, Ctrl-C): pins and reservations are released; copies still in flight stay
         recorded against their slots, so the next use of a slot waits for its bytes."""
+        self._pending, self._deferred = [], []
         for pool in self.pools.values():
             self.engine.mark_read([(pool.ident, s) for s in sorted(pool.pinned)])  # queued reads come first
             pool.pinned.clear()

@@ -8,12 +8,13 @@ are therefore the model's own, not re-written here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .cache import ExpertCache, Handle
+from .permutation import wave_order
 from .routing import RoutingTrace
 from .store import ExpertLayout
 from .timeline import Timeline
@@ -31,17 +32,31 @@ def slot_view_module(module: nn.Module, layout: ExpertLayout, pool: torch.Tensor
     return view
 
 
+def _to_device(values: list[int], like: torch.Tensor) -> torch.Tensor:
+    """A small host list on ``like``'s device without blocking (pinned source, async copy)."""
+    host = torch.tensor(values, dtype=like.dtype)
+    if like.device.type == "cpu":
+        return host
+    return host.pin_memory().to(like.device, non_blocking=True)
+
+
 @dataclass
 class SlotPlan:
     layer: int
     waves: list[list[int]]
     first_slots: list[int]
+    demand: bool = True  # the wait's misses copy on the demand stream
+    routed: list[int] = field(default_factory=list)  # the step's top-k ids, as the wait read them
+    rows: list[tuple[int, int]] | None = None  # per wave, the rows it computes (set by permute)
 
 
 class RuntimeContext:
-    def __init__(self, cache: ExpertCache, modules: dict[int, nn.Module]):
+    def __init__(self, cache: ExpertCache, modules: dict[int, nn.Module],
+                 streams: dict[tuple[str, int], str] | None = None):
         self.cache = cache
         self.modules = modules
+        # (op, layer) -> "copy" | "demand": the stream the schedule pass gave each copying node
+        self.demand = {key: stream == "demand" for key, stream in (streams or {}).items()}
         self._views: dict[tuple[int, int, int], nn.Module] = {}
         self.timeline: Timeline | None = None  # set by runtime.load(timeline=True)
         self.routing: RoutingTrace | None = None  # set by runtime.load(record_routing=True)
@@ -69,17 +84,17 @@ class RuntimeContext:
         return self.path_predictor(hidden)
 
     def prefetch(self, layer: int, expert_ids: torch.Tensor) -> Handle:
-        handle = self.cache.prefetch(layer, expert_ids)
-        if self.routing is not None:
-            self.routing.request("prefetch", layer, handle.predicted)
-        return handle
+        return self.cache.prefetch(layer, expert_ids, demand=self.demand.get(("prefetch", layer), False))
 
     def wait(self, layer: int, handle: Handle | None, top_k_index: torch.Tensor) -> SlotPlan:
         start = self.timeline.mark() if self.timeline is not None else None
         waves = self.cache.plan(layer, handle, top_k_index)
         if self.routing is not None:
+            for resolved in self.cache.resolved:  # read back by this wait, in the order issued
+                self.routing.request("prefetch", resolved.layer, resolved.predicted)
             self.routing.request("wait", layer, sorted(e for wave in waves for e in wave))
-        plan = SlotPlan(layer, waves, self.cache.acquire(layer, waves[0]))
+        demand = self.demand.get(("wait", layer), True)
+        plan = SlotPlan(layer, waves, self.cache.acquire(layer, waves[0], demand), demand, self.cache.routed)
         if self.timeline is not None:
             self.timeline.add("compute", f"wait L{layer}", start, self.timeline.mark(), experts=sum(map(len, waves)))
         return plan
@@ -87,7 +102,7 @@ class RuntimeContext:
     def _run(self, layer: int, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
              slots: list[int]) -> torch.Tensor:
         lo, hi = min(slots), max(slots)
-        local = self.cache.luts[layer][index]  # every id in ``index`` is resident: acquired above
+        local = self.cache.tables[layer].on_device()[index]  # every id in ``index`` is resident: acquired above
         if lo:
             local = local - lo
         view = self._view(layer, lo, hi)
@@ -110,21 +125,31 @@ class RuntimeContext:
             finally:
                 self.cache.release(layer, plan.first_slots)
         # More experts than slots: compute in waves. Positions routed outside the wave keep a
-        # valid slot id but weight zero, so each wave adds exactly its own experts' share.
+        # valid slot id but weight zero, so each wave adds exactly its own experts' share. After
+        # ``permute`` each wave computes only its range of rows; the others would add zeros.
         out = None
-        for i, wave in enumerate(plan.waves):
-            slots = plan.first_slots if i == 0 else self.cache.acquire(layer, wave)
+        rows = plan.rows or [(0, hidden.shape[0])] * len(plan.waves)
+        for i, (wave, (lo, hi)) in enumerate(zip(plan.waves, rows)):
+            slots = plan.first_slots if i == 0 else self.cache.acquire(layer, wave, plan.demand)
             try:
-                wave_ids = torch.tensor(wave, dtype=top_k_index.dtype, device=top_k_index.device)
-                inside = torch.isin(top_k_index, wave_ids)
-                index = torch.where(inside, top_k_index, wave_ids[0])
-                weights = top_k_weights * inside.to(top_k_weights.dtype)
-                part = self._run(layer, hidden, index, weights, slots)
+                if hi > lo:
+                    wave_ids = _to_device(wave, top_k_index)
+                    index = top_k_index[lo:hi]
+                    inside = torch.isin(index, wave_ids)
+                    weights = top_k_weights[lo:hi] * inside.to(top_k_weights.dtype)
+                    part = self._run(layer, hidden[lo:hi], torch.where(inside, index, wave_ids[0]), weights, slots)
+                    if out is None:
+                        out = part.new_zeros((hidden.shape[0], *part.shape[1:]))
+                    out[lo:hi] += part
             finally:
                 self.cache.release(layer, slots)
-            out = part if out is None else out + part
         return out
 
-    def permute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor):
-        perm = torch.argsort(top_k_index[:, 0], stable=True)
-        return hidden[perm], top_k_index[perm], perm
+    def permute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                plan: SlotPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if len(plan.waves) == 1 or hidden.shape[0] < 2:
+            return hidden, top_k_index, top_k_weights, None  # one wave: the order changes nothing
+        order = wave_order(plan.routed, top_k_index.shape[1], plan.waves, self.cache.layouts[layer].num_experts)
+        plan.rows = order.rows
+        perm = _to_device(order.order, top_k_index)
+        return hidden[perm], top_k_index[perm], top_k_weights[perm], perm

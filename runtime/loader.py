@@ -151,6 +151,23 @@ def _dense(path: Path, lm: nn.Module, layouts: dict[int, ExpertLayout], dev: tor
     return tensors
 
 
+def copy_streams(gm: fx.GraphModule, where: str) -> dict[tuple[str, int], str]:
+    """Which copy stream each layer's prefetch and wait copies on, as the schedule pass decided
+    (``ef.stream``): "copy" (speculative, in issue order) or "demand" (ahead of every prefetch)."""
+    from ..ir import ops
+
+    streams = {}
+    for node in gm.graph.nodes:
+        name = ops.op_name(node.target) if node.op == "call_function" else None
+        if name in ("prefetch", "wait"):
+            stream = node.meta.get("ef.stream")
+            if stream not in ("copy", "demand"):
+                raise LoadError(f"{where}: {name} node {node.name} copies on stream {stream!r}; the runtime has the "
+                                "'copy' and 'demand' streams; recompile the model")
+            streams[(name, node.args[1])] = stream
+    return streams
+
+
 def _drop_prefetch(gm: fx.GraphModule) -> None:
     """With every expert resident nothing needs predicting: waits lose their handles and the
     predictor and prefetch nodes become dead code."""
@@ -225,7 +242,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     if preload or (preload is None and everything):
         cache.preload()
     modules = {layer: driver.get_submodule(lay.module) for layer, lay in layouts.items()}
-    context = RuntimeContext(cache, modules)
+    context = RuntimeContext(cache, modules, copy_streams(gm, where))
     if any(n.target is ops.predict_path for n in gm.graph.nodes):
         context.path_predictor = _path_predictor(path, manifest, config, layouts, dev)
     cls = model_class(manifest["architecture"])

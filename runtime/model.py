@@ -197,6 +197,7 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
 
     def stats(self) -> dict[str, Any]:
         """Per-layer hits, misses, prefetch accuracy, bytes moved, stall time; and totals."""
+        self.context.cache.stall.settle(self.context.cache.stats)  # CUDA: reads the wait events
         per_layer = {layer: asdict(s) for layer, s in self.context.cache.stats.items()}
         total = {k: sum(s[k] for s in per_layer.values()) for k in next(iter(per_layer.values()))}
         for entry in list(per_layer.values()) + [total]:
@@ -212,6 +213,7 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
 
         for layer in self.context.cache.stats:
             self.context.cache.stats[layer] = LayerStats()
+        self.context.cache.stall.clear()
 
     def extra_repr(self) -> str:
         return f"expert_slots={self.context.cache.slots}, device={self.device}"

@@ -43,14 +43,14 @@ def test_onnx_passes_the_full_checker(onnx_model):
 
 def test_onnx_has_one_expertflow_op_of_each_kind_per_moe_layer(onnx_model):
     counts = collections.Counter(n.op_type for n in onnx_model.graph.node if n.domain == EF_DOMAIN)
-    assert counts == {op: MOE_LAYERS for op in ("predict", "prefetch", "route", "wait", "expert_compute")}
+    assert counts == {op: MOE_LAYERS for op in ("predict", "prefetch", "route", "wait", "expert_compute", "permute",
+                                                "unpermute")}
     for node in onnx_model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type in ("prefetch", "wait"):
-            assert attrs["stream"] == b"copy"
+            assert attrs["stream"] == {"prefetch": b"copy", "wait": b"demand"}[node.op_type]
         if node.domain == EF_DOMAIN and node.op_type != "predict":
-            # layer j uses slot group j % 2: the double buffer
-            assert attrs["slot_group"] == attrs["layer"] % 2
+            assert "slot_group" not in attrs
             assert attrs["target"] == f"expertflow.ir.ops.{node.op_type}".encode()
 
 
@@ -90,15 +90,15 @@ def _edges(dot: str) -> list[tuple[str, str, str]]:
 def test_dot_contains_every_op_and_the_prefetch_wait_edges(mixtral, graph_json):
     dot = (mixtral / "dumps" / "graph.dot").read_text()
     assert dot.startswith("digraph expertflow {") and dot.rstrip().endswith("}")
-    for op in ("predict", "prefetch", "route", "wait", "expert_compute"):
+    for op in ("predict", "prefetch", "route", "wait", "expert_compute", "permute", "unpermute"):
         for layer in range(MOE_LAYERS):
             assert f"\\n{op} L{layer}\"" in dot
     edges = _edges(dot)
     handles = {(a, b) for a, b, attrs in edges if f'color="{PREFETCH_EDGE}"' in attrs}
     assert handles == {(f"prefetch{s}", f"wait{s}") for s in ("", "_1", "_2", "_3")}
-    # The stream decides the colour: prefetch and wait are copy-stream ops, the other three compute.
+    # The stream decides the colour: prefetch and wait are copy-stream ops, the other five compute.
     assert dot.count('fillcolor="lightblue"') == 2 * MOE_LAYERS
-    assert dot.count('fillcolor="gold"') == 3 * MOE_LAYERS
+    assert dot.count('fillcolor="gold"') == 5 * MOE_LAYERS
     visible = [(a, b) for a, b, attrs in edges if "invis" not in attrs]
     assert len(visible) == sum(len(r.inputs) for r in node_records(graph_json))
     assert {(a, r.name) for r in node_records(graph_json) for a in r.inputs} == set(visible)
@@ -196,4 +196,4 @@ def test_dumps_rebuilt_from_graph_json_equal_the_stored_ones(mixtral, graph_json
     table = node_table(graph_json)
     assert table == (mixtral / "dumps" / "nodes.txt").read_text()
     wait_row = next(line.split() for line in table.splitlines() if line.startswith("wait_2 "))
-    assert wait_row == ["wait_2", "call_function", "wait", "2", "copy", "0"]
+    assert wait_row == ["wait_2", "call_function", "wait", "2", "demand"]

@@ -101,9 +101,9 @@ def _moe_graph(with_prefetch: bool = True) -> fx.GraphModule:
 
 def test_stream_summary_counts_compute_between_prefetch_and_wait():
     summary = gv.stream_summary(gv.to_networkx(_moe_graph()))
-    assert summary.nodes_per_stream == {"compute": 10, "copy": 2}
+    assert summary.nodes_per_stream == {"compute": 10, "copy": 1, "demand": 1}
     (p,) = summary.prefetches
-    assert (p.layer, p.prefetch, p.wait, p.slot_group) == (0, "prefetch", "wait", 0)
+    assert (p.layer, p.prefetch, p.wait) == (0, "prefetch", "wait")
     assert p.compute_nodes == 4  # relu, relu_1, add, route; not the weight read w
     assert p.compute_cost == 4.0
     assert summary.on_demand_waits == []
@@ -133,12 +133,11 @@ def mixtral_graph(compiled_dir):
 def test_compiled_mixtral_prefetches_pair_with_their_waits(mixtral_graph):
     summary = gv.stream_summary(mixtral_graph)
     assert [p.layer for p in summary.prefetches] == [0, 1, 2, 3]
-    assert [p.slot_group for p in summary.prefetches] == [0, 1, 0, 1]  # double buffer alternates
     for p in summary.prefetches:
         assert mixtral_graph.nodes[p.wait]["ef_op"] == "wait"
         assert mixtral_graph.nodes[p.wait]["layer"] == p.layer
         assert p.compute_nodes > 0  # the copy hides behind some compute, or prefetching is pointless
-    assert summary.nodes_per_stream["copy"] == 8
+    assert summary.nodes_per_stream["copy"] == summary.nodes_per_stream["demand"] == 4
 
 
 def test_compiled_mixtral_critical_path_runs_through_every_expert_layer(mixtral_graph):

@@ -80,14 +80,15 @@ def test_summary_shows_manifest_numbers_and_graph_analysis(capsys, mixtral):
     g = gv.to_networkx(json.loads((mixtral / "graph.json").read_text()))
     summary = gv.stream_summary(g)
     for p in summary.prefetches:
-        # layer, experts, blob ("98,304 B"), slot group, prefetch -> wait, overlap nodes, overlap cost
+        # layer, experts, blob ("98,304 B"), prefetch -> wait, overlap nodes, overlap cost
         rows = [line.split() for line in out.splitlines() if line.split()[:1] == [str(p.layer)]]
-        row = next(r for r in rows if r[5:8] == [p.prefetch, "->", p.wait])
-        assert row[0] == str(p.layer) and row[4] == str(p.slot_group) and row[8] == str(p.compute_nodes)
+        row = next(r for r in rows if r[4:7] == [p.prefetch, "->", p.wait])
+        assert row[0] == str(p.layer) and row[7] == str(p.compute_nodes)
     assert f"nodes           {g.number_of_nodes()} ({g.number_of_edges()} edges)" in out
     streams = _streams(mixtral)
-    assert f"per stream      compute {streams['compute']}, copy {streams['copy']}" in out and streams["copy"] == 8
-    assert "ExpertFlow ops  predict 4, prefetch 4, route 4, wait 4, expert_compute 4" in out
+    assert (f"per stream      compute {streams['compute']}, copy {streams['copy']}, demand {streams['demand']}" in out
+            and streams["copy"] == streams["demand"] == 4)
+    assert "ExpertFlow ops  predict 4, prefetch 4, route 4, wait 4, permute 4, expert_compute 4, unpermute 4" in out
     assert f"critical path   {gv.critical_path(g)[0]:g} compute nodes" in out
     assert _run(capsys, mixtral, "--summary")[1] == out
 
@@ -104,7 +105,6 @@ def test_json_summary_is_machine_readable(capsys, mixtral):
     manifest = json.loads((mixtral / "manifest.json").read_text())
     assert rc == 0 and data["memory_plan"] == manifest["memory_plan"]
     assert [r["layer"] for r in data["moe_layers"]] == [0, 1, 2, 3]
-    assert [r["slot_group"] for r in data["moe_layers"]] == [0, 1, 0, 1]
     assert all(r["overlap_nodes"] > 0 and r["wait"] for r in data["moe_layers"])
     assert data["graph"]["by_stream"] == _streams(mixtral)
     unit = data["critical_path"]["unit"]

@@ -40,7 +40,8 @@ def _random_issues(rng: random.Random, trace: list[Access], experts: int, k: int
     issues: list[list[Issue]] = [[] for _ in trace]
     for s in range(len(trace)):
         lead = rng.randint(0, min(s % layers, 2))
-        issues[s - lead].append(Issue(s, tuple(sorted(rng.sample(range(experts), k)))))
+        deferred = rng.random() < 0.5  # read back at the wait of step s - lead, copied after it
+        issues[s - lead].append(Issue(s, tuple(sorted(rng.sample(range(experts), k))), deferred=deferred))
     return issues
 
 
@@ -89,7 +90,8 @@ def test_calibration_writes_traces_predictor_and_prior(calibrated):
     cal = manifest["calibration"]
     assert cal["train_tokens"] == 1024 and cal["heldout_tokens"] >= 128
     assert cal["routing_path"]["parameters"] > 0
-    assert manifest["options"] == {"lookahead": 1, "predictor": "routing_path", "policy": "predictive"}
+    assert manifest["options"] == {"lookahead": 1, "predictor": "routing_path", "policy": "predictive",
+                                   "permute": True}
 
 
 @pytest.mark.parametrize("predictor,policy", list(itertools.product(
@@ -137,7 +139,8 @@ def test_the_runtime_log_becomes_steps_and_issues():
            Request("prefetch", 1, (0,))]  # the last one's layer never ran again: dropped
     trace, issues = from_log(log)
     assert [(a.layer, a.experts) for a in trace] == [(0, (2, 3)), (1, (4,)), (0, (1, 5))]
-    assert issues == [[Issue(0, (1, 2))], [Issue(1, (4,)), Issue(2, (5,))], []]
+    d = {"deferred": True}  # read back at the wait that follows, with its routing decision
+    assert issues == [[Issue(0, (1, 2), **d)], [Issue(1, (4,), **d), Issue(2, (5,), **d)], []]
 
 
 def test_routing_path_needs_a_predictor_file(compiled_dir, tmp_path):
@@ -214,3 +217,15 @@ def test_simulate_compares_request_schedules(calibrated, capsys):
                        for s in ("fifo", "route-aware"))
         assert fifo["requests"] == aware["requests"]
     assert simulate.main([str(calibrated), "--cache", "8", "--schedule", "0"]) == 2
+
+
+def test_the_routing_path_predictor_costs_no_host_read_of_its_own(calibrated):
+    # Every layer's prefetch is issued before the first layer; the first wait reads them all back
+    # with its own routing decision, so a step still makes one host read per MoE layer.
+    from test_host_syncs import syncs_per_step
+
+    model = runtime.load(calibrated, expert_cache=5)
+    ids = torch.tensor([[5, 9, 13, 2], [7, 7, 1, 3]])
+    counts = syncs_per_step(model, ids, torch.ones_like(ids), steps=3)
+    assert counts == [len(model.context.cache.layouts)] * 4
+    assert model.stats()["total"]["predicted"] > 0

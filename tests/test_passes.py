@@ -19,6 +19,7 @@ from expertflow.ir.hf_compat import mask_cache_keyword
 from expertflow.ir.skeleton import build_skeleton
 from expertflow.passes.dce import dce
 from expertflow.passes.functionalize_inplace import functionalize_inplace, is_inplace_method
+from expertflow.passes.insert_permute import insert_permute
 from expertflow.passes.insert_prefetch import ancestors, insert_prefetch
 from expertflow.passes.lower_experts import lower_experts
 from expertflow.passes.manager import PassError, PassManager, PassResult
@@ -55,6 +56,13 @@ class Reference:
         self.calls.append(("compute", layer))
         assert slots == ("slots", layer)
         return self.experts[layer](hidden, top_k_index, top_k_weights)
+
+    def permute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                slots: Any) -> tuple[torch.Tensor, ...]:
+        """A random order of the tokens: the graph's unpermute must undo any permutation."""
+        self.calls.append(("permute", layer))
+        perm = torch.randperm(hidden.shape[0], generator=torch.Generator().manual_seed(layer))
+        return hidden[perm], top_k_index[perm], top_k_weights[perm], perm
 
 
 @functools.cache
@@ -277,44 +285,142 @@ def test_insert_prefetch_lookahead_and_none() -> None:
     assert not of(gm, ops.prefetch) and all(w.args[2] is None for w in of(gm, ops.wait))
 
 
+# --- insert_permute ---------------------------------------------------------------------------
+
+def test_insert_permute_structure_and_numbers() -> None:
+    lm = real("tiny-mixtral")
+    gm, info = lowered(lm)
+    before = run(gm, lm, Reference(lm, info))
+    assert insert_permute(gm, CompileOptions()).modified
+    verify_graph(gm)
+    for compute in of(gm, ops.expert_compute):
+        permute = ops.permute_of(compute)
+        assert permute is not None and permute.args[1] == compute.args[1]
+        assert [a.args for a in compute.args[2:5]] == [(permute, 0), (permute, 1), (permute, 2)]
+        (undo,) = compute.users
+        assert undo.target is ops.unpermute and undo.args == (next(u for u in permute.users if u.args[1] == 3),
+                                                               compute)
+        assert all(user.target is not ops.expert_compute for user in undo.users)
+    gm.recompile()
+    ctx = Reference(lm, info)
+    assert_close(run(gm, lm, ctx), before)  # random token orders, undone exactly
+    assert [c for c in ctx.calls if c[0] == "permute"] == [("permute", layer) for layer in info.experts]
+    assert_close(before, hf_logits(lm))
+
+
+def test_insert_permute_no_op() -> None:
+    lm = real("tiny-mixtral")
+    gm, _ = lowered(lm)
+    assert not insert_permute(gm, CompileOptions(permute=False)).modified
+    assert not of(gm, ops.permute)
+    assert insert_permute(gm, CompileOptions()).modified
+    assert not insert_permute(gm, CompileOptions()).modified  # already permuted: nothing to do
+    assert len(of(gm, ops.permute)) == len(of(gm, ops.unpermute)) == len(of(gm, ops.expert_compute))
+
+
+def test_verify_permute_pairs() -> None:
+    gm, _ = lowered(real("tiny-mixtral"))
+    insert_permute(gm, CompileOptions())
+    permute = of(gm, ops.permute)[1]
+    undo = of(gm, ops.unpermute)[1]
+    compute = of(gm, ops.expert_compute)[1]
+    undo.update_arg(1, undo.args[0])  # unpermutes the perm itself, not the compute's output
+    verify_error(gm, permute, "permute's perm does not feed exactly one unpermute of its compute's output")
+    undo.update_arg(1, compute)
+    verify_graph(gm)
+    undo.update_arg(0, compute.args[3])  # an ids item, not perm: the permute's outputs no longer pair
+    verify_error(gm, permute, "permute does not feed exactly one expert_compute of its layer (tokens, ids, "
+                 "weights)")
+    gm, _ = lowered(real("tiny-mixtral"))
+    insert_permute(gm, CompileOptions())
+    compute = of(gm, ops.expert_compute)[2]
+    with gm.graph.inserting_after(compute):
+        stray = gm.graph.call_function(ops.unpermute, (ops.unpermuted(compute.args[3]), compute))
+    verify_error(gm, stray, "unpermute does not read a permute's perm")
+
+
+def test_permute_then_unpermute_is_the_identity() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 2, 7, 64):
+        x = torch.randn(rows, 5, generator=gen)
+        perm = torch.randperm(rows, generator=gen)
+        assert torch.equal(ops.unpermute(perm, x[perm]), x)
+        assert ops.unpermute(None, x) is x
+
+
 # --- schedule ---------------------------------------------------------------------------------
 
-def test_schedule_streams_and_double_buffer() -> None:
+def test_schedule_streams() -> None:
     lm = real("tiny-qwen2-moe")
-    gm, info = lowered(lm)  # MoE on layers 1 and 3: groups follow depth, not index
+    gm, info = lowered(lm)
     dce(gm)
     gm.recompile()
     code = gm.code
     assert schedule(gm).modified
+    expected = {"prefetch": "copy", "wait": "demand"}
     for node in gm.graph.nodes:
         name = ops.op_name(node.target)
-        assert node.meta["ef.stream"] == ("copy" if name in ("prefetch", "wait") else "compute"), node.name
-        if name in ("prefetch", "wait", "route", "expert_compute"):
-            assert node.meta["ef.slot_group"] == {1: 0, 3: 1}[node.args[1]], node.name
-        else:
-            assert "ef.slot_group" not in node.meta
+        assert node.meta["ef.stream"] == expected.get(name or "", "compute"), node.name
+        assert "ef.slot_group" not in node.meta  # the shared slot pool has no double-buffer halves
     gm.recompile()
     assert gm.code == code  # metadata only: the program, hence every number, is unchanged
     assert not schedule(gm).modified
     assert_close(run(gm, lm, Reference(lm, info)), hf_logits(lm))  # the whole pipeline, end to end
 
 
+def test_the_runtime_copies_on_the_streams_the_schedule_names(compiled_dir, monkeypatch) -> None:
+    """What the pass decides is what runs: a wait scheduled on the copy stream makes its misses
+    speculative-priority copies; a prefetch scheduled on the demand stream jumps the queue."""
+    from expertflow import runtime
+    from expertflow.runtime.streams import CopyEngine
+    from conftest import PROMPTS
+
+    seen: list[tuple[str, bool]] = []
+    submit = CopyEngine.submit
+
+    def record(self, key, dst, src, label="", demand=False):
+        seen.append((label, demand))
+        return submit(self, key, dst, src, label, demand)
+
+    monkeypatch.setattr(CopyEngine, "submit", record)
+    model = runtime.load(compiled_dir("tiny-mixtral"), expert_cache=6)
+    model.generate(PROMPTS[:1], max_new_tokens=6)
+    assert {d for _, d in seen} == {True, False}  # demand misses and speculative prefetches
+    for node in model.graph_module.graph.nodes:
+        if node.target in (ops.prefetch, ops.wait):
+            node.meta["ef.stream"] = {"copy": "demand", "demand": "copy"}[node.meta["ef.stream"]]
+    from expertflow.runtime.loader import copy_streams
+
+    model.context.demand = {k: v == "demand" for k, v in copy_streams(model.graph_module, "test").items()}
+    model.reset_stats()
+    seen.clear()
+    model.generate(PROMPTS[:1], max_new_tokens=6)
+    loads = model.stats()["total"]
+    assert sum(not d for _, d in seen) >= loads["misses"] > 0  # every miss now on the copy stream
+    node = next(n for n in model.graph_module.graph.nodes if n.target is ops.wait)
+    node.meta["ef.stream"] = "compute"
+    with pytest.raises(runtime.LoadError, match="copies on stream 'compute'; the runtime has the 'copy' and "
+                       "'demand' streams; recompile the model"):
+        copy_streams(model.graph_module, "test")
+
+
 # --- verify_graph and the manager ---------------------------------------------------------------
 
-def two_layers(groups: tuple[int, int]) -> fx.GraphModule:
-    """Expected shape of two lowered layers; ``groups`` are the slot groups of layers 0 and 1."""
+def two_layers(interleaved: bool) -> fx.GraphModule:
+    """Two lowered layers, each wait right before its compute, or both waits first."""
     g = fx.Graph()
     x, idx, w, ctx = (g.placeholder(n) for n in ("x", "idx", "w", "ef_ctx"))
     routes = [g.call_function(ops.route, (ctx, layer, idx)) for layer in (0, 1)]
-    waits = [g.call_function(ops.wait, (ctx, layer, None, routes[layer])) for layer in (0, 1)]
-    out = x
+    out, waits = x, [None, None]
+    if not interleaved:
+        waits = [g.call_function(ops.wait, (ctx, layer, None, routes[layer])) for layer in (0, 1)]
     for layer in (0, 1):
+        if interleaved:
+            waits[layer] = g.call_function(ops.wait, (ctx, layer, None, routes[layer]))
         out = g.call_function(ops.expert_compute, (ctx, layer, out, routes[layer], w, waits[layer]))
     g.output(out)
     for n in g.nodes:
-        n.meta["ef.stream"] = "copy" if n.target is ops.wait else "compute"
-        if n.op == "call_function":
-            n.meta["ef.slot_group"] = groups[n.args[1]]
+        n.meta["ef.stream"] = "demand" if n.target is ops.wait else "compute"
     return fx.GraphModule(nn.Module(), g)
 
 
@@ -324,11 +430,20 @@ def verify_error(gm: fx.GraphModule, node: fx.Node, message: str, after: str = "
     assert str(info.value) == f"[verify{' after ' + after if after else ''}] {message} at {node.format_node()}"
 
 
-def test_verify_slot_group_refilled_while_read() -> None:
-    verify_graph(two_layers((0, 1)))  # both waits first is fine when they fill different halves
-    gm = two_layers((0, 0))
+def test_verify_two_waits_open_at_once() -> None:
+    verify_graph(two_layers(interleaved=True))
+    gm = two_layers(interleaved=False)
     wait0 = of(gm, ops.wait)[0]
-    verify_error(gm, wait0, "slot group 0 is refilled by wait_1 while its compute reads it")
+    verify_error(gm, wait0, "wait_1 waits while wait's compute has not run: both would pin slots at once")
+
+
+def test_verify_streams() -> None:
+    gm = two_layers(interleaved=True)
+    wait0 = of(gm, ops.wait)[0]
+    wait0.meta["ef.stream"] = "compute"
+    verify_error(gm, wait0, "a copy op is on the compute stream")
+    wait0.meta["ef.stream"] = "pcie"
+    verify_error(gm, wait0, "unknown stream 'pcie' (streams: copy, demand, compute)")
 
 
 def test_verify_compute_without_wait_and_wait_without_compute() -> None:

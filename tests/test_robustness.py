@@ -18,7 +18,7 @@ def _sane(model) -> None:
         assert not pool.pinned and not pool.reserved
         for slot, owner in enumerate(pool.owner):  # every named owner is where the table says
             if owner is not None:
-                assert pool.where[owner] == slot and int(model.context.cache.luts[owner[0]][owner[1]]) == slot
+                assert pool.where[owner] == slot and int(model.context.cache.tables[owner[0]].on_device()[owner[1]]) == slot
 
 
 @pytest.mark.parametrize("budget", [1, 4, 8])

@@ -96,39 +96,59 @@ def test_bytes_moved_hits_and_misses(make_cache) -> None:
 
 def test_prefetch_copies_on_the_copy_thread_while_the_caller_computes(make_cache) -> None:
     cache = make_cache(slots=4)
+    handle = cache.prefetch(1, torch.tensor([[3, 5]]))
+    assert handle.predicted == [] and cache.host_syncs == 0, "a prefetch reads nothing back by itself"
     Recording.delay = 0.1
     start = time.perf_counter()
-    handle = cache.prefetch(1, torch.tensor([[3, 5]]))
-    issued = time.perf_counter() - start
-    assert issued < 0.1, "prefetch blocked on its copies (two of 0.1 s each)"
-    assert handle.predicted == [3, 5]
-    time.sleep(0.4)  # the compute of the previous layer: the copies land meanwhile
+    waves = cache.plan(0, None, torch.tensor([[0]]))  # layer 0's wait reads layer 1's prediction too
+    assert handle.predicted == [3, 5] and cache.host_syncs == 1
+    slots0 = cache.acquire(0, waves[0])  # its demand copy first, then the prefetches
+    cache.release(0, slots0)
+    assert time.perf_counter() - start < 0.25, "the wait blocked on the prefetches' copies"
+    time.sleep(0.4)  # the compute of layer 0: the copies land meanwhile
     waves = cache.plan(1, handle, torch.tensor([[5, 3]]))
     slots = cache.acquire(1, waves[0])
-    assert [name for name, _ in Recording.copies] == ["expertflow-copy"] * 2
-    assert Recording.copies[0][1] - start < 0.1  # the first copy started before the "compute" ended
+    assert [name for name, _ in Recording.copies] == ["expertflow-copy"] * 3
+    assert Recording.copies[1][1] - start < 0.25  # the prefetch copies started before the "compute" ended
     assert cache.stats[1].stall_s < 0.1 and cache.stats[1].hits == 2 and cache.stats[1].misses == 0
-    assert cache.stats[1].predicted_used == 2
+    assert cache.stats[1].predicted_used == 2 and cache.host_syncs == 2
     assert set(resident(cache, 1)) == {3, 5}
     cache.release(1, slots)
 
 
+def test_a_prefetch_for_the_running_layer_loads_nothing_itself(make_cache) -> None:
+    # Read back at its own layer's wait, a prediction is too late to copy early: the wait loads
+    # what the router chose, and the prediction counts for accuracy only.
+    cache = make_cache(slots=4)
+    handle = cache.prefetch(1, torch.tensor([[3, 5]]))
+    waves = cache.plan(1, handle, torch.tensor([[5, 6]]))
+    cache.release(1, cache.acquire(1, waves[0]))
+    s = cache.stats[1]
+    assert (s.predicted, s.predicted_used, s.misses, s.bytes_moved) == (2, 1, 2, 2 * BLOB)
+    assert set(resident(cache, 1)) == {5, 6}
+
+
 def test_no_slot_is_reused_while_pinned(make_cache) -> None:
-    cache = make_cache(slots=2)
-    pinned = cache.acquire(0, [1, 2])  # the compute reading these slots is not done
-    before = cache.pool(0).tensor.clone()
+    cache = make_cache(slots=2, layers=3)
     cache.prefetch(1, torch.tensor([4, 6]))
+    waves = cache.plan(0, None, torch.tensor([[1, 2]]))
+    pinned = cache.acquire(0, waves[0])  # the compute reading these slots is not done
     assert cache.stats[1].prefetch_dropped == 2  # nowhere to go: both slots pinned
-    assert torch.equal(cache.pool(0).tensor, before) and cache.engine.copies == 2
+    before = cache.pool(0).tensor.clone()
+    assert cache.engine.copies == 2
     cache.release(0, pinned)
     cache.prefetch(1, torch.tensor([4, 6]))
+    cache.release(2, cache.acquire(2, cache.plan(2, None, torch.tensor([[]], dtype=torch.long))[0]))
     assert set(resident(cache, 1)) == {4, 6} and cache.engine.copies == 4
+    assert not torch.equal(cache.pool(0).tensor, before)
 
 
 def test_prefetch_does_not_evict_another_layers_reservation(make_cache) -> None:
-    cache = make_cache(slots=2)
+    cache = make_cache(slots=2, layers=3)
     cache.prefetch(1, torch.tensor([4, 6]))
+    cache.release(2, cache.acquire(2, cache.plan(2, None, torch.tensor([[]], dtype=torch.long))[0]))
     cache.prefetch(0, torch.tensor([1]))  # layer 1 computes first; its prefetched experts stay
+    cache.release(2, cache.acquire(2, cache.plan(2, None, torch.tensor([[]], dtype=torch.long))[0]))
     assert cache.stats[0].prefetch_dropped == 1 and set(resident(cache, 1)) == {4, 6}
 
 
@@ -148,9 +168,11 @@ def test_waves_when_needed_experts_exceed_slots(make_cache) -> None:
 
 def test_out_of_range_ids_are_ignored(make_cache) -> None:
     # Padding rows and predictors may name experts that do not exist; nothing is loaded for them.
-    cache = make_cache(slots=2, layers=1, experts=4)
+    cache = make_cache(slots=2, layers=2, experts=4)
     cache.prefetch(0, torch.tensor([-1, 9, 2]))
+    cache.release(1, cache.acquire(1, cache.plan(1, None, torch.tensor([[-1, 7]]))[0]))
     assert cache.stats[0].predicted == 1 and set(resident(cache, 0)) == {2}
+    assert cache.stats[1].needed == 0 and cache.engine.copies == 1
 
 
 @pytest.mark.parametrize("budget, slots", [

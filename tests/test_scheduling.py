@@ -96,3 +96,36 @@ def test_permute_then_unpermute_is_the_identity(seed):
     x = torch.randn(17, 6, generator=gen)
     perm = torch.randperm(17, generator=gen)
     torch.testing.assert_close(ops.unpermute(perm, x[perm]), x, rtol=0, atol=0)
+
+
+def test_a_layer_in_waves_computes_each_wave_on_its_own_rows(compiled_dir, model_dir, hf_reference, monkeypatch,
+                                                             tmp_path):
+    """Prefill at 3 slots: each layer needs more experts than fit, so it computes in waves. The
+    permute node orders the tokens by wave, so waves compute fewer rows in all than waves x tokens,
+    and the logits stay Hugging Face's; without the node every wave computes every row."""
+    from conftest import PROMPT_MASK, PROMPTS as IDS
+    from expertflow.passes.options import CompileOptions
+    from expertflow.runtime.context import RuntimeContext
+    from expertflow.tools.compile import compile_model
+
+    rows: list[int] = []
+    run = RuntimeContext._run
+
+    def counting(self, layer, hidden, index, weights, slots):
+        rows.append(hidden.shape[0])
+        return run(self, layer, hidden, index, weights, slots)
+
+    monkeypatch.setattr(RuntimeContext, "_run", counting)
+    _, logits, _ = hf_reference("tiny-mixtral")
+    plain = compile_model(str(model_dir("tiny-mixtral")), tmp_path / "plain",
+                          CompileOptions(permute=False), quiet=True, dumps=False)
+    used = {}
+    for name, path in (("permuted", compiled_dir("tiny-mixtral")), ("plain", plain)):
+        model = runtime.load(path, expert_cache=3)
+        rows.clear()
+        torch.testing.assert_close(model(IDS, attention_mask=PROMPT_MASK).logits, logits)
+        waves = model.stats()["total"]["waves"]
+        assert waves > len(model.context.cache.layouts)  # some layer ran in more than one wave
+        used[name] = (sum(rows), waves * IDS.numel())
+    assert used["plain"][0] == used["plain"][1]
+    assert used["permuted"][0] < used["permuted"][1]

@@ -86,7 +86,8 @@ class Probe:
         computes = [n for n in gm.graph.nodes if n.target is ops.expert_compute]
         embed = next(n for n in gm.graph.nodes if n.meta.get("ef.role") == "embed")
         return Probe(embed.name, {n.args[1]: n.meta["ef.block_input"] for n in computes},
-                     {n.args[1]: n.args[3].name for n in computes}, {n.args[1]: n.args[4].name for n in computes})
+                     {n.args[1]: ops.unpermuted(n.args[3]).name for n in computes},
+                     {n.args[1]: ops.unpermuted(n.args[4]).name for n in computes})
 
 
 class _Recorder(fx.Interpreter):

@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "calibration traces predicts every layer's experts from the token embedding, before "
                         "the first layer runs; needs --calibration), or none (every expert loads on demand). "
                         "runtime.load(predictor=...) can override it")
+    p.add_argument("--no-permute", action="store_true",
+                   help="leave out the token-permutation nodes (permute/unpermute around each expert compute). "
+                        "With them, a step whose experts outnumber the slots (a long prefill, a large batch) "
+                        "computes each wave of experts on one contiguous range of tokens instead of all of them")
     p.add_argument("--policy", choices=list(POLICIES), default="layer_cycle",
                    help="expert-cache eviction: layer_cycle (evict from the layer that runs again last), lru, lfu, "
                         "or predictive (farthest predicted next use; reads the routing prior --calibration "
@@ -155,7 +159,8 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
             "attn_implementation": config._attn_implementation,
             "experts_implementation": config._experts_implementation,
             "transformers": transformers.__version__, "expertflow": __version__,
-            "options": {"lookahead": options.lookahead, "predictor": options.predictor, "policy": options.policy},
+            "options": {"lookahead": options.lookahead, "predictor": options.predictor, "policy": options.policy,
+                        "permute": options.permute},
             "mask_kinds": info.mask_kinds, "layouts": [lay.to_json() for lay in layouts.values()],
             "memory_plan": memory_plan(layouts, dense_bytes),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -260,7 +265,8 @@ def _main(args: argparse.Namespace) -> int:
     try:
         for stale in remove_stale(args.output):
             print(f"expertflow-compile: removed {stale}, left by a compile that was killed", file=sys.stderr)
-        options = CompileOptions(lookahead=args.lookahead, predictor=args.predictor, policy=args.policy)
+        options = CompileOptions(lookahead=args.lookahead, predictor=args.predictor, policy=args.policy,
+                                 permute=not args.no_permute)
         calibration = Calibration(args.calibration, args.calibration_tokens, args.seed) if args.calibration else None
         out = compile_model(args.model, args.output, options, force=args.force, dumps=not args.no_dumps,
                             quiet=args.quiet, calibration=calibration)

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..ir.graph_view import FREE_OPS, NodeInfo, node_records
+from ..ir.graph_view import COPY_STREAMS, FREE_OPS, NodeInfo, node_records
 
 # Node fill colours (Graphviz names) by kind, in legend order. The legend, to_dot and
 # expertflow-inspect's --help are all built from this table, so they cannot disagree.
 NODE_KINDS: dict[str, tuple[str, str]] = {
-    "copy": ("lightblue", "copy stream (ef.stream): prefetch, wait"),
-    "expertflow": ("gold", "ExpertFlow op on the compute stream: predict, route, expert_compute"),
+    "copy": ("lightblue", "copy streams (ef.stream): prefetch (copy), wait (demand)"),
+    "expertflow": ("gold", "ExpertFlow op on the compute stream: predict, route, permute, expert_compute, unpermute"),
     "predictor": ("palegreen", "cross-layer predictor: a later layer's router, run early"),
     "free": ("lightgrey", "graph input or output, weight read"),
     "compute": ("white", "other compute-stream node"),
@@ -32,17 +32,16 @@ LEGEND_NODE = "__legend__"
 
 
 def node_table(graph: Any) -> str:
-    rows = [("name", "op", "target", "layer", "stream", "slot_group")]
+    rows = [("name", "op", "target", "layer", "stream")]
     for n in node_records(graph):
-        rows.append((n.name, n.op, n.short_target, str(n.meta.get("ef.layer", "")), n.meta.get("ef.stream", ""),
-                     str(n.meta.get("ef.slot_group", ""))))
+        rows.append((n.name, n.op, n.short_target, str(n.meta.get("ef.layer", "")), n.meta.get("ef.stream", "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows) + "\n"
 
 
 def node_kind(rec: NodeInfo) -> str:
     """The NODE_KINDS key of a node: its stream first, so copies stand out whatever they are."""
-    if rec.meta.get("ef.stream") == "copy":
+    if rec.meta.get("ef.stream") in COPY_STREAMS:
         return "copy"
     if rec.ef_op:
         return "expertflow"

@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     show.add_argument("--summary", action="store_true", help="print the summary (the default)")
     show.add_argument("--json", action="store_true", help="print the summary as JSON, for scripts")
     show.add_argument("--table", action="store_true",
-                      help="print the node table: name, op, target, layer, stream, slot group")
+                      help="print the node table: name, op, target, layer, stream")
     show.add_argument("--code", action="store_true", help="print the generated Python code (dumps/graph.py)")
     show.add_argument("--dot", action="store_true",
                       help="print the graph as Graphviz DOT, a cluster per decoder layer (colours above)")
@@ -117,14 +117,12 @@ def _check_nodes(path: Path, nodes: list[Any]) -> None:
 
 def _moe_layers(manifest: dict[str, Any], g: Any, streams: gv.StreamSummary) -> list[dict[str, Any]]:
     by_layer = {p.layer: p for p in streams.prefetches}
-    # A layer without prefetch still has a slot group: the one its on-demand loads fill.
-    groups = {a["layer"]: a["slot_group"] for _, a in g.nodes(data=True) if a.get("ef_op") == "expert_compute"}
     rows = []
     for lay in sorted(manifest.get("layouts", []), key=lambda lay: lay["layer"]):
         pre = by_layer.get(lay["layer"])
         rows.append({"layer": lay["layer"], "module": lay.get("module"), "num_experts": lay.get("num_experts"),
                      "blob_bytes": lay.get("blob_bytes"), "prefetch": pre.prefetch if pre else None,
-                     "wait": pre.wait if pre else None, "slot_group": groups.get(lay["layer"]),
+                     "wait": pre.wait if pre else None,
                      "overlap_nodes": pre.compute_nodes if pre else 0,
                      "overlap_cost": pre.compute_cost if pre else 0.0})
     return rows
@@ -168,13 +166,12 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def _layer_table(rows: list[dict[str, Any]]) -> list[str]:
-    table = [("layer", "experts", "blob", "slot group", "prefetch -> wait", "overlap nodes", "overlap cost")]
+    table = [("layer", "experts", "blob", "prefetch -> wait", "overlap nodes", "overlap cost")]
     for r in rows:
         where = f"{r['prefetch']} -> {r['wait'] or 'nothing'}" if r["prefetch"] else "none (on demand)"
-        group = "" if r["slot_group"] is None else str(r["slot_group"])
         blob = f"{r['blob_bytes']:,} B" if isinstance(r["blob_bytes"], int) else "?"
         overlap = (str(r["overlap_nodes"]), f"{r['overlap_cost']:g}") if r["prefetch"] else ("-", "-")
-        table.append((str(r["layer"]), str(r["num_experts"]), blob, group, where, *overlap))
+        table.append((str(r["layer"]), str(r["num_experts"]), blob, where, *overlap))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
 

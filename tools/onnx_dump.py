@@ -22,7 +22,7 @@ from ..ir.graph_view import NodeInfo, node_records
 EF_DOMAIN = "ai.expertflow"
 TORCH_DOMAIN = "ai.expertflow.torch"
 #: Meta keys exported as node attributes (the ONNX attribute name drops the ``ef.`` prefix).
-META_ATTRS = ("ef.layer", "ef.stream", "ef.slot_group", "ef.role", "ef.module")
+META_ATTRS = ("ef.layer", "ef.stream", "ef.role", "ef.module")
 
 
 def _value_type() -> onnx.TypeProto:

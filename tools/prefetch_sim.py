@@ -36,6 +36,9 @@ class Issue:
     target: int               # the step the experts are predicted for
     experts: tuple[int, ...]  # predicted ids for that step's layer
     load: bool = True         # False: a hint to the policy only (what to keep), no copy
+    #: True: read back at this step's wait (the runtime's one host sync per wait), so its copies
+    #: start after the step's demand loads, and a prediction for this very step copies nothing.
+    deferred: bool = False
 
 
 @dataclass
@@ -133,31 +136,54 @@ def replay(trace: Sequence[Access], issues: Sequence[Sequence[Issue]], policy: s
     for s, access in enumerate(trace):
         if (access.seq, access.token) != last_token:
             r.tokens, last_token = r.tokens + 1, (access.seq, access.token)
-        for issue in issues[s] if s < len(issues) else ():
-            _prefetch(cache, issue, trace, now, engine)
-        now = _step(cache, s, access, now, engine, time)
+        due = issues[s] if s < len(issues) else ()
+        for issue in due:
+            if issue.deferred:
+                _reserve(cache, issue, trace)
+            else:
+                _prefetch(cache, issue, trace, now, engine)
+
+        def after_demand(protect: set[Key], at: float = now, s: int = s) -> None:
+            for issue in due:
+                if issue.deferred and issue.load and issue.target != s:
+                    _copy(cache, issue, trace, at, engine, protect)
+
+        now = _step(cache, s, access, now, engine, time, after_demand)
         r.steps += 1
     r.ms = now
     return r
 
 
 def _prefetch(cache: _Cache, issue: Issue, trace: Sequence[Access], now: float, engine: _Engine | None) -> None:
+    _reserve(cache, issue, trace)
+    if issue.load:
+        _copy(cache, issue, trace, now, engine, set())
+
+
+def _reserve(cache: _Cache, issue: Issue, trace: Sequence[Access]) -> None:
+    """Tells the policy, counts the predictions, and reserves the resident ones (so no load evicts them)."""
     r, layer = cache.r, trace[issue.target].layer
     cache.policy.hint(layer, issue.experts)
     if not issue.load:
         return
     needed = set(trace[issue.target].experts)
-    for e in issue.experts:  # the resident predictions are reserved first: no load evicts them
+    r.predicted += len(issue.experts)
+    r.predicted_used += len(needed.intersection(issue.experts))
+    for e in issue.experts:
         if (layer, e) in cache.lru:
             cache.reserved.setdefault((layer, e), issue.target)
+
+
+def _copy(cache: _Cache, issue: Issue, trace: Sequence[Access], now: float, engine: _Engine | None,
+          protect: set[Key]) -> None:
+    """Loads the predictions that are not resident, never evicting ``protect`` (slots in use)."""
+    r, layer = cache.r, trace[issue.target].layer
     for e in issue.experts:
         key = (layer, e)
-        r.predicted += 1
-        r.predicted_used += e in needed
         if key in cache.lru:
             continue
         try:
-            cache.make_room(set(), force=False)
+            cache.make_room(protect, force=False)
         except LookupError:
             r.dropped += 1
             continue
@@ -171,7 +197,7 @@ def _prefetch(cache: _Cache, issue: Issue, trace: Sequence[Access], now: float, 
 
 
 def _step(cache: _Cache, s: int, access: Access, now: float, engine: _Engine | None,
-          time: TimeModel | None) -> float:
+          time: TimeModel | None, after_demand=lambda protect: None) -> float:
     r, layer = cache.r, access.layer
     stats = r.per_layer.setdefault(layer, {"accesses": 0, "ready": 0, "loads": 0})
     if engine is not None:
@@ -207,6 +233,10 @@ def _step(cache: _Cache, s: int, access: Access, now: float, engine: _Engine | N
             protect.add(key)
             cache.fetched.pop(key, None)
             cache.policy.use(key)
+        if start == 0:
+            after_demand(protect)  # the first wave's slots are in use while the deferred copies start
+    if not keys:
+        after_demand(set())
     if time is None:
         return now
     return ready + time.layer_ms
@@ -250,8 +280,8 @@ def _drop_stale(cache: _Cache, engine: _Engine, s: int) -> None:
 
 def from_log(log: Sequence) -> tuple[list[Access], list[list[Issue]]]:
     """The runtime's cache requests (``runtime.routing.Request``: prefetches and waits, in the
-    order it made them) as a replay's steps and issues: a prefetch is issued before the next
-    wait, for the first wait of its layer from there on (one it never reached is left out)."""
+    order it made them) as a replay's steps and issues: a prefetch is read back at the next wait
+    (deferred), for the first wait of its layer from there on (one it never reached is left out)."""
     trace: list[Access] = []
     issues: list[list[Issue]] = []
     pending: list[tuple[int, tuple[int, ...]]] = []  # (layer, experts) awaiting their target wait
@@ -269,5 +299,5 @@ def from_log(log: Sequence) -> tuple[list[Access], list[list[Issue]]]:
     for at, layer, experts in placed:
         target = next((s for s in range(at, len(trace)) if trace[s].layer == layer), None)
         if target is not None and experts:
-            issues[at].append(Issue(target, experts))
+            issues[at].append(Issue(target, experts, deferred=True))
     return trace, issues
