@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from expertflow.tools import bench
 
 
@@ -36,3 +38,42 @@ def test_bench_removes_its_own_compile_and_says_weights_are_random(tmp_path, mon
     out = capsys.readouterr().out
     assert rc == 0 and "seeded random weights" in out
     assert not list(tmp_path.glob("expertflow-bench-*")), list(tmp_path.iterdir())
+
+
+def test_bench_compares_every_way_of_running_on_the_same_budget(tmp_path, compiled_dir):
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    rc = bench.main(["tiny-mixtral", "--compiled", str(compiled_dir("tiny-mixtral")), "--gen-len", "3",
+                     "--repeats", "1", "--budget", "6", "--skip-compile-memory", "--json", str(out),
+                     "--markdown", str(md)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == ["HF eager, all resident", "transformers + accelerate CPU offload",
+                          "on-demand LRU (no prefetch)", "ExpertFlow cross_layer_gate, layer_cycle"]
+    assert rows["transformers + accelerate CPU offload"]["skipped"]  # no GPU here: said why, not faked
+    bandwidth = result["h2d_bytes_per_s"]
+    for name in ("on-demand LRU (no prefetch)", "ExpertFlow cross_layer_gate, layer_cycle"):
+        row = rows[name]
+        assert row["slots"] == 6 and row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0
+        assert round(row["bytes_per_token"] * 3) % 98304 == 0  # whole experts moved in 3 decode steps
+        assert row["bound_s_per_token"] == pytest.approx(row["bytes_per_token"] / bandwidth)
+        if row["bytes_per_token"]:
+            assert row["over_bound"] == pytest.approx((1 / row["decode_tok_s"]) / row["bound_s_per_token"])
+    table = md.read_text().splitlines()
+    assert table[0].startswith("| run | prefill tok/s | decode tok/s |") and len(table) == 2 + 3 + 1
+    assert table[-1] == "- transformers + accelerate CPU offload: not run (accelerate offloads to a GPU; this run is " \
+                        "on the CPU)"
+
+
+def test_bench_gpu_memory_picks_the_slots_that_fit(tmp_path, compiled_dir, capsys):
+    out = tmp_path / "bench.json"
+    args = ["tiny-mixtral", "--compiled", str(compiled_dir("tiny-mixtral")), "--gen-len", "2", "--repeats", "1",
+            "--skip-compile-memory", "--json", str(out)]
+    capsys.readouterr()  # the fixture's own compile output
+    assert bench.main(args + ["--gpu-memory", "25%"]) == 2
+    assert capsys.readouterr().err.strip() == ("expertflow-bench: error: --gpu-memory '25%' is not a size; give one "
+                                               "such as '24GiB'")
+    assert bench.main(args + ["--gpu-memory", "258MiB"]) == 0
+    result = json.loads(out.read_text())
+    # 258 MiB less a 256 MiB margin, the dense weights and the KV cache, in 98,304-byte slots
+    assert 0 < result["offload_slots"] < result["all_slots"]

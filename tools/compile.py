@@ -26,7 +26,8 @@ cache (ExpertFlow never downloads), or a built-in preset: tiny-trained-moe (a 2.
 Mixtral trained on the Python stdlib's sources, shipped in the package: learned routing,
 Python-like text); seeded random weights of tiny-mixtral, tiny-qwen2-moe, tiny-qwen3-moe,
 tiny-olmoe, tiny-deepseek-v3, tiny-gpt-oss, tiny-granitemoe; bench-mixtral-240m, a 459 MiB
-bfloat16 Mixtral for benchmarks.
+bfloat16 Mixtral for benchmarks; and the standard benchmark loads with real expert dimensions
+(gigabytes, made on first use): load-mixtral-8x7b-shaped, load-qwen3-30b-a3b-shaped.
 
 The output directory holds manifest.json (checksums, config, memory plan), graph.json (the
 scheduled graph), dense.safetensors, experts.safetensors (one contiguous blob per layer and

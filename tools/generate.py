@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runtime.check_device(args.device)
     path = compiled_path(args.model, args.cache_dir, args.quiet)
     manifest = read_manifest(path)  # checked as runtime.load checks it: the directory may be a stranger's
-    if not args.quiet and manifest.get("source") in presets.PRESETS:
+    if not args.quiet and presets.is_random(manifest.get("source") or ""):
         print(f"note: {manifest['source']} is a preset with seeded random weights: its text is gibberish, "
               "but exactly the text transformers would give", file=sys.stderr)
     tokenizer = runtime.load_tokenizer(path)

@@ -56,6 +56,27 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+#: Standard benchmark loads: real expert dimensions, a few layers, seeded random weights, bf16.
+#: Gigabytes each (made on first use, a minute or more): for expertflow-bench on a GPU machine,
+#: never for tests. Mixtral-8x7B's experts (hidden 4096, ffn 14336, 8 experts, top-2: 336 MiB per
+#: expert) and Qwen3-30B-A3B's (hidden 2048, 128 experts of ffn 768, top-8: 9 MiB per expert).
+LOADS: dict[str, tuple[str, dict[str, Any]]] = {
+    "load-mixtral-8x7b-shaped": ("MixtralConfig", dict(
+        _COMMON, vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=4096, dtype="bfloat16")),
+    "load-qwen3-30b-a3b-shaped": ("Qwen3MoeConfig", dict(
+        _COMMON, vocab_size=32000, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=4096, dtype="bfloat16")),
+}
+
+
+def is_random(name: str) -> bool:
+    """True for a preset made with seeded random weights (its routing is not a trained model's)."""
+    return name in PRESETS or name in LOADS
+
+
 #: Presets with trained weights shipped in the package: name -> save_pretrained directory.
 SHIPPED: dict[str, Path] = {
     "tiny-trained-moe": Path(__file__).resolve().parent / "preset_models" / "tiny-trained-moe",
@@ -64,7 +85,7 @@ SHIPPED: dict[str, Path] = {
 
 def names() -> list[str]:
     """Every preset name: the random-weight presets, then the shipped trained ones."""
-    return [*PRESETS, *SHIPPED]
+    return [*PRESETS, *SHIPPED, *LOADS]
 
 
 def shipped(name: str) -> Path:
@@ -83,7 +104,7 @@ def build(name: str, seed: int = 0):
     import torch
     import transformers
 
-    class_name, kwargs = PRESETS[name]
+    class_name, kwargs = {**PRESETS, **LOADS}[name]
     kwargs = dict(kwargs)
     attn = kwargs.pop("attn_implementation", None)
     dtype = getattr(torch, kwargs.pop("dtype", "float32"))
@@ -125,7 +146,7 @@ STAMP = "expertflow-preset.json"
 
 def _stamp(name: str) -> str:
     """What the saved copy was made from: a copy with another stamp is stale and is rebuilt."""
-    class_name, kwargs = PRESETS[name]
+    class_name, kwargs = {**PRESETS, **LOADS}[name]
     return json.dumps({"recipe": RECIPE, "class": class_name, "kwargs": kwargs}, sort_keys=True)
 
 

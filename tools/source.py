@@ -14,7 +14,7 @@ def resolve_model(model: str, presets_dir: Path | None = None) -> Path:
     """The local directory holding ``model``'s config.json and weights; never touches the network."""
     from . import presets
 
-    if model in presets.PRESETS or model in presets.SHIPPED:
+    if presets.is_random(model) or model in presets.SHIPPED:
         return presets.materialize(model, presets_dir)
     try:
         path = Path(model).expanduser()
