@@ -97,19 +97,22 @@ def unpermute(perm: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _permute_item(node: Any) -> Any:
+    """The ``permute`` node whose output ``node`` is an item of (``permute(...)[i]``), or None."""
+    if getattr(node, "target", None) is operator.getitem and getattr(node.args[0], "target", None) is permute:
+        return node.args[0]
+    return None
+
+
 def permute_of(compute: Any) -> Any:
     """The ``permute`` node an ``expert_compute`` node reads its tokens from, or None."""
-    hidden = compute.args[2]
-    if getattr(hidden, "target", None) is operator.getitem and getattr(hidden.args[0], "target", None) is permute:
-        return hidden.args[0]
-    return None
+    return _permute_item(compute.args[2])
 
 
 def unpermuted(node: Any) -> Any:
     """The value before permutation of an expert_compute input (``permute(...)[i]`` -> its input)."""
-    if getattr(node, "target", None) is operator.getitem and getattr(node.args[0], "target", None) is permute:
-        return node.args[0].args[2 + node.args[1]]
-    return node
+    source = _permute_item(node)
+    return node if source is None else source.args[2 + node.args[1]]
 
 
 for _fn in (route, prefetch, wait):

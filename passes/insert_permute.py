@@ -26,7 +26,6 @@ import operator
 from torch import fx
 
 from ..ir import ops
-from .lower_experts import context_node
 from .manager import PassResult
 from .options import CompileOptions
 
@@ -45,8 +44,7 @@ def insert_permute(gm: fx.GraphModule, options: CompileOptions | None = None) ->
 def _wrap(graph: fx.Graph, compute: fx.Node) -> None:
     ctx, layer, hidden, ids, weights, plan = compute.args
     with graph.inserting_before(compute):
-        permuted = graph.call_function(ops.permute, (ctx if ctx is not None else context_node(graph), layer,
-                                                     hidden, ids, weights, plan))
+        permuted = graph.call_function(ops.permute, (ctx, layer, hidden, ids, weights, plan))
         parts = [graph.call_function(operator.getitem, (permuted, i)) for i in range(4)]
     with graph.inserting_after(compute):
         restored = graph.call_function(ops.unpermute, (parts[3], compute))

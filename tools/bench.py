@@ -240,8 +240,8 @@ def _accelerate_row(source: Path, device: torch.device, compiled: Path, slots: i
         return bench_rows.Row(name, skipped="accelerate offloads to a GPU; this run is on the CPU")
     if importlib.util.find_spec("accelerate") is None:
         return bench_rows.Row(name, skipped="the accelerate package is not installed (pip install accelerate)")
-    plan = read_manifest(compiled)["memory_plan"]
-    budget = plan["dense_bytes"] + slots * max(lay["blob_bytes"] for lay in read_manifest(compiled)["layouts"])
+    manifest = read_manifest(compiled)
+    budget = manifest["memory_plan"]["dense_bytes"] + slots * max(lay["blob_bytes"] for lay in manifest["layouts"])
     hf = AutoModelForCausalLM.from_pretrained(source, device_map="auto",
                                               max_memory={device.index or 0: budget, "cpu": 2**40}).eval()
     return bench_rows.timed_row(name, hf_stepper(hf, device), ids, args.tokens, args.repeats, device)
