@@ -1,12 +1,14 @@
 """Route-aware against FIFO request scheduling on prompts of mixed kinds (code, prose, numbers).
 
-    python examples/schedule_mixed.py [--prompts 256] [--batch 8,32] [--budget 16] [--new 16]
+    python examples/schedule_mixed.py [--prompts 256] [--batch 8,32] [--budget 50%] [--new 16] [--mixed-lengths]
 
-Compiles the trained preset ``tiny-trained-moe`` (into a temporary directory), builds prompts
+Compiles the trained preset ``tiny-trained-moe`` or ``--model`` (into a temporary directory), builds prompts
 from the Python standard library (source code, docstrings, and lists of numbers; seeded), and
-runs ``model.generate_many`` with each schedule at the same expert budget. Prints, per schedule
-and batch size: distinct experts per micro-batch (prefill estimate), distinct experts per decode
-step (recorded routes, all MoE layers), bytes moved, and throughput on this machine.
+runs ``model.generate_many`` with each schedule at the same expert budget, in fixed micro-batches
+and with continuous batching. Prints, per schedule, batching and batch size: distinct experts per
+micro-batch (prefill estimate; continuous: the running batch after each admission), distinct
+experts per decode step (recorded routes, all MoE layers), bytes moved, decode steps run, and
+throughput on this machine.
 """
 
 from __future__ import annotations
@@ -55,29 +57,47 @@ def step_experts(model) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-trained-moe",
+                   help="preset name or model directory to compile (default tiny-trained-moe; "
+                        "examples/train_tiny_moe.py --experts 32 makes one with more, smaller experts)")
     p.add_argument("--prompts", type=int, default=256, help="number of prompts (default 256)")
     p.add_argument("--batch", default="8,32", help="micro-batch sizes, comma-separated (default 8,32)")
-    p.add_argument("--budget", type=int, default=16, help="expert slots (default 16: half the experts)")
-    p.add_argument("--new", type=int, default=16, help="new tokens per prompt (default 16)")
+    p.add_argument("--budget", default="50%", help="expert slots: a count or a share of all experts (default 50%%)")
+    p.add_argument("--new", type=int, default=16, help="new tokens per prompt (default 16); with --mixed-lengths "
+                   "the mean of a seeded uniform draw from 1 to 2*NEW-1, one limit per prompt")
+    p.add_argument("--mixed-lengths", action="store_true",
+                   help="give each prompt its own new-token limit (as requests in a server have), where "
+                        "continuous batching refills the places that finished rows leave")
     args = p.parse_args()
     prompts = mixed_prompts(args.prompts)
     with tempfile.TemporaryDirectory() as tmp:
-        compiled = compile_model("tiny-trained-moe", Path(tmp) / "c", CompileOptions(predictor="none"),
+        compiled = compile_model(args.model, Path(tmp) / "c", CompileOptions(predictor="none"),
                                  dumps=False, quiet=True)
-        print(f"{len(prompts)} prompts (code, prose, numbers), budget {args.budget} slots, {args.new} new tokens")
-        print("schedule     batch  experts/micro-batch  experts/decode-step  bytes moved  tokens/s")
+        tokenizer = runtime.load_tokenizer(compiled)
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+        budget = int(args.budget) if args.budget.isdigit() else args.budget
+        rng = random.Random(1)
+        limits = [rng.randint(1, 2 * args.new - 1) for _ in ids] if args.mixed_lengths else args.new
+        print(f"{len(prompts)} prompts (code, prose, numbers), {args.model}, budget {args.budget} of "
+              f"{sum(lay.num_experts for lay in runtime.load(compiled).context.cache.layouts.values())} experts, "
+              f"{'1 to ' + str(2 * args.new - 1) if args.mixed_lengths else args.new} new tokens")
+        print("schedule     batching    batch  experts/micro-batch  experts/decode-step  bytes moved  steps  "
+              "new tokens/s")
         for size in (int(b) for b in args.batch.split(",")):
             for schedule in ("fifo", "route-aware"):
-                model = runtime.load(compiled, expert_cache=args.budget, record_routing=True)
-                start = time.perf_counter()
-                outs = model.generate_many(prompts, batch_size=size, schedule=schedule, max_new_tokens=args.new,
-                                           do_sample=False)
-                seconds = time.perf_counter() - start
-                sched = model.last_schedule
-                per_batch = sum(sched.distinct_experts) / len(sched.distinct_experts)
-                moved = model.stats()["total"]["bytes_moved"]
-                print(f"{schedule:<12} {size:>5}  {per_batch:>19.2f}  {step_experts(model):>19.2f}  {moved:>11}  "
-                      f"{len(outs) * args.new / seconds:>8.1f}")
+                for continuous in (False, True):
+                    model = runtime.load(compiled, expert_cache=budget, record_routing=True)
+                    start = time.perf_counter()
+                    outs = model.generate_many(ids, batch_size=size, schedule=schedule, max_new_tokens=limits,
+                                               do_sample=False, continuous=continuous)
+                    seconds = time.perf_counter() - start
+                    sched = model.last_schedule
+                    per_batch = sum(sched.distinct_experts) / len(sched.distinct_experts)
+                    moved = model.stats()["total"]["bytes_moved"]
+                    steps = sum(1 for s in model.routing.steps if s.past > 0)
+                    made = sum(len(o) - len(p) for o, p in zip(outs, ids))
+                    print(f"{schedule:<12} {'continuous' if continuous else 'fixed':<10} {size:>5}  {per_batch:>19.2f}  "
+                          f"{step_experts(model):>19.2f}  {moved:>11}  {steps:>5}  {made / seconds:>12.1f}")
 
 
 if __name__ == "__main__":

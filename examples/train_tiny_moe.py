@@ -194,9 +194,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "if --steps has not finished (default 9; the default --steps take ~5-6 on 2 idle cores)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--experts", type=int, default=MODEL["num_local_experts"],
+                   help=f"experts per MoE layer (default {MODEL['num_local_experts']}, the shipped preset); more "
+                        "experts of a smaller --expert-ffn keep the size and make route-aware batching measurable")
+    p.add_argument("--top-k", type=int, default=MODEL["num_experts_per_tok"],
+                   help=f"experts each token is routed to (default {MODEL['num_experts_per_tok']})")
+    p.add_argument("--expert-ffn", type=int, default=MODEL["intermediate_size"],
+                   help=f"intermediate size of each expert (default {MODEL['intermediate_size']})")
     args = p.parse_args(argv)
     if args.steps < 1 or args.minutes <= 0:
         p.error("--steps and --minutes must be positive")
+    if not 1 <= args.top_k <= args.experts or args.expert_ffn < 1:
+        p.error("--top-k must be between 1 and --experts, and --expert-ffn positive")
     stray = sorted(f.name for f in args.out.iterdir() if f.name not in WRITES) if args.out.is_dir() else []
     if stray:  # the shipped directory must hold only the model: no checkpoints, no leftovers
         more = f" and {len(stray) - 5} more" if len(stray) > 5 else ""
@@ -231,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{held_tokens:,} tokens; tokenizer: {len(tokenizer)} ids ({time.perf_counter() - t0:.1f} s)")
 
     torch.manual_seed(args.seed)
+    shape = {**MODEL, "num_local_experts": args.experts, "num_experts_per_tok": args.top_k,
+             "intermediate_size": args.expert_ffn}
     config = MixtralConfig(vocab_size=len(tokenizer), output_router_logits=False, router_aux_loss_coef=AUX_COEF,
-                           **MODEL)
+                           **shape)
     # transformers' per-expert loop ("eager") trains fastest on CPU at this size; the saved config
     # does not record it, so from_pretrained uses its default kernels.
     config._experts_implementation = "eager"
@@ -343,7 +354,7 @@ def _report(**r: Any) -> str:
     missing = f"  Missing on this Python (skipped): {', '.join(r['missing'])}.\n" if r["missing"] else ""
     stop = (f"stopped early by --minutes after {r['steps_done']} of {r['args'].steps} steps"
             if r["stopped_early"] else f"all {r['steps_done']} steps")
-    return f"""# tiny-trained-moe: how it was trained
+    return f"""# {r['args'].out.name}: how it was trained
 
 A {r['params']:,}-parameter Mixtral-architecture MoE (`MixtralForCausalLM`, float32) trained on CPU
 from scratch on Python standard-library sources by `examples/train_tiny_moe.py`. Its routing is

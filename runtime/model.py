@@ -154,37 +154,21 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         return out if return_dict is not False else out.to_tuple()
 
     def generate_many(self, prompts: list, batch_size: int = 8, schedule: str = "route-aware",
-                      tokenizer: Any = None, **generation_kwargs: Any) -> list:
+                      tokenizer: Any = None, continuous: bool | None = None, **generation_kwargs: Any) -> list:
         """One output per prompt, in the caller's order: token-id lists (prompt + new tokens) for
         token-id prompts, text (new tokens only) for strings. Prompts are micro-batched by
         ``schedule``: "route-aware" groups prompts whose prefill routes share experts, "fifo"
         keeps the caller's order (``runtime/batching.py``); ``self.last_schedule`` says what ran.
-        ``generation_kwargs`` go to transformers' ``generate`` (``max_new_tokens``, ...)."""
-        from .batching import check_request, generate_many
-        from .loader import load_tokenizer
+        ``continuous`` (default: where it applies): finished sequences leave the running batch
+        and the waiting prompts that best share its experts join (``runtime/continuous.py``);
+        False runs fixed micro-batches through ``generate``. ``generation_kwargs`` are
+        generation options (``max_new_tokens``, ``do_sample``, ...); ``max_new_tokens`` may be a
+        list with one limit per prompt."""
+        from .batching import generate_many
 
-        strings = isinstance(prompts, (list, tuple)) and any(isinstance(p, str) for p in prompts)
-        if strings and tokenizer is None and self.directory is not None:
-            tokenizer = load_tokenizer(self.directory)
-        check_request(prompts, batch_size, schedule, tokenizer is not None)
-        ids = [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
-        limit = getattr(self.config, "max_position_embeddings", None)
-        new = int(generation_kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or 0)
-        for i, p in enumerate(ids):
-            check_input_ids(torch.tensor([p]), self.config.vocab_size, f"prompt {i}")
-            if limit and len(p) + new > limit:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={new} it exceeds the model's "
-                                 f"context of {limit}: shorten it or lower max_new_tokens")
-        gc = self.generation_config
-        pad = next((t for t in (gc.pad_token_id, gc.eos_token_id, getattr(self.config, "pad_token_id", None), 0)
-                    if t is not None), 0)
-        pad = pad[0] if isinstance(pad, list) else pad
-        eos = gc.eos_token_id if generation_kwargs.get("eos_token_id") is None else generation_kwargs["eos_token_id"]
-        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        outputs, self.last_schedule = generate_many(self, ids, batch_size, schedule, pad, eos, **generation_kwargs)
-        if not strings:
-            return outputs
-        return [tokenizer.decode(out[len(p):], skip_special_tokens=True) for out, p in zip(outputs, ids)]
+        outputs, self.last_schedule = generate_many(self, prompts, batch_size, schedule, tokenizer, continuous,
+                                                   generation_kwargs)
+        return outputs
 
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate``, after checking the ids (a string or a 1-D tensor gets a

@@ -24,6 +24,30 @@ SCHEDULES = ("route-aware", "fifo")
 LENGTH_PENALTY = 0.1  # cosine similarity given up per unit of relative length difference
 
 
+class Picker:
+    """Route-aware choice of the next prompt for a batch: the free prompt whose estimate is most
+    like the batch's members (cosine to their mean direction), less ``LENGTH_PENALTY`` per unit of
+    relative length difference from ``anchor``. Ties go to the earlier prompt (deterministic)."""
+
+    def __init__(self, estimates: torch.Tensor, lengths: Sequence[int]):
+        self.unit = torch.nn.functional.normalize(estimates.double(), dim=1)
+        self.length = torch.tensor(list(lengths), dtype=torch.float64)
+        self.scale = max(float(self.length.max()), 1.0) if len(lengths) else 1.0
+
+    def longest(self, free: torch.Tensor) -> int:
+        """The longest free prompt (the earliest of equals): a batch's seed."""
+        return int(torch.where(free, self.length, torch.tensor(-1.0, dtype=torch.float64)).argmax())
+
+    def pick(self, members: Sequence[int], free: torch.Tensor, anchor: float) -> int:
+        """The free prompt that best joins ``members`` (none: the longest free prompt)."""
+        if not members:
+            return self.longest(free)
+        centre = torch.nn.functional.normalize(self.unit[list(members)].sum(0), dim=0)
+        score = self.unit @ centre - LENGTH_PENALTY * (self.length - anchor).abs() / self.scale
+        score[~free] = float("-inf")
+        return int(score.argmax())  # argmax returns the first maximum: deterministic ties
+
+
 def plan_batches(estimates: torch.Tensor, lengths: Sequence[int], batch_size: int, schedule: str) -> list[list[int]]:
     """Micro-batches of prompt indices; ``estimates`` is [prompts, features], rows sum to anything."""
     n = len(lengths)
@@ -31,24 +55,16 @@ def plan_batches(estimates: torch.Tensor, lengths: Sequence[int], batch_size: in
         raise ValueError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
     if schedule == "fifo":
         return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    unit = torch.nn.functional.normalize(estimates.double(), dim=1)
-    length = torch.tensor(lengths, dtype=torch.float64)
-    scale = max(float(length.max()), 1.0) if n else 1.0
+    picker = Picker(estimates, lengths)
     free = torch.ones(n, dtype=torch.bool)
     batches = []
     while bool(free.any()):
-        # the longest prompt left seeds the batch (stable: the earliest of equals)
-        seed = int(torch.where(free, length, torch.tensor(-1.0, dtype=torch.float64)).argmax())
+        seed = picker.longest(free)
         batch, free[seed] = [seed], False
-        total = unit[seed].clone()
         while len(batch) < batch_size and bool(free.any()):
-            centre = torch.nn.functional.normalize(total, dim=0)
-            score = unit @ centre - LENGTH_PENALTY * (length - length[seed]).abs() / scale
-            score[~free] = float("-inf")
-            pick = int(score.argmax())  # argmax returns the first maximum: deterministic ties
+            pick = picker.pick(batch, free, float(picker.length[seed]))
             batch.append(pick)
             free[pick] = False
-            total += unit[pick]
         batches.append(sorted(batch))
     return batches
 

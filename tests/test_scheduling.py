@@ -32,12 +32,15 @@ def alone(model):
     return out
 
 
-@pytest.mark.parametrize("schedule,batch_size", [("route-aware", 3), ("route-aware", 8), ("fifo", 2)])
-def test_each_output_is_the_prompts_own(model, alone, schedule, batch_size):
+@pytest.mark.parametrize("schedule,batch_size,continuous",
+                         [("route-aware", 3, None), ("route-aware", 8, False), ("fifo", 2, False), ("fifo", 2, None)])
+def test_each_output_is_the_prompts_own(model, alone, schedule, batch_size, continuous):
     tokenizer = runtime.load_tokenizer(model.directory)
     ids = [tokenizer(text)["input_ids"] for text in PROMPTS]
-    got = model.generate_many(ids, batch_size=batch_size, schedule=schedule, max_new_tokens=10, do_sample=False)
+    got = model.generate_many(ids, batch_size=batch_size, schedule=schedule, max_new_tokens=10, do_sample=False,
+                              continuous=continuous)
     assert got == alone
+    assert model.last_schedule.continuous == (continuous is None)
     batches = model.last_schedule.batches
     assert sorted(i for b in batches for i in b) == list(range(len(PROMPTS)))
     assert all(len(b) <= batch_size for b in batches)

@@ -1,0 +1,247 @@
+"""Continuous batching for ``generate_many``: finished sequences leave, waiting prompts join.
+
+One running batch holds at most ``batch_size`` sequences. Before each decode step:
+
+1. rows that finished (end-of-sequence token or their new-token limit) leave: their KV rows are
+   dropped;
+2. free places are filled from the waiting prompts. ``fifo`` takes them in the caller's order;
+   ``route-aware`` takes, one at a time, the prompt whose route estimate is most like the
+   running rows' (``scheduler.Picker``). The newcomers are prefilled together, left-padded, and
+   their KV joins the batch's: both sides left-padded to one length, padding masked out, and
+   columns no row uses any more trimmed;
+3. one decode step runs every row, each at its own position.
+
+Each output is the one the prompt gets alone: padding is masked, each row's positions count its
+own tokens (as transformers' ``generate`` does for left padding), and transformers' logits
+processors are built per row from its own prompt length and applied to its own tokens.
+Beam search, several sequences per prompt, stop strings and callbacks need ``generate`` itself:
+``generate_many(..., continuous=False)`` runs them in fixed micro-batches.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .scheduler import Picker
+
+
+@dataclass
+class Row:
+    """One running sequence: its prompt's index, every token so far and its new-token limit."""
+
+    prompt: int
+    tokens: list[int]
+    limit: int
+    processors: Any  # transformers' LogitsProcessorList for this row's prompt length
+    new: int = 0
+    done: bool = False
+
+
+@dataclass
+class Running:
+    """The batch between steps: rows, their KV cache and its 2-D mask (1 = a real token)."""
+
+    rows: list[Row] = field(default_factory=list)
+    cache: Any = None
+    mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Admissions:
+    """What ran: the prompts admitted together (the first group is the initial batch) and the
+    batch's members right after each admission."""
+
+    groups: list[list[int]]
+    members: list[list[int]]
+
+
+def unsupported(model: Any, generation_kwargs: dict[str, Any]) -> str | None:
+    """Why continuous batching cannot run this request (None: it can)."""
+    cache = model.new_cache()
+    from transformers.cache_utils import DynamicLayer
+
+    if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
+        return "this model's KV cache has sliding-window or state layers, whose rows cannot be realigned"
+    if not hasattr(model, "_get_logits_processor"):
+        return "this transformers release builds no logits processors outside generate"
+    try:
+        config = generation_config(model, generation_kwargs)
+    except ValueError as exc:
+        return str(exc)
+    if (config.num_beams or 1) != 1 or (config.num_return_sequences or 1) != 1:
+        return "beam search and several sequences per prompt need generate's own loop"
+    if config.stop_strings or config.return_dict_in_generate:
+        return "stop strings and dict outputs need generate's own loop"
+    return None
+
+
+def generation_config(model: Any, generation_kwargs: dict[str, Any]) -> Any:
+    """The generation config ``generate`` would use (the model's, its defaults, the caller's
+    options: transformers' own merge); ValueError for options that are not generation options."""
+    if not hasattr(model, "_prepare_generation_config"):
+        raise ValueError("this transformers release does not expose generate's configuration merge")
+    config, rest = model._prepare_generation_config(None, **generation_kwargs)
+    if rest:
+        raise ValueError(f"{', '.join(sorted(rest))} are not generation options continuous batching can apply")
+    config.validate()
+    if hasattr(model, "_prepare_special_tokens"):  # the token tensors processors read (min length, ...)
+        wanted = {"generation_config": config, "kwargs_has_attention_mask": True, "device": model.device,
+                  "batch_size": 1}
+        names = inspect.signature(model._prepare_special_tokens).parameters
+        model._prepare_special_tokens(**{k: v for k, v in wanted.items() if k in names})
+    return config
+
+
+def _processors(model: Any, config: Any, prompt_len: int) -> Any:
+    wanted = {"generation_config": config, "input_ids_seq_length": prompt_len, "device": model.device}
+    names = inspect.signature(model._get_logits_processor).parameters
+    return model._get_logits_processor(**{k: v for k, v in wanted.items() if k in names})
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _rebuild(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=kv, config=model.config)
+
+
+def _merge(model: Any, run: Running, cache: Any, mask: torch.Tensor, rows: list[Row]) -> None:
+    """Append ``rows`` (prefilled into ``cache``/``mask``) to the running batch."""
+    if not run.rows:
+        run.rows, run.cache, run.mask = rows, cache, mask
+        return
+    width = max(run.mask.shape[1], mask.shape[1])
+    full = torch.cat([_left_pad(run.mask, width, 1), _left_pad(mask, width, 1)])
+    start = int(full.any(0).long().argmax())  # columns before the first real token of any row go
+    kv = [tuple(torch.cat([_left_pad(a, width, 2), _left_pad(b, width, 2)])[:, :, start:]
+                for a, b in zip(old, new)) for old, new in zip(_kv(run.cache), _kv(cache))]
+    run.rows, run.cache, run.mask = run.rows + rows, _rebuild(model, kv), full[:, start:]
+
+
+def _drop_finished(model: Any, run: Running) -> None:
+    keep = [i for i, row in enumerate(run.rows) if not row.done]
+    if len(keep) == len(run.rows):
+        return
+    if not keep:
+        run.rows, run.cache, run.mask = [], None, None
+        return
+    index = torch.tensor(keep, device=run.mask.device)
+    mask = run.mask[index]
+    start = int(mask.any(0).long().argmax())
+    kv = [(k[index][:, :, start:], v[index][:, :, start:]) for k, v in _kv(run.cache)]
+    run.rows, run.cache, run.mask = [run.rows[i] for i in keep], _rebuild(model, kv), mask[:, start:]
+
+
+def _choose(rows: Sequence[Row], logits: torch.Tensor, config: Any, eos: set[int]) -> None:
+    """Each row's next token from its own logits, through its own processors."""
+    if not config.do_sample and not any(row.processors for row in rows):  # plain greedy: one argmax
+        for row, token in zip(rows, logits.float().argmax(-1).tolist()):
+            _append(row, token, eos)
+        return
+    for r, row in enumerate(rows):
+        ids = torch.tensor([row.tokens], device=logits.device)
+        scores = row.processors(ids, logits[r:r + 1].float())
+        if config.do_sample:
+            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1)[0, 0])
+        else:
+            token = int(scores.argmax(-1)[0])
+        _append(row, token, eos)
+
+
+def _append(row: Row, token: int, eos: set[int]) -> None:
+    row.tokens.append(token)
+    row.new += 1
+    row.done = token in eos or row.new >= row.limit
+
+
+def _prefill(model: Any, prompts: Sequence[list[int]], group: list[int], pad: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    from .batching import padded
+
+    ids, mask = padded(prompts, group, pad)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    cache = model.new_cache()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
+    return cache, mask, out.logits[:, -1]
+
+
+def _decode(model: Any, run: Running) -> torch.Tensor:
+    last = torch.tensor([[row.tokens[-1]] for row in run.rows], device=run.mask.device)
+    positions = run.mask.sum(1, keepdim=True)
+    run.mask = torch.cat([run.mask, torch.ones_like(run.mask[:, :1])], dim=1)
+    out = model(input_ids=last, attention_mask=run.mask, position_ids=positions, past_key_values=run.cache,
+                logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def _next_group(picker: Picker | None, waiting: list[int], members: list[int], count: int) -> list[int]:
+    if picker is None:
+        return waiting[:count]
+    free = torch.zeros(len(picker.length), dtype=torch.bool)
+    free[waiting] = True
+    group: list[int] = []
+    anchor_of = members or [picker.longest(free)]
+    anchor = float(picker.length[anchor_of].mean())
+    for _ in range(min(count, len(waiting))):
+        pick = picker.pick(members + group, free, anchor)
+        group.append(pick)
+        free[pick] = False
+    return group
+
+
+def run(model: Any, prompts: Sequence[list[int]], batch_size: int, picker: Picker | None, pad: int,
+        eos: set[int], generation_kwargs: dict[str, Any],
+        limits: Sequence[int] | None = None) -> tuple[list[list[int]], Admissions]:
+    """Every prompt's tokens (prompt + new), in the caller's order, and the admissions made.
+    ``picker`` None admits in the caller's order (fifo); ``limits``: new tokens per prompt."""
+    config = generation_config(model, generation_kwargs)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    waiting, state = list(range(len(prompts))), Running()
+    groups: list[list[int]] = []
+    members: list[list[int]] = []
+    while waiting or state.rows:
+        while waiting and len(state.rows) < batch_size:
+            group = _next_group(picker, waiting, [row.prompt for row in state.rows], batch_size - len(state.rows))
+            waiting = [i for i in waiting if i not in set(group)]
+            cache, mask, logits = _prefill(model, prompts, group, pad)
+            rows = [Row(i, list(prompts[i]), limits[i] if limits else _limit(config, len(prompts[i])),
+                        _processors(model, config, len(prompts[i]))) for i in group]
+            _choose(rows, logits, config, eos)
+            _merge(model, state, cache, mask, rows)
+            groups.append(sorted(group))
+            members.append(sorted(row.prompt for row in state.rows))
+            _finish(model, state, outputs)
+        if state.rows:
+            _choose(state.rows, _decode(model, state), config, eos)
+            _finish(model, state, outputs)
+    return outputs, Admissions(groups, members)
+
+
+def _limit(config: Any, prompt_len: int) -> int:
+    if config.max_new_tokens is not None:
+        return max(int(config.max_new_tokens), 1)
+    return max(int(config.max_length) - prompt_len, 1)  # generate makes one token past a full max_length
+
+
+def _finish(model: Any, state: Running, outputs: list[list[int]]) -> None:
+    for row in state.rows:
+        if row.done:
+            outputs[row.prompt] = row.tokens
+    _drop_finished(model, state)
