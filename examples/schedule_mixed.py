@@ -22,7 +22,7 @@ from pathlib import Path
 
 from expertflow import runtime
 from expertflow.passes.options import CompileOptions
-from expertflow.tools.compile import compile_model
+from expertflow.tools.compile import Calibration, compile_model
 
 MODULES = ("argparse", "collections", "email.message", "json.decoder", "string", "textwrap", "calendar", "shlex")
 
@@ -60,6 +60,10 @@ def main() -> None:
     p.add_argument("--model", default="tiny-trained-moe",
                    help="preset name or model directory to compile (default tiny-trained-moe; "
                         "examples/train_tiny_moe.py --experts 32 makes one with more, smaller experts)")
+    p.add_argument("--predictor", choices=("none", "routing_path"), default="none",
+                   help="none (default): each prompt's route is estimated from its prefill; routing_path: "
+                        "calibrate on 8,192 builtin tokens and estimate from the routing-path predictor, "
+                        "before any layer runs")
     p.add_argument("--prompts", type=int, default=256, help="number of prompts (default 256)")
     p.add_argument("--batch", default="8,32", help="micro-batch sizes, comma-separated (default 8,32)")
     p.add_argument("--budget", default="50%", help="expert slots: a count or a share of all experts (default 50%%)")
@@ -71,8 +75,9 @@ def main() -> None:
     args = p.parse_args()
     prompts = mixed_prompts(args.prompts)
     with tempfile.TemporaryDirectory() as tmp:
-        compiled = compile_model(args.model, Path(tmp) / "c", CompileOptions(predictor="none"),
-                                 dumps=False, quiet=True)
+        calibration = Calibration("builtin", 8192, seed=0) if args.predictor == "routing_path" else None
+        compiled = compile_model(args.model, Path(tmp) / "c", CompileOptions(predictor=args.predictor),
+                                 dumps=False, quiet=True, calibration=calibration)
         tokenizer = runtime.load_tokenizer(compiled)
         ids = [tokenizer(p)["input_ids"] for p in prompts]
         budget = int(args.budget) if args.budget.isdigit() else args.budget

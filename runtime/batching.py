@@ -1,9 +1,10 @@
 """``model.generate_many``: many prompts, micro-batched by route (``runtime/scheduler.py``).
 
-1. Every prompt's route is estimated from its prefill: one forward per FIFO chunk of prompts
-   (only the last position's logits are kept), with the runtime's routing recorder on; the
-   estimate is the share of the prompt's own tokens (padding left out) sent to each
-   (MoE layer, expert).
+1. Every prompt's route is estimated: with a routing-path predictor, from its tokens' embeddings
+   alone (the predictor's top-k per layer; no layer runs); otherwise from its prefill, one
+   forward per FIFO chunk of prompts (only the last position's logits kept) with the runtime's
+   routing recorder on. The estimate is the share of the prompt's own tokens (padding left out)
+   sent to each (MoE layer, expert).
 2. The scheduler partitions the prompts into micro-batches of at most ``batch_size``.
 3. Continuous batching (``runtime/continuous.py``, the default where it applies): one running
    batch whose finished rows are replaced by the waiting prompts that best share its experts.
@@ -66,8 +67,27 @@ def padded(prompts: Sequence[list[int]], rows: list[int], pad: int) -> tuple[tor
     return ids, mask
 
 
+def predicted_estimates(model: Any, prompts: Sequence[list[int]]) -> torch.Tensor | None:
+    """[prompts, layers * experts] from the routing-path predictor, before any layer runs: each
+    prompt's share of predicted top-k choices per (MoE layer, expert). None without a predictor."""
+    predictor = model.context.path_predictor
+    if predictor is None:
+        return None
+    embed = model.get_input_embeddings()
+    out = torch.zeros(len(prompts), predictor.layers, predictor.experts)
+    for i, p in enumerate(prompts):
+        ids = predictor(embed(torch.tensor(p, device=model.device)))  # [tokens, layers, top_k]
+        for j in range(predictor.layers):
+            out[i, j] = torch.bincount(ids[:, j].flatten().cpu(), minlength=predictor.experts).float() / len(p)
+    return out.flatten(1)
+
+
 def route_estimates(model: Any, prompts: Sequence[list[int]], chunk: int, pad: int) -> torch.Tensor:
-    """[prompts, layers * experts]: each prompt's share of tokens per (MoE layer, expert)."""
+    """[prompts, layers * experts]: each prompt's share of tokens per (MoE layer, expert), from the
+    routing-path predictor when the directory has one (no model forward), else from a prefill."""
+    predicted = predicted_estimates(model, prompts)
+    if predicted is not None:
+        return predicted
     layouts = model.context.cache.layouts
     layers = sorted(layouts)
     width = max(lay.num_experts for lay in layouts.values())

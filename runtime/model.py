@@ -88,6 +88,17 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
     def _can_set_experts_implementation(cls) -> bool:
         return True
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding: the module the graph applies to its first input (the ids)."""
+        graph = self.graph_module.graph
+        ids = next(n for n in graph.nodes if n.op == "placeholder")
+        for node in ids.users:
+            if node.op == "call_module":
+                module = self.graph_module.get_submodule(node.target)
+                if isinstance(module, nn.Embedding):
+                    return module
+        raise NotImplementedError("this compiled graph does not start with a token embedding module")
+
     def new_cache(self) -> Any:
         """An empty KV cache for this model (what transformers' generate makes)."""
         from transformers import DynamicCache

@@ -76,3 +76,11 @@ def test_a_graph_from_another_release_runs_as_this_release_derives_it(compiled_d
     assert len(calls) == 4 and not any(other in n.kwargs for n in model.graph_module.graph.nodes)
     torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, hf_reference("tiny-mixtral")[1],
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-deepseek-v3"])
+def test_get_input_embeddings_is_the_models_token_embedding(compiled_dir, hf_reference, name):
+    hf, _, _ = hf_reference(name)
+    embed = runtime.load(compiled_dir(name), expert_cache=4).get_input_embeddings()
+    assert isinstance(embed, nn.Embedding)
+    torch.testing.assert_close(embed(PROMPTS), hf.get_input_embeddings()(PROMPTS), rtol=0, atol=0)

@@ -229,3 +229,26 @@ def test_the_routing_path_predictor_costs_no_host_read_of_its_own(calibrated):
     counts = syncs_per_step(model, ids, torch.ones_like(ids), steps=3)
     assert counts == [len(model.context.cache.layouts)] * 4
     assert model.stats()["total"]["predicted"] > 0
+
+
+def test_route_estimates_come_from_the_routing_path_predictor_without_a_forward(calibrated, monkeypatch):
+    """With a routing-path predictor, generate_many estimates each prompt's route from its token
+    embeddings alone: no model forward runs for it, the estimate is the predictor's top-k share
+    per layer, and every output is still the prompt's own."""
+    from expertflow.runtime import batching
+
+    model = runtime.load(calibrated, expert_cache=5)
+    tokenizer = runtime.load_tokenizer(calibrated)
+    ids = [tokenizer(t)["input_ids"] for t in PROMPTS]
+    steps = []
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: steps.append(1) or pytest.fail("forward ran"))
+    est = batching.route_estimates(model, ids, 2, 0)
+    monkeypatch.undo()
+    assert not steps
+    k, layers = model.config.num_experts_per_tok, len(model.context.cache.layouts)
+    shares = est.view(len(ids), layers, -1)
+    torch.testing.assert_close(shares.sum(-1), torch.full((len(ids), layers), float(k)))
+    first = model.context.path_predictor(model.get_input_embeddings()(torch.tensor(ids[0])))
+    assert torch.equal(shares[0, 0] * len(ids[0]), torch.bincount(first[:, 0].flatten(), minlength=shares.shape[-1]).float())
+    alone = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0].tolist() for p in ids]
+    assert model.generate_many(ids, batch_size=2, max_new_tokens=6, do_sample=False) == alone

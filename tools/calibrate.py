@@ -203,7 +203,8 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
         raise CalibrationError(f"--calibration-tokens {tokens} is too few: pass at least {2 * window} "
                                f"(two windows of {window} tokens)")
     text, held, label = texts(source)
-    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # the text is cut into windows after encoding, so its length past the context is expected (verbose=False)
+    encode = lambda t: tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
     ids = encode(text)
     if held is None:  # a user's file: its last fifth is held out
         cut = min(len(ids), tokens) * 4 // 5
