@@ -20,6 +20,7 @@ Beam search, several sequences per prompt, stop strings and callbacks need ``gen
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,8 +68,8 @@ def unsupported(model: Any, generation_kwargs: dict[str, Any]) -> str | None:
 
     if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
         return "this model's KV cache has sliding-window or state layers, whose rows cannot be realigned"
-    if not hasattr(model, "_get_logits_processor"):
-        return "this transformers release builds no logits processors outside generate"
+    if not all(hasattr(model, f) for f in ("_get_logits_processor", "_prepare_generated_length")):
+        return "this transformers release does not expose generate's processors and length rules"
     try:
         config = generation_config(model, generation_kwargs)
     except ValueError as exc:
@@ -213,6 +214,8 @@ def run(model: Any, prompts: Sequence[list[int]], batch_size: int, picker: Picke
     ``picker`` None admits in the caller's order (fifo); ``limits``: new tokens per prompt."""
     config = generation_config(model, generation_kwargs)
     outputs: list[list[int]] = [[] for _ in prompts]
+    # rows are made first: a prompt generate would refuse is refused before any token is generated
+    made = [_row(model, config, i, p, limits[i] if limits else None, generation_kwargs) for i, p in enumerate(prompts)]
     waiting, state = list(range(len(prompts))), Running()
     groups: list[list[int]] = []
     members: list[list[int]] = []
@@ -221,8 +224,7 @@ def run(model: Any, prompts: Sequence[list[int]], batch_size: int, picker: Picke
             group = _next_group(picker, waiting, [row.prompt for row in state.rows], batch_size - len(state.rows))
             waiting = [i for i in waiting if i not in set(group)]
             cache, mask, logits = _prefill(model, prompts, group, pad)
-            rows = [Row(i, list(prompts[i]), limits[i] if limits else _limit(config, len(prompts[i])),
-                        _processors(model, config, len(prompts[i]))) for i in group]
+            rows = [made[i] for i in group]
             _choose(rows, logits, config, eos)
             _merge(model, state, cache, mask, rows)
             groups.append(sorted(group))
@@ -234,10 +236,24 @@ def run(model: Any, prompts: Sequence[list[int]], batch_size: int, picker: Picke
     return outputs, Admissions(groups, members)
 
 
-def _limit(config: Any, prompt_len: int) -> int:
-    if config.max_new_tokens is not None:
-        return max(int(config.max_new_tokens), 1)
-    return max(int(config.max_length) - prompt_len, 1)  # generate makes one token past a full max_length
+def _row(model: Any, config: Any, prompt: int, tokens: list[int], limit: int | None,
+         kwargs: dict[str, Any]) -> Row:
+    """A row with generate's own length rules for its prompt (``_prepare_generated_length``: the
+    default max_length means 20 new tokens) and processors built for its prompt length."""
+    config = copy.deepcopy(config)
+    ids = torch.tensor([tokens], device=model.device)
+    own = model.generation_config
+    wanted = {"generation_config": config, "model_input_name": "input_ids", "input_ids_length": len(tokens),
+              "inputs_tensor": ids,
+              "has_default_max_length": kwargs.get("max_length") is None and own.max_length is None,
+              "has_default_min_length": kwargs.get("min_length") is None and own.min_length is None}
+    names = inspect.signature(model._prepare_generated_length).parameters
+    config = model._prepare_generated_length(**{k: v for k, v in wanted.items() if k in names})
+    if limit is None and len(tokens) >= config.max_length:  # as generate refuses it
+        raise ValueError(f"prompt {prompt} has {len(tokens)} tokens but max_length is {config.max_length}: "
+                         "raise max_length or pass max_new_tokens")
+    new = limit if limit is not None else int(config.max_length) - len(tokens)
+    return Row(prompt, list(tokens), new, _processors(model, config, len(tokens)))
 
 
 def _finish(model: Any, state: Running, outputs: list[list[int]]) -> None:

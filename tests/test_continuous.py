@@ -116,3 +116,20 @@ def test_each_prompt_can_have_its_own_new_token_limit(trained, continuous):
         assert len(model.last_schedule.batches) > math.ceil(len(prompts) / 3)
     with pytest.raises(ValueError, match=r"max_new_tokens is a list of 2; give one positive int per prompt \(7\)"):
         model.generate_many(prompts, batch_size=3, max_new_tokens=[3, 4], continuous=continuous)
+
+
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default")  # the reference: generate's own
+@pytest.mark.parametrize("options", [{}, {"max_length": 30}])
+def test_generates_length_rules_are_generates(trained, options):
+    """No max_new_tokens: transformers' default is 20 new tokens per prompt, whatever its length;
+    an explicit max_length counts the prompt. Each row follows the rule for its own prompt."""
+    model, prompts = trained
+    want = []
+    for p in prompts[:4]:
+        ids = torch.tensor([p])
+        want.append(model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, **options)[0].tolist())
+    got = model.generate_many(prompts[:4], batch_size=2, do_sample=False, **options)
+    assert model.last_schedule.continuous and got == want
+    if options:
+        with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens but max_length is 9: raise max_length"):
+            model.generate_many(prompts[:4], batch_size=2, do_sample=False, max_length=9)
