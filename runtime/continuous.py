@@ -151,18 +151,17 @@ def _drop_finished(model: Any, run: Running) -> None:
 
 
 def _choose(rows: Sequence[Row], logits: torch.Tensor, config: Any, eos: set[int]) -> None:
-    """Each row's next token from its own logits, through its own processors."""
-    if not config.do_sample and not any(row.processors for row in rows):  # plain greedy: one argmax
-        for row, token in zip(rows, logits.float().argmax(-1).tolist()):
-            _append(row, token, eos)
-        return
-    for r, row in enumerate(rows):
-        ids = torch.tensor([row.tokens], device=logits.device)
-        scores = row.processors(ids, logits[r:r + 1].float())
-        if config.do_sample:
-            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1)[0, 0])
-        else:
-            token = int(scores.argmax(-1)[0])
+    """Each row's next token from its own logits, through its own processors; one read of the
+    chosen tokens for the whole batch."""
+    scores = logits.float()
+    if any(row.processors for row in rows):
+        scores = torch.cat([row.processors(torch.tensor([row.tokens], device=logits.device), scores[r:r + 1])
+                            for r, row in enumerate(rows)])
+    if config.do_sample:
+        tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0]
+    else:
+        tokens = scores.argmax(-1)
+    for row, token in zip(rows, tokens.tolist()):
         _append(row, token, eos)
 
 

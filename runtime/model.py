@@ -168,7 +168,7 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
                       tokenizer: Any = None, continuous: bool | None = None, **generation_kwargs: Any) -> list:
         """One output per prompt, in the caller's order: token-id lists (prompt + new tokens) for
         token-id prompts, text (new tokens only) for strings. Prompts are micro-batched by
-        ``schedule``: "route-aware" groups prompts whose prefill routes share experts, "fifo"
+        ``schedule``: "route-aware" groups prompts whose routes share experts, "fifo"
         keeps the caller's order (``runtime/batching.py``); ``self.last_schedule`` says what ran.
         ``continuous`` (default: where it applies): finished sequences leave the running batch
         and the waiting prompts that best share its experts join (``runtime/continuous.py``);
