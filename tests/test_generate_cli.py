@@ -109,13 +109,34 @@ def test_load_tokenizer_refuses_a_tampered_file(compiled_dir, tmp_path):
         runtime.load_tokenizer(_tampered_tokenizer(compiled_dir("tiny-mixtral"), tmp_path))
 
 
+def test_a_prompts_file_gives_one_json_line_per_prompt_as_transformers(model_dir, compiled_dir, tmp_path, capsys):
+    prompts = ["Beautiful is better than", "Flat is better\nthan nested.", "Errors should never", "Now is better"]
+    file = tmp_path / "prompts.jsonl"
+    file.write_text("\n".join([json.dumps(prompts[0]), json.dumps({"prompt": prompts[1]}), "",
+                               json.dumps(prompts[2]), json.dumps(prompts[3])]) + "\n")
+    assert main([str(compiled_dir("tiny-mixtral")), "--prompts-file", str(file), "--batch-size", "3",
+                 "--max-new-tokens", "6", "--budget", "3", "--quiet"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    want = [_hf_text(model_dir("tiny-mixtral"), p, max_new_tokens=6, do_sample=False) for p in prompts]
+    assert lines == [{"index": i, "prompt": p, "text": w} for i, (p, w) in enumerate(zip(prompts, want))]
+    capsys.readouterr()
+    (tmp_path / "bad.jsonl").write_text('"ok"\n{"prompt": 3}\n')
+    (tmp_path / "blank.txt").write_text("\n \n")
+    for name, says in (("bad.jsonl", "bad.jsonl, line 2: expected a non-empty JSON string"),
+                       ("blank.txt", "holds no prompts: write one per line"), ("missing.txt", "cannot read it")):
+        assert main([str(compiled_dir("tiny-mixtral")), "--prompts-file", str(tmp_path / name), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for option in ("--max-new-tokens", "--budget", "--device", "--sample", "--temperature", "--top-k", "--top-p",
-                   "--seed", "--chat", "--stats", "--cache-dir", "--quiet"):
+                   "--seed", "--chat", "--stats", "--cache-dir", "--quiet", "--prompts-file", "--batch-size",
+                   "--schedule"):
         assert option in text
 
 

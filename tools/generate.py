@@ -5,6 +5,7 @@ anything expertflow-compile takes (a save_pretrained directory, a hub id already
 Hugging Face cache, a built-in preset): that is compiled once into --cache-dir and reused while
 the source is unchanged. Generation is transformers' own (greedy by default; --sample draws with
 --temperature, --top-k, --top-p); --chat wraps the prompt in the model's chat template.
+--prompts-file runs many prompts at once (``tools/generate_batch.py``): one JSON line each.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ examples:
   expertflow-generate tiny-trained-moe "def __init__(self" --stats
   expertflow-generate compiled/ "Explain MoE offloading." --chat --budget 4GiB --device cuda
   expertflow-generate ./my-model "Once upon a time" --sample --temperature 0.7 --top-p 0.9 --seed 1
+  expertflow-generate tiny-trained-moe --prompts-file prompts.jsonl --batch-size 16 --max-new-tokens 32
 """
 
 
@@ -32,7 +34,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="expertflow-generate", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="compiled directory, model directory, cached hub id, or preset name")
-    p.add_argument("prompt", help="the text to continue (with --chat: the user's message)")
+    p.add_argument("prompt", nargs="?", help="the text to continue (with --chat: the user's message); or give "
+                   "--prompts-file")
+    p.add_argument("--prompts-file", type=Path, metavar="FILE", help="many prompts instead of PROMPT: one per line "
+                   "(a .jsonl file: a JSON string or {\"prompt\": ...} per line); printed as one JSON line per "
+                   "prompt, in the file's order, batched by --schedule with continuous batching")
+    p.add_argument("--batch-size", type=int, default=8, help="with --prompts-file: sequences generated together "
+                   "(default 8)")
+    p.add_argument("--schedule", choices=("route-aware", "fifo"), default="route-aware",
+                   help="with --prompts-file: route-aware (default) batches prompts whose routes share experts; "
+                        "fifo keeps the file's order")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
     p.add_argument("--budget", default="25%", help="expert cache on the device: slots (8), a size (4GiB), a "
                    "fraction of all experts (25%%), 'auto' (the most that fits the device's free memory after "
@@ -62,6 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if (args.prompt is None) == (args.prompts_file is None):
+        p.error("give a PROMPT or --prompts-file FILE (one of the two)")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     return args
 
 
@@ -139,33 +154,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .. import runtime
     from ..runtime.manifest import read_manifest
     from . import presets
+    from .generate_batch import generate_batch, read_prompts
 
     budget = runtime.budget_argument(args.budget)
     runtime.check_budget(budget)  # a bad budget or device fails now, not after a compile
     runtime.check_device(args.device)
+    texts = read_prompts(args.prompts_file) if args.prompts_file is not None else [args.prompt]
     path = compiled_path(args.model, args.cache_dir, args.quiet)
     manifest = read_manifest(path)  # checked as runtime.load checks it: the directory may be a stranger's
     if not args.quiet and presets.is_random(manifest.get("source") or ""):
         print(f"note: {manifest['source']} is a preset with seeded random weights: its text is gibberish, "
               "but exactly the text transformers would give", file=sys.stderr)
     tokenizer = runtime.load_tokenizer(path)
-    inputs = encode(tokenizer, args.prompt, args.chat)
+    prompts = [encode(tokenizer, text, args.chat)["input_ids"][0].tolist() for text in texts]
     model = runtime.load(path, device=args.device, expert_cache=budget, timeline=args.timeline is not None,
                          record_routing=args.trace_out is not None,
-                         max_context=inputs["input_ids"].shape[1] + args.max_new_tokens)
+                         max_context=max(len(p) for p in prompts) + args.max_new_tokens,
+                         batch_size=args.batch_size if args.prompts_file is not None else 1)
     if model.budget is not None and not args.quiet:
         print(model.budget.describe(), file=sys.stderr)
-    if not args.chat:
-        print(args.prompt, end="", flush=True)
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
         if args.sample else dict(do_sample=False)
     if args.sample and args.seed is not None:
         torch.manual_seed(args.seed)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+    if args.prompts_file is not None:
+        new = generate_batch(model, tokenizer, prompts, texts, args, sampling)
+    else:
+        if not args.chat:
+            print(args.prompt, end="", flush=True)
+        ids = torch.tensor([prompts[0]])
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             streamer=streamer, **sampling)
+        new = out.shape[1] - ids.shape[1]
     seconds = time.perf_counter() - start
-    new = out.shape[1] - inputs["input_ids"].shape[1]
     if args.timeline is not None:
         model.timeline.write(args.timeline)
     if args.trace_out is not None:
