@@ -22,6 +22,7 @@ class ExecutionContext(Protocol):
 
     def route(self, layer: int, top_k_index: torch.Tensor) -> None: ...
     def predict_path(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def path_context(self, hidden: torch.Tensor) -> None: ...
     def prefetch(self, layer: int, expert_ids: torch.Tensor) -> Any: ...
     def wait(self, layer: int, handle: Any, top_k_index: torch.Tensor) -> Any: ...
     def expert_compute(
@@ -52,6 +53,13 @@ def predict_path(ctx: ExecutionContext, hidden: torch.Tensor) -> torch.Tensor:
     (the token embeddings), as ids [tokens, MoE layers, k], from one forward of the network the
     compiled directory ships (``runtime/path_predictor.py``)."""
     return ctx.predict_path(hidden)
+
+
+def path_context(ctx: ExecutionContext, hidden: torch.Tensor) -> torch.Tensor:
+    """Keeps the last MoE block's input of each sequence's last position (``hidden``) as the
+    context the routing-path predictor reads at the next step; returns ``hidden`` unchanged."""
+    ctx.path_context(hidden)
+    return hidden
 
 
 def path_layer(paths: torch.Tensor, position: int) -> torch.Tensor:
@@ -115,11 +123,11 @@ def unpermuted(node: Any) -> Any:
     return node if source is None else source.args[2 + node.args[1]]
 
 
-for _fn in (route, prefetch, wait):
+for _fn in (route, path_context, prefetch, wait):
     has_side_effect(_fn)
 
 #: Ops by short name, for serialisation and dumps.
-OPS = {fn.__name__: fn for fn in (route, predict, predict_path, path_layer, prefetch, wait, expert_compute,
+OPS = {fn.__name__: fn for fn in (route, predict, predict_path, path_context, path_layer, prefetch, wait, expert_compute,
                                   permute, unpermute)}
 #: Which stream each op belongs to when the schedule pass has nothing better to say.
 COPY_OPS = frozenset({"prefetch", "wait"})

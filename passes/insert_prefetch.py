@@ -11,7 +11,9 @@ training-free predictor of Fate and mixtral-offloading.
 With ``options.predictor == "routing_path"`` (ExpertFlow's routing-path predictor) it instead
 inserts, right after the token embedding, ``paths = predict_path(ef_ctx, embeds)`` and for MoE
 layer number j ``prefetch(ef_ctx, L_j, predict(ef_ctx, L_j, path_layer(paths, j)))``: every
-layer's copies are issued before the first layer computes, and each wait reads its handle.
+layer's copies are issued before the first layer computes, and each wait reads its handle. Right
+after the last MoE block's input it inserts ``path_context(ef_ctx, hidden)``, which keeps that
+input as the predictor's context for the next step (nothing reads its value: a side effect).
 
 Before: lowered graph (``lower_experts``), waits with handle None. After: each wait whose
 predictor could be placed reads a prefetch handle; the others keep None and load on demand.
@@ -95,7 +97,7 @@ def insert_prefetch(gm: fx.GraphModule, options: CompileOptions | None = None) -
         return PassResult(gm, False)
     embed = next((n for n in graph.nodes if n.meta.get("ef.role") == "embed"), None)
     if options.predictor == "routing_path":
-        return _insert_path(gm, computes, embed)
+        return _insert_path(gm, computes, embed, by_name.get(computes[-1].meta.get("ef.block_input") or ""))
     inputs = [by_name.get(n.meta.get("ef.block_input") or "") for n in computes]
     ctx = context_node(graph)
     modified = False
@@ -120,10 +122,16 @@ def insert_prefetch(gm: fx.GraphModule, options: CompileOptions | None = None) -
     return PassResult(gm, modified)
 
 
-def _insert_path(gm: fx.GraphModule, computes: list[fx.Node], embed: fx.Node | None) -> PassResult:
+def _insert_path(gm: fx.GraphModule, computes: list[fx.Node], embed: fx.Node | None,
+                 last_input: fx.Node | None) -> PassResult:
     if embed is None:
         raise PassError(PASS, "the routing-path predictor reads the token embedding, and none was found")
+    if last_input is None:
+        raise PassError(PASS, "cannot find the last MoE block's input (the predictor's context)", computes[-1])
     graph, ctx = gm.graph, context_node(gm.graph)
+    with graph.inserting_after(last_input):
+        kept = graph.call_function(ops.path_context, (ctx, last_input))
+    kept.meta.update({"ef.role": "predictor", "ef.layer": computes[-1].args[1]})
     with graph.inserting_after(embed):
         paths = graph.call_function(ops.predict_path, (ctx, embed))
     paths.meta.update({"ef.role": "predictor"})

@@ -50,6 +50,15 @@ class SlotPlan:
     rows: list[tuple[int, int]] | None = None  # per wave, the rows it computes (set by permute)
 
 
+@dataclass
+class PathState:
+    """The routing-path predictor's context between steps: the last MoE block's input at each
+    row's last position ([rows, hidden]), and the rows of the step that is running."""
+
+    last: torch.Tensor | None = None
+    rows: int = 0
+
+
 class RuntimeContext:
     def __init__(self, cache: ExpertCache, modules: dict[int, nn.Module],
                  streams: dict[tuple[str, int], str] | None = None):
@@ -61,6 +70,7 @@ class RuntimeContext:
         self.timeline: Timeline | None = None  # set by runtime.load(timeline=True)
         self.routing: RoutingTrace | None = None  # set by runtime.load(record_routing=True)
         self.path_predictor: nn.Module | None = None  # set by runtime.load for a routing_path graph
+        self.path_state = PathState()
 
     def _view(self, layer: int, lo: int, hi: int) -> nn.Module:
         """The experts module over slots lo..hi only: experts functions pay per expert group, so
@@ -81,7 +91,22 @@ class RuntimeContext:
     def predict_path(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.path_predictor is None:
             raise RuntimeError("this graph calls the routing-path predictor but none was loaded")
-        return self.path_predictor(hidden)
+        state = self.path_state
+        rows = hidden.shape[0] if hidden.dim() == 3 else 1
+        state.rows = rows
+        context = None
+        # a decode step (one position per row) after a step of as many rows: the context is known
+        if (getattr(self.path_predictor, "context", False) and state.last is not None and hidden.dim() == 3
+                and hidden.shape[1] == 1 and state.last.shape[0] == rows):
+            context = state.last
+        return self.path_predictor(hidden, context)
+
+    def path_context(self, hidden: torch.Tensor) -> None:
+        state = self.path_state
+        if not getattr(self.path_predictor, "context", False) or not state.rows:
+            return
+        # rows stay in order across steps; a reordered batch (beam search) only predicts worse
+        state.last = hidden.reshape(state.rows, -1, hidden.shape[-1])[:, -1].detach().clone()
 
     def prefetch(self, layer: int, expert_ids: torch.Tensor) -> Handle:
         return self.cache.prefetch(layer, expert_ids, demand=self.demand.get(("prefetch", layer), False))

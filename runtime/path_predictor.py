@@ -1,8 +1,13 @@
 """ExpertFlow's routing-path predictor: every MoE layer's experts for a token, from its embedding.
 
-One forward pass of a small network (standardise, linear, GELU, linear) maps a token's embedding to
-a score per (MoE layer, expert); each layer's top-k scores are its predicted experts. The graph
-calls it once per step right after the embedding (``ops.predict_path``), so the copies for every
+One forward pass of a small network (standardise, linear, GELU, linear) maps a token's embedding,
+optionally with a context vector, to a score per (MoE layer, expert); each layer's top-k scores
+are its predicted experts. The context is the previous position's input to the last MoE block
+(what the sequence has said so far, as the model itself summarises it): in decode it is known
+before the new token's first layer runs, because the previous step computed it
+(``ops.path_context`` keeps it). Where it is not known (prefill, a new batch) the context is the
+calibration mean, which the predictor was trained to expect (context dropout). The graph calls the
+predictor once per step right after the embedding (``ops.predict_path``), so the copies for every
 layer can start before the first layer computes. It is trained at compile time on calibration
 traces (``tools/train_predictor.py``) and shipped as ``predictor.safetensors``: tensors only. A
 forged predictor can only make the cache load the wrong experts (slower), never change the
@@ -25,23 +30,41 @@ _SHAPES = ("mean", "std", "w1", "b1", "w2", "b2", "top_k")
 
 
 class PathPredictor(nn.Module):
-    def __init__(self, hidden: int, width: int, layers: int, experts: int, top_k: int):
+    def __init__(self, hidden: int, width: int, layers: int, experts: int, top_k: int, context: bool = False):
         super().__init__()
-        self.layers, self.experts, self.top_k = layers, experts, top_k
-        self.register_buffer("mean", torch.zeros(hidden))
-        self.register_buffer("std", torch.ones(hidden))
-        self.inner = nn.Linear(hidden, width)
+        self.layers, self.experts, self.top_k, self.hidden = layers, experts, top_k, hidden
+        self.context = context  # True: the input is [embedding, previous position's context]
+        inputs = 2 * hidden if context else hidden
+        self.register_buffer("mean", torch.zeros(inputs))
+        self.register_buffer("std", torch.ones(inputs))
+        self.inner = nn.Linear(inputs, width)
         self.outer = nn.Linear(width, layers * experts)
 
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores [..., layers, experts] (logits of "the router picks this expert")."""
-        x = (hidden.float() - self.mean) / self.std
+    def scores(self, hidden: torch.Tensor, context: torch.Tensor | None = None,
+               known: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [tokens, layers, experts] (logits of "the router picks this expert") for
+        ``hidden`` [tokens, hidden]; ``context`` [tokens, hidden] where ``known`` [tokens] (bool)
+        is true; an unknown or absent context reads as its calibration mean."""
+        if self.context:
+            if context is None:
+                context, known = hidden.new_zeros(hidden.shape), hidden.new_zeros(hidden.shape[0], dtype=torch.bool)
+            x = (torch.cat([hidden.float(), context.float()], -1) - self.mean) / self.std
+            if known is not None:
+                x = torch.cat([x[:, :self.hidden], x[:, self.hidden:] * known[:, None].to(x.dtype)], -1)
+        else:
+            x = (hidden.float() - self.mean) / self.std
         out = self.outer(nn.functional.gelu(self.inner(x)))
-        return out.reshape(*hidden.shape[:-1], self.layers, self.experts)
+        return out.reshape(hidden.shape[0], self.layers, self.experts)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Predicted expert ids [tokens, layers, top_k] for hidden [..., hidden]."""
-        scores = self.scores(hidden.reshape(-1, hidden.shape[-1]))
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted expert ids [tokens, layers, top_k] for hidden [..., hidden] and, with a
+        context predictor, the previous position's context for each token (None: unknown)."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        known = None
+        if context is not None:
+            context = context.reshape(-1, context.shape[-1])
+            known = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+        scores = self.scores(flat, context, known)
         return scores.topk(self.top_k, dim=-1).indices
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -56,7 +79,9 @@ class PathPredictor(nn.Module):
                             "recompile the model")
         w1, w2, k = t["w1"], t["w2"], t["top_k"]
         width = w1.shape[0] if w1.dim() == 2 else -1
-        expect = {"mean": (hidden,), "std": (hidden,), "w1": (width, hidden), "b1": (width,),
+        context = w1.dim() == 2 and w1.shape[1] == 2 * hidden  # [embedding, context] inputs
+        inputs = 2 * hidden if context else hidden
+        expect = {"mean": (inputs,), "std": (inputs,), "w1": (width, inputs), "b1": (width,),
                   "w2": (layers * experts, width), "b2": (layers * experts,), "top_k": (1,)}
         for name, shape in expect.items():
             if tuple(t[name].shape) != shape or (name != "top_k" and t[name].dtype != torch.float32):
@@ -66,7 +91,7 @@ class PathPredictor(nn.Module):
             raise LoadError(f"{where}: width {width} or top_k {k.tolist()} out of range; recompile the model")
         if not all(torch.isfinite(v).all() for v in t.values()) or not (t["std"] > 0).all():
             raise LoadError(f"{where} holds non-finite values or a non-positive std; recompile the model")
-        out = PathPredictor(hidden, width, layers, experts, int(k))
+        out = PathPredictor(hidden, width, layers, experts, int(k), context)
         with torch.no_grad():
             for name, value in out.tensors().items():
                 if name != "top_k":

@@ -81,6 +81,47 @@ def test_training_is_deterministic_under_a_seed():
     for name, value in a.tensors().items():
         torch.testing.assert_close(value, b.tensors()[name], rtol=0, atol=0)
     assert not torch.equal(a.tensors()["w1"], c.tensors()["w1"])
+    context = (torch.randn(300, 16, generator=gen), torch.rand(300, generator=gen) > 0.1)
+    d, _ = train_path_predictor(x, routes, 8, 2, seed=5, epochs=3, context=context)
+    e, _ = train_path_predictor(x, routes, 8, 2, seed=5, epochs=3, context=context)
+    assert d.context and d.tensors()["w1"].shape == (256, 32)
+    for name, value in d.tensors().items():
+        torch.testing.assert_close(value, e.tensors()[name], rtol=0, atol=0)
+
+
+def test_decode_predicts_from_the_previous_steps_context(calibrated):
+    """The routing-path predictor reads, at a decode step, the last MoE block's input of the
+    previous step's last position (kept by the graph's path_context node); prefill has none."""
+    model = runtime.load(calibrated, expert_cache=5)
+    predictor = model.context.path_predictor
+    assert predictor.context
+    assert sum(n.target.__name__ == "path_context" for n in model.graph_module.graph.nodes
+               if n.op == "call_function") == 1
+    kept, seen = [], []
+    keep, forward = model.context.path_context, type(predictor).forward
+
+    def spy_keep(hidden):
+        kept.append(hidden.detach().clone())
+        keep(hidden)
+
+    def spy_forward(self, hidden, context=None):
+        seen.append(None if context is None else context.clone())
+        return forward(self, hidden, context)
+
+    model.context.path_context = spy_keep
+    type(predictor).forward = spy_forward
+    try:
+        batch = runtime.load_tokenizer(calibrated)(PROMPTS[:2], return_tensors="pt", padding=True)
+        model.generate(**batch, max_new_tokens=4, do_sample=False)
+    finally:
+        type(predictor).forward = forward
+    assert len(seen) == 4 and seen[0] is None
+    for step in range(1, 4):
+        last = kept[step - 1].reshape(2, -1, kept[step - 1].shape[-1])[:, -1]
+        torch.testing.assert_close(seen[step], last, rtol=0, atol=0)
+    ids = torch.randn(2, 1, predictor.hidden)
+    assert not torch.equal(predictor.scores(ids[:, 0], seen[1], torch.ones(2, dtype=torch.bool)),
+                           predictor.scores(ids[:, 0]))
 
 
 def test_calibration_writes_traces_predictor_and_prior(calibrated):
@@ -152,7 +193,12 @@ def test_routing_path_needs_a_predictor_file(compiled_dir, tmp_path):
         compile_model("tiny-mixtral", tmp_path / "x", CompileOptions(predictor="routing_path"))
 
 
-def test_a_forged_predictor_is_refused_in_one_line(calibrated, tmp_path):
+@pytest.mark.parametrize("forge,message", [
+    (lambda t: t.update(w2=t["w2"][:-1]), "w2 is torch.float32"),
+    (lambda t: t.update(mean=t["mean"][:-1]), "mean is torch.float32"),
+    (lambda t: t.update(w1=torch.cat([t["w1"], t["w1"][:, :1]], 1)), "expected float32 (128,)"),
+])
+def test_a_forged_predictor_is_refused_in_one_line(calibrated, tmp_path, forge, message):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -162,15 +208,15 @@ def test_a_forged_predictor_is_refused_in_one_line(calibrated, tmp_path):
     forged = tmp_path / "forged"
     shutil.copytree(calibrated, forged)
     t = load_file(str(forged / "predictor.safetensors"))
-    t["w2"] = t["w2"][:-1]
-    save_file(t, str(forged / "predictor.safetensors"))
+    forge(t)
+    save_file({k: v.contiguous() for k, v in t.items()}, str(forged / "predictor.safetensors"))
     manifest = json.loads((forged / "manifest.json").read_text())
     manifest["files"]["predictor.safetensors"] = sha256(forged / "predictor.safetensors")
     manifest["digest"] = digest_of(manifest)
     (forged / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LoadError) as err:
         runtime.load(forged, expert_cache=4)
-    assert "w2 is torch.float32" in str(err.value) and "\n" not in str(err.value)
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_simulate_a_compiled_directory(calibrated, capsys):

@@ -2,7 +2,8 @@
 
 What is recorded, per token (its sequence, position, and whether it is a training or a held-out
 token), is what the predictors need: every MoE layer's top-k expert ids and weights, the token
-embedding and the first MoE layer's input (the routing-path predictor's inputs), and what the
+embedding, the first MoE layer's input and the last one's (the routing-path predictor's inputs:
+the embedding, and the previous position's last MoE input as its context), and what the
 cross-layer gate would have predicted for every lookahead d (layer j's router applied to the
 input of MoE layer j-d, the embedding for j < d). It runs with a bounded expert cache, so a
 model too large for the device calibrates as it will run. The result is ``calibration.safetensors``
@@ -155,6 +156,7 @@ def record(model: Any, probe: Probe, batches: list[tuple[torch.Tensor, int]],
             _add(cols, "weights", torch.stack([flat(probe.weights[l]) for l in layers], 1).float())
             _add(cols, "embeds", hiddens[0].reshape(n, -1).float())
             _add(cols, "early", hiddens[1].reshape(n, -1).float())
+            _add(cols, "late", hiddens[-1].reshape(n, -1).float())  # the routing-path predictor's context
             for d in lookaheads:
                 preds = []
                 for j, layer in enumerate(layers):
@@ -191,7 +193,7 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
     from ..runtime.manifest import LoadError
     from ..runtime.path_predictor import FILE as PREDICTOR
     from ..runtime.prior import FILE as PRIOR, prior_tensors
-    from .train_predictor import train_path_predictor
+    from .train_predictor import previous, train_path_predictor
 
     model = runtime.load(directory, expert_cache=budget, verify=False, predictor="none")
     try:
@@ -226,9 +228,14 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
     is_train = rec["split"] == 0
     if len(experts) == 1:
         n = experts.pop()
-        predictor, report = train_path_predictor(rec["embeds"][is_train], rec["experts"][is_train], n, top_k, seed=seed)
+        ctx, known = previous(rec["late"], rec["seq"])
+        predictor, report = train_path_predictor(rec["embeds"][is_train], rec["experts"][is_train], n, top_k,
+                                                 seed=seed, context=(ctx[is_train], known[is_train]))
         with torch.no_grad():
-            rec["path"] = predictor(rec["embeds"]).to(torch.int32).reshape(rec["experts"].shape)
+            # decode: the previous position's context is known; prefill ("path_cold"): it is not
+            scores = predictor.scores(rec["embeds"], ctx, known)
+            rec["path"] = scores.topk(top_k, dim=-1).indices.to(torch.int32)
+            rec["path_cold"] = predictor(rec["embeds"]).to(torch.int32).reshape(rec["experts"].shape)
         save_file({k: v.contiguous() for k, v in predictor.tensors().items()}, str(directory / PREDICTOR))
         field["routing_path"] = {"parameters": report.parameters, "train_seconds": round(report.seconds, 2),
                                  "seed": seed, "final_loss": round(report.final_loss, 4)}

@@ -41,13 +41,16 @@ def load_calibration(compiled: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return rec, manifest
 
 
-def predictions(rec: dict[str, torch.Tensor], n: int) -> dict[str, P.Prediction]:
+def predictions(rec: dict[str, torch.Tensor], n: int, group: str = "token") -> dict[str, P.Prediction]:
+    """Every predictor's held-out predictions; in ``prefill`` steps the routing-path predictor has
+    no previous step's context (``path_cold``), in decode steps it has (``path``)."""
     train, held = rec["split"] == 0, rec["split"] == 1
     k = rec["experts"].shape[2]
     tables = P.fit_trace_predictors(rec["experts"][train], n, k)
     out = P.trace_predictions(rec["experts"][held], tables, k)
-    if "path" in rec:
-        out["routing_path"] = (rec["path"][held], [0] * rec["experts"].shape[1])
+    path = rec.get("path_cold") if group == "prefill" and "path_cold" in rec else rec.get("path")
+    if path is not None:
+        out["routing_path"] = (path[held], [0] * rec["experts"].shape[1])
     for d in range(1, 9):
         if f"xgate{d}" in rec:
             out[f"cross_layer_gate@{d}"] = P.xgate_prediction(rec[f"xgate{d}"][held], d)
@@ -77,7 +80,7 @@ def evaluate(compiled: Path, caches: list[int], policies: list[str], group: str,
     layers = rec["layers"].tolist()
     n = int(rec["experts_per_layer"][0]) if "experts_per_layer" in rec else int(rec["experts"].max()) + 1
     blob = expert_bytes or manifest["memory_plan"]["expert_blob_bytes"]
-    preds = predictions(rec, n)
+    preds = predictions(rec, n, group)
     held = rec["split"] == 1
     grouped = P.groups(rec["seq"][held], rec["token"][held], group)
     trace, issues = P.build(rec["experts"][held], layers, grouped, preds)

@@ -2,8 +2,10 @@
 
 The routing-path predictor (``runtime/path_predictor.py``) learns, from the training tokens of a
 calibration record (``tools/calibrate.py``), to score every (MoE layer, expert) for a token from
-its embedding: a multi-label problem (the router's top-k are the positives), trained with binary
-cross-entropy and Adam. Everything is seeded: the same calibration and seed give the same bytes.
+its embedding and, given ``context``, the previous position's last MoE block input: a multi-label
+problem (the router's top-k are the positives), trained with binary cross-entropy and Adam. The
+context is dropped (read as its mean) at a sequence's first position and, at random, for
+``context_dropout`` of the other tokens, so the predictor also serves steps that lack it (prefill). Everything is seeded: the same calibration and seed give the same bytes.
 The frequency prior (per-layer popularity) and the transition table (layer j+1's experts from
 layer j's) need only the routes.
 """
@@ -33,10 +35,22 @@ def multi_hot(experts: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+def previous(values: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's previous position's row of ``values`` [tokens, ...] (tokens in order within
+    each sequence ``seq``), and whether there is one (False at a sequence's first token)."""
+    known = torch.zeros(len(seq), dtype=torch.bool)
+    known[1:] = seq[1:] == seq[:-1]
+    out = torch.zeros_like(values)
+    out[1:] = values[:-1]
+    return out * known.reshape(-1, *[1] * (values.dim() - 1)).to(values.dtype), known
+
+
 def train_path_predictor(inputs: torch.Tensor, experts: torch.Tensor, n_experts: int, top_k: int,
                          seed: int = 0, width: int = 256, epochs: int = 40, batch: int = 256,
-                         lr: float = 3e-3) -> tuple[PathPredictor, TrainReport]:
-    """Fits a PathPredictor mapping ``inputs`` [tokens, hidden] to the routes ``experts`` [tokens,
+                         lr: float = 3e-3, context: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         context_dropout: float = 0.15) -> tuple[PathPredictor, TrainReport]:
+    """Fits a PathPredictor mapping ``inputs`` [tokens, hidden] (and ``context`` = (previous
+    position's context [tokens, hidden], known [tokens] bool)) to the routes ``experts`` [tokens,
     layers, k]. Deterministic under ``seed`` (its own generator; the global RNG is left alone)."""
     start = time.perf_counter()
     tokens, hidden = inputs.shape
@@ -45,8 +59,15 @@ def train_path_predictor(inputs: torch.Tensor, experts: torch.Tensor, n_experts:
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = PathPredictor(hidden, width, layers, n_experts, top_k)
-    mean, std = inputs.mean(0), inputs.std(0).clamp(min=1e-5)
+        model = PathPredictor(hidden, width, layers, n_experts, top_k, context is not None)
+    if context is not None:
+        ctx, known = context
+        seen = ctx[known] if known.any() else ctx
+        mean = torch.cat([inputs.mean(0), seen.mean(0)])
+        std = torch.cat([inputs.std(0), seen.std(0)]).clamp(min=1e-5)
+        keep = known & (torch.rand(tokens, generator=gen) >= context_dropout)
+    else:
+        mean, std = inputs.mean(0), inputs.std(0).clamp(min=1e-5)
     with torch.no_grad():
         model.mean.copy_(mean)
         model.std.copy_(std)
@@ -60,7 +81,11 @@ def train_path_predictor(inputs: torch.Tensor, experts: torch.Tensor, n_experts:
         order = torch.randperm(tokens, generator=gen)
         for i in range(0, tokens, batch):
             idx = order[i:i + batch]
-            loss = loss_fn(model.scores(inputs[idx]), target[idx])
+            if context is None:
+                scores = model.scores(inputs[idx])
+            else:
+                scores = model.scores(inputs[idx], ctx[idx], keep[idx])
+            loss = loss_fn(scores, target[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
