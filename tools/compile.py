@@ -46,8 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--predictor", choices=list(PREDICTORS), default="cross_layer_gate",
                    help="routing predictor driving prefetch: cross_layer_gate (layer j+LOOKAHEAD's router on "
                         "layer j's hidden state, training-free), routing_path (a small network trained on the "
-                        "calibration traces predicts every layer's experts from the token embedding, before "
-                        "the first layer runs; needs --calibration), or none (every expert loads on demand). "
+                        "calibration traces predicts every layer's experts from the token embedding and, in "
+                        "decode, the previous position's last MoE input, before the first layer runs; needs "
+                        "--calibration), or none (every expert loads on demand). "
                         "runtime.load(predictor=...) can override it")
     p.add_argument("--no-permute", action="store_true",
                    help="leave out the token-permutation nodes (permute/unpermute around each expert compute). "
