@@ -169,15 +169,15 @@ def copy_streams(gm: fx.GraphModule, where: str) -> dict[tuple[str, int], str]:
 
 
 def _drop_prefetch(gm: fx.GraphModule) -> None:
-    """With every expert resident nothing needs predicting: waits lose their handles and the
-    predictor and prefetch nodes become dead code."""
+    """With every expert resident nothing needs predicting: waits lose their handles, the
+    prefetches and the predictor's context keeper go, and the predictor nodes become dead code."""
     from ..ir import ops
     from ..passes.dce import dce
 
     for node in gm.graph.nodes:
         if node.target is ops.wait:
             node.update_arg(2, None)
-    for node in [n for n in gm.graph.nodes if n.target is ops.prefetch]:
+    for node in [n for n in gm.graph.nodes if n.target in (ops.prefetch, ops.path_context)]:
         gm.graph.erase_node(node)
     dce(gm)
     gm.recompile()

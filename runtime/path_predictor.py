@@ -43,16 +43,18 @@ class PathPredictor(nn.Module):
     def scores(self, hidden: torch.Tensor, context: torch.Tensor | None = None,
                known: torch.Tensor | None = None) -> torch.Tensor:
         """Scores [tokens, layers, experts] (logits of "the router picks this expert") for
-        ``hidden`` [tokens, hidden]; ``context`` [tokens, hidden] where ``known`` [tokens] (bool)
-        is true; an unknown or absent context reads as its calibration mean."""
+        ``hidden`` [tokens, hidden]; ``context`` [tokens, hidden] counts where ``known`` [tokens]
+        (bool; None: everywhere) is true; an unknown or absent context reads as its mean."""
+        h = self.hidden
+        x = (hidden.float() - self.mean[:h]) / self.std[:h]
         if self.context:
             if context is None:
-                context, known = hidden.new_zeros(hidden.shape), hidden.new_zeros(hidden.shape[0], dtype=torch.bool)
-            x = (torch.cat([hidden.float(), context.float()], -1) - self.mean) / self.std
-            if known is not None:
-                x = torch.cat([x[:, :self.hidden], x[:, self.hidden:] * known[:, None].to(x.dtype)], -1)
-        else:
-            x = (hidden.float() - self.mean) / self.std
+                c = x.new_zeros(x.shape)
+            else:
+                c = (context.float() - self.mean[h:]) / self.std[h:]
+                if known is not None:
+                    c = c * known[:, None].to(c.dtype)
+            x = torch.cat([x, c], -1)
         out = self.outer(nn.functional.gelu(self.inner(x)))
         return out.reshape(hidden.shape[0], self.layers, self.experts)
 
@@ -60,12 +62,9 @@ class PathPredictor(nn.Module):
         """Predicted expert ids [tokens, layers, top_k] for hidden [..., hidden] and, with a
         context predictor, the previous position's context for each token (None: unknown)."""
         flat = hidden.reshape(-1, hidden.shape[-1])
-        known = None
         if context is not None:
             context = context.reshape(-1, context.shape[-1])
-            known = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
-        scores = self.scores(flat, context, known)
-        return scores.topk(self.top_k, dim=-1).indices
+        return self.scores(flat, context).topk(self.top_k, dim=-1).indices
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean, "std": self.std, "w1": self.inner.weight, "b1": self.inner.bias,

@@ -233,9 +233,9 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
                                                  seed=seed, context=(ctx[is_train], known[is_train]))
         with torch.no_grad():
             # decode: the previous position's context is known; prefill ("path_cold"): it is not
-            scores = predictor.scores(rec["embeds"], ctx, known)
-            rec["path"] = scores.topk(top_k, dim=-1).indices.to(torch.int32)
-            rec["path_cold"] = predictor(rec["embeds"]).to(torch.int32).reshape(rec["experts"].shape)
+            for name, context in (("path", ctx), ("path_cold", None)):
+                scores = predictor.scores(rec["embeds"], context, known)
+                rec[name] = scores.topk(top_k, dim=-1).indices.to(torch.int32)
         save_file({k: v.contiguous() for k, v in predictor.tensors().items()}, str(directory / PREDICTOR))
         field["routing_path"] = {"parameters": report.parameters, "train_seconds": round(report.seconds, 2),
                                  "seed": seed, "final_loss": round(report.final_loss, 4)}

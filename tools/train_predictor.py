@@ -5,7 +5,8 @@ calibration record (``tools/calibrate.py``), to score every (MoE layer, expert) 
 its embedding and, given ``context``, the previous position's last MoE block input: a multi-label
 problem (the router's top-k are the positives), trained with binary cross-entropy and Adam. The
 context is dropped (read as its mean) at a sequence's first position and, at random, for
-``context_dropout`` of the other tokens, so the predictor also serves steps that lack it (prefill). Everything is seeded: the same calibration and seed give the same bytes.
+``context_dropout`` of the other tokens, so the predictor also serves steps that lack it
+(prefill). Everything is seeded: the same calibration and seed give the same bytes.
 The frequency prior (per-layer popularity) and the transition table (layer j+1's experts from
 layer j's) need only the routes.
 """
