@@ -23,6 +23,8 @@ class ExecutionContext(Protocol):
     def route(self, layer: int, top_k_index: torch.Tensor) -> None: ...
     def predict_path(self, hidden: torch.Tensor) -> torch.Tensor: ...
     def path_context(self, hidden: torch.Tensor) -> None: ...
+    def predict_frequency(self, layer: int, hidden: torch.Tensor) -> torch.Tensor: ...
+    def predict_transition(self, layer: int, previous_index: torch.Tensor) -> torch.Tensor: ...
     def prefetch(self, layer: int, expert_ids: torch.Tensor) -> Any: ...
     def wait(self, layer: int, handle: Any, top_k_index: torch.Tensor) -> Any: ...
     def expert_compute(
@@ -60,6 +62,19 @@ def path_context(ctx: ExecutionContext, hidden: torch.Tensor) -> torch.Tensor:
     context the routing-path predictor reads at the next step; returns ``hidden`` unchanged."""
     ctx.path_context(hidden)
     return hidden
+
+
+def predict_frequency(ctx: ExecutionContext, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The frequency prior: ``layer``'s most often chosen experts (calibration counts the compiled
+    directory ships, ``runtime/route_tables.py``), as ids [tokens, k], one row per token of
+    ``hidden``; the same for every token (the static-cache baseline)."""
+    return ctx.predict_frequency(layer, hidden)
+
+
+def predict_transition(ctx: ExecutionContext, layer: int, previous_index: torch.Tensor) -> torch.Tensor:
+    """The expert-transition predictor: ``layer``'s likeliest experts per token given the previous
+    MoE layer's true top-k ids ``previous_index``, as ids [tokens, k]."""
+    return ctx.predict_transition(layer, previous_index)
 
 
 def path_layer(paths: torch.Tensor, position: int) -> torch.Tensor:
@@ -127,8 +142,8 @@ for _fn in (route, path_context, prefetch, wait):
     has_side_effect(_fn)
 
 #: Ops by short name, for serialisation and dumps.
-OPS = {fn.__name__: fn for fn in (route, predict, predict_path, path_context, path_layer, prefetch, wait, expert_compute,
-                                  permute, unpermute)}
+OPS = {fn.__name__: fn for fn in (route, predict, predict_path, path_context, predict_frequency, predict_transition,
+                                  path_layer, prefetch, wait, expert_compute, permute, unpermute)}
 #: Which stream each op belongs to when the schedule pass has nothing better to say.
 COPY_OPS = frozenset({"prefetch", "wait"})
 

@@ -15,6 +15,12 @@ layer's copies are issued before the first layer computes, and each wait reads i
 after the last MoE block's input it inserts ``path_context(ef_ctx, hidden)``, which keeps that
 input as the predictor's context for the next step (nothing reads its value: a side effect).
 
+With ``options.predictor == "frequency"`` each MoE layer's ``predict_frequency(ef_ctx, L_j,
+embeds)`` (its most popular experts) and prefetch go right after the embedding; with
+``"transition"`` layer j's ``predict_transition(ef_ctx, L_j, ids_{j-1})`` (its likeliest experts
+given layer j-1's true route) and prefetch go right after layer j-1's ``route``, so the copy
+overlaps layer j-1's experts and layer j's attention (the first layer: the frequency prior).
+
 Before: lowered graph (``lower_experts``), waits with handle None. After: each wait whose
 predictor could be placed reads a prefetch handle; the others keep None and load on demand.
 """
@@ -98,8 +104,11 @@ def insert_prefetch(gm: fx.GraphModule, options: CompileOptions | None = None) -
     embed = next((n for n in graph.nodes if n.meta.get("ef.role") == "embed"), None)
     if options.predictor == "routing_path":
         return _insert_path(gm, computes, embed, by_name.get(computes[-1].meta.get("ef.block_input") or ""))
+    if options.predictor in ("frequency", "transition"):
+        return _insert_tables(gm, computes, embed, options.predictor == "transition")
     inputs = [by_name.get(n.meta.get("ef.block_input") or "") for n in computes]
     ctx = context_node(graph)
+    anchors: dict[fx.Node, fx.Node] = {}
     modified = False
     for j, (compute, wait) in enumerate(zip(computes, waits)):
         if wait.args[2] is not None:
@@ -111,7 +120,8 @@ def insert_prefetch(gm: fx.GraphModule, options: CompileOptions | None = None) -
         source = inputs[j - options.lookahead] if j >= options.lookahead else embed
         if nodes is None or source is None:
             continue  # the router needs more than the hidden state: this layer loads on demand
-        with graph.inserting_before(source.next):  # prepend to a fixed node keeps copy order
+        # before the node that followed the source at first: layers sharing a source keep depth order
+        with graph.inserting_before(anchors.setdefault(source, source.next)):
             copied = _copy_slice(graph, nodes, block_input, source, layer)
             predicted = graph.call_function(ops.predict, (ctx, layer, copied))
             handle = graph.call_function(ops.prefetch, (ctx, layer, predicted))
@@ -149,3 +159,30 @@ def _insert_path(gm: fx.GraphModule, computes: list[fx.Node], embed: fx.Node | N
         picked.meta["ef.role"] = "predictor"
         wait.update_arg(2, last)
     return PassResult(gm, True)
+
+
+def _insert_tables(gm: fx.GraphModule, computes: list[fx.Node], embed: fx.Node | None, transition: bool) -> PassResult:
+    if embed is None:
+        raise PassError(PASS, "the trace predictors count tokens from the embedding, and none was found")
+    graph, ctx = gm.graph, context_node(gm.graph)
+    anchors: dict[fx.Node, fx.Node] = {}
+    modified = False
+    for j, compute in enumerate(computes):
+        layer, wait = compute.args[1], compute.args[5]
+        if wait.args[2] is not None:
+            continue
+        if transition and j > 0:
+            previous = ops.unpermuted(computes[j - 1].args[3])  # layer j-1's route: its true top-k ids
+            op, source = ops.predict_transition, previous
+        else:
+            op, source = ops.predict_frequency, embed
+        with graph.inserting_before(anchors.setdefault(source, source.next)):  # layers keep depth order
+            guess = graph.call_function(op, (ctx, layer, source))
+            predicted = graph.call_function(ops.predict, (ctx, layer, guess))
+            handle = graph.call_function(ops.prefetch, (ctx, layer, predicted))
+        for new in (guess, predicted, handle):
+            new.meta["ef.layer"] = layer
+        guess.meta["ef.role"] = "predictor"
+        wait.update_arg(2, handle)
+        modified = True
+    return PassResult(gm, modified)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: Routing predictors the passes can insert (``insert_prefetch``).
-PREDICTORS = ("cross_layer_gate", "routing_path", "none")
+PREDICTORS = ("cross_layer_gate", "routing_path", "transition", "frequency", "none")
 #: Expert-cache eviction rules the runtime implements (``runtime/policy.py``).
 POLICIES = ("layer_cycle", "lru", "lfu", "predictive")
 
@@ -17,7 +17,9 @@ class CompileOptions:
     #: The routing predictor: "cross_layer_gate" (layer j+d's router on layer j's hidden state),
     #: "routing_path" (a network trained at compile time on calibration traces that predicts every
     #: layer's experts from the token embedding, so all prefetches start before the first layer),
-    #: or "none" (no prefetch; every expert loads on demand at its wait).
+    #: "transition" (layer j's likeliest experts given layer j-1's true route, from calibration
+    #: counts), "frequency" (each layer's most popular experts: the static baseline), or "none"
+    #: (no prefetch; every expert loads on demand at its wait).
     predictor: str = "cross_layer_gate"
     #: Which resident expert the runtime's cache evicts (not a graph rewrite: the runtime reads it).
     policy: str = "layer_cycle"

@@ -15,6 +15,7 @@ from torch import nn
 
 from .cache import ExpertCache, Handle
 from .permutation import wave_order
+from .route_tables import RouteTables
 from .routing import RoutingTrace
 from .store import ExpertLayout
 from .timeline import Timeline
@@ -71,6 +72,7 @@ class RuntimeContext:
         self.routing: RoutingTrace | None = None  # set by runtime.load(record_routing=True)
         self.path_predictor: nn.Module | None = None  # set by runtime.load for a routing_path graph
         self.path_state = PathState()
+        self.route_tables: RouteTables | None = None  # set by runtime.load for a frequency/transition graph
 
     def _view(self, layer: int, lo: int, hi: int) -> nn.Module:
         """The experts module over slots lo..hi only: experts functions pay per expert group, so
@@ -100,6 +102,17 @@ class RuntimeContext:
                 and hidden.shape[1] == 1 and state.last.shape[0] == rows):
             context = state.last
         return self.path_predictor(hidden, context)
+
+    def _tables(self) -> RouteTables:
+        if self.route_tables is None:
+            raise RuntimeError("this graph calls a trace predictor but no routing tables were loaded")
+        return self.route_tables
+
+    def predict_frequency(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self._tables().predict_frequency(layer, hidden.reshape(-1, hidden.shape[-1]).shape[0])
+
+    def predict_transition(self, layer: int, previous_index: torch.Tensor) -> torch.Tensor:
+        return self._tables().predict_transition(layer, previous_index)
 
     def path_context(self, hidden: torch.Tensor) -> None:
         state = self.path_state

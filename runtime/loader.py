@@ -38,6 +38,7 @@ from .store import ExpertLayout, HostStore
 from ..ir import ops
 from ..passes.options import CompileOptions
 from .path_predictor import FILE as PREDICTOR_FILE, load_predictor
+from .route_tables import FILE as TABLES_FILE, load_tables
 from .policy import make_policy
 from .prior import load_prior
 from .routing import RoutingTrace
@@ -195,7 +196,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     cold misses; bytes moved then are counted in ``stats()``. ``timeline`` records the copy and
     compute streams (``model.timeline.write("trace.json")`` for Perfetto / chrome://tracing);
     ``record_routing`` the routes taken (``model.routing.write_jsonl(path)`` for expertflow-simulate).
-    ``predictor`` ("cross_layer_gate", "routing_path", "none"), ``lookahead`` and ``policy``
+    ``predictor`` ("cross_layer_gate", "routing_path", "transition", "frequency", "none"),
+    ``lookahead`` and ``policy``
     ("layer_cycle", "lru", "lfu", "predictive") override what the model was compiled with: the
     graph is derived again with them (they change what is loaded, never what is computed).
     ``expert_cache="auto"`` takes the most slots that fit the device's free memory after the dense
@@ -245,6 +247,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     context = RuntimeContext(cache, modules, copy_streams(gm, where))
     if any(n.target is ops.predict_path for n in gm.graph.nodes):
         context.path_predictor = _path_predictor(path, manifest, config, layouts, dev)
+    if any(n.target in (ops.predict_frequency, ops.predict_transition) for n in gm.graph.nodes):
+        context.route_tables = load_tables(path, layouts, dev)
     cls = model_class(manifest["architecture"])
     model = cls(gm, config, context, list(derived.mask_kinds), _generation_config(path, manifest, config))
     model.budget, model.directory = auto, path
@@ -272,6 +276,9 @@ def _options(manifest: dict[str, Any], where: str, predictor: str | None, lookah
     if options["predictor"] == "routing_path" and PREDICTOR_FILE not in manifest["files"]:
         raise LoadError(f"{path_of(where)} has no routing-path predictor (compile with --calibration to train "
                         "one); use predictor='cross_layer_gate'")
+    if options["predictor"] in ("frequency", "transition") and TABLES_FILE not in manifest["files"]:
+        raise LoadError(f"{path_of(where)} has no routing tables for predictor={options['predictor']!r} (compile "
+                        "with --calibration to count them); use predictor='cross_layer_gate'")
     return options
 
 

@@ -27,6 +27,7 @@ from expertflow.passes.options import CompileOptions
 from expertflow.passes.schedule import schedule
 from expertflow.passes.trace import Driver, TraceInfo, layer_mask_kinds, trace_model
 from expertflow.passes.verify import verify_graph
+from expertflow.runtime.route_tables import RouteTables
 from expertflow.tools import presets
 
 
@@ -283,6 +284,65 @@ def test_insert_prefetch_lookahead_and_none() -> None:
     lower_experts(gm)
     assert not insert_prefetch(gm, CompileOptions(predictor="none")).modified
     assert not of(gm, ops.prefetch) and all(w.args[2] is None for w in of(gm, ops.wait))
+
+
+class TableReference(Reference):
+    """A Reference that also answers the trace predictors, from seeded random count tables."""
+
+    def __init__(self, lm: nn.Module, info: TraceInfo, layers: int = 4, experts: int = 4, k: int = 2):
+        super().__init__(lm, info)
+        gen = torch.Generator().manual_seed(0)
+        self.tables = RouteTables(torch.randint(0, 50, (layers, experts), generator=gen).float(),
+                                  torch.randint(0, 50, (layers, experts, experts), generator=gen).float(),
+                                  {j: j for j in range(layers)}, k)
+        self.previous: dict[int, torch.Tensor] = {}
+
+    def predict_frequency(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        self.calls.append(("predict_frequency", layer))
+        return self.tables.predict_frequency(layer, hidden.reshape(-1, hidden.shape[-1]).shape[0])
+
+    def predict_transition(self, layer: int, previous_index: torch.Tensor) -> torch.Tensor:
+        self.calls.append(("predict_transition", layer))
+        self.previous[layer] = previous_index.clone()
+        return self.tables.predict_transition(layer, previous_index)
+
+
+def _brute_transition(tables: RouteTables, j: int, previous: list[int]) -> list[int]:
+    """Layer j's k likeliest experts after ``previous``, by hand: summed counts, then popularity, then id."""
+    n = tables.frequency.shape[1]
+    score = [sum(float(tables.transition[j, a, b]) for a in previous) + 1e-3 * float(tables.frequency[j, b])
+             for b in range(n)]
+    return sorted(range(n), key=lambda b: (-score[b], b))[:tables.top_k]
+
+
+@pytest.mark.parametrize("kind", ["transition", "frequency"])
+def test_insert_prefetch_trace_predictors(kind: str) -> None:
+    lm = real("tiny-mixtral")
+    gm, info = lowered(lm, predictor=kind)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    computes = of(gm, ops.expert_compute)
+    embed = next(n for n in gm.graph.nodes if n.meta.get("ef.role") == "embed")
+    prefetches = [c.args[5].args[2] for c in computes]
+    assert [order[p] for p in prefetches] == sorted(order[p] for p in prefetches)  # issued in depth order
+    for j, (compute, prefetch) in enumerate(zip(computes, prefetches)):
+        guess = prefetch.args[2].args[2]
+        if kind == "transition" and j > 0:  # from layer j-1's true route, before layer j-1's wait
+            route = ops.unpermuted(computes[j - 1].args[3])
+            assert guess.target is ops.predict_transition and guess.args[2] is route and route.target is ops.route
+            assert order[prefetch] < order[computes[j - 1].args[5]]
+        else:
+            assert guess.target is ops.predict_frequency and guess.args[2] is embed
+    assert not insert_prefetch(gm, CompileOptions(predictor=kind)).modified
+    n, k = lm.config.num_local_experts, lm.config.num_experts_per_tok
+    ref = TableReference(lm, info, len(computes), n, k)
+    assert_close(run(gm, lm, ref), hf_logits(lm))  # predicting changes no number
+    for j in range(len(computes)):
+        if kind == "transition" and j > 0:
+            want = [_brute_transition(ref.tables, j, row) for row in ref.previous[j].reshape(-1, k).tolist()]
+        else:
+            top = sorted(range(n), key=lambda b: (-float(ref.tables.frequency[j, b]), b))[:k]
+            want = [top] * PROMPTS.numel()
+        assert ref.predicted[j].tolist() == want, f"layer {j}"
 
 
 # --- insert_permute ---------------------------------------------------------------------------

@@ -186,13 +186,15 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
         progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Calibrates the compiled ``directory`` in place: records routing on ``source`` text, trains
     the routing-path predictor and fits the routing prior; returns the manifest's ``calibration``
-    field. Writes calibration.safetensors, predictor.safetensors and prior.safetensors."""
+    field. Writes calibration.safetensors, predictor.safetensors, prior.safetensors and
+    tables.safetensors (the frequency and transition predictors' counts)."""
     from safetensors.torch import save_file
 
     from .. import runtime
     from ..runtime.manifest import LoadError
     from ..runtime.path_predictor import FILE as PREDICTOR
     from ..runtime.prior import FILE as PRIOR, prior_tensors
+    from ..runtime.route_tables import FILE as TABLES, fit_tables
     from .train_predictor import previous, train_path_predictor
 
     model = runtime.load(directory, expert_cache=budget, verify=False, predictor="none")
@@ -240,11 +242,12 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
         field["routing_path"] = {"parameters": report.parameters, "train_seconds": round(report.seconds, 2),
                                  "seed": seed, "final_loss": round(report.final_loss, 4)}
         rec["experts_per_layer"] = torch.tensor([n], dtype=torch.int32)
+        save_file(fit_tables(rec["experts"][is_train], n), str(directory / TABLES))
     train_routes = rec["experts"][is_train]
     save_file(prior_tensors(train_routes, rec["seq"][is_train]), str(directory / PRIOR))
     save_file(rec, str(directory / FILE))
     mode = (directory / "dense.safetensors").stat().st_mode & 0o777
-    for name in (FILE, PREDICTOR, PRIOR):
+    for name in (FILE, PREDICTOR, PRIOR, TABLES):
         if (directory / name).exists():
             (directory / name).chmod(mode)  # safetensors writes 0600; the directory's files are alike
     return {"calibration": field}

@@ -48,7 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "layer j's hidden state, training-free), routing_path (a small network trained on the "
                         "calibration traces predicts every layer's experts from the token embedding and, in "
                         "decode, the previous position's last MoE input, before the first layer runs; needs "
-                        "--calibration), or none (every expert loads on demand). "
+                        "--calibration), transition (layer j's likeliest experts given layer j-1's true route, "
+                        "counted on the calibration traces; needs --calibration), frequency (each layer's most "
+                        "popular experts, the static baseline; needs --calibration), or none (every expert "
+                        "loads on demand). "
                         "runtime.load(predictor=...) can override it")
     p.add_argument("--no-permute", action="store_true",
                    help="leave out the token-permutation nodes (permute/unpermute around each expert compute). "
@@ -82,9 +85,9 @@ def compile_model(model: str, output: Path, options: CompileOptions, force: bool
     """Compiles ``model`` into ``output``; raises UserError on bad input."""
     output = Path(output)
     check_output(output, force)  # before the model is loaded: a bad -o should fail in a second
-    if options.predictor == "routing_path" and calibration is None:
-        raise UserError("--predictor routing_path is trained on calibration traces: pass --calibration builtin "
-                        "(or a text file)")
+    if options.predictor in ("routing_path", "transition", "frequency") and calibration is None:
+        raise UserError(f"--predictor {options.predictor} is fitted on calibration traces: pass --calibration "
+                        "builtin (or a text file)")
     if calibration is not None:
         from .calibrate import texts
         texts(calibration.source)  # a missing or non-UTF-8 file fails now, not after the compile

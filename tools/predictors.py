@@ -9,8 +9,9 @@ layer position before whose wait it can be issued (what the predictor must have 
 - ``cross_layer_gate@d``: layer j's router on layer j-d's input, before layer j-d's wait (the
   embedding, before the first layer, for j < d);
 - ``frequency``: each layer's k most popular experts, before the first layer (static baseline);
-- ``transition``: layer j's k likeliest experts given layer j-1's true route, before layer j's
-  wait (layer 0: the frequency prior).
+- ``transition``: layer j's k likeliest experts given layer j-1's true route, before layer j-1's
+  wait (the route is known then; layer 0: the frequency prior). Both trace predictors predict
+  with the runtime's own functions (``runtime/route_tables.py``), so replay and run agree.
 
 ``oracle+next`` adds, after each layer's step, a hint (no copy) of the next step's true route
 through that layer: what a perfect next-token predictor could tell the predictive policy, the
@@ -29,35 +30,32 @@ import torch
 
 from .cache_sim import Access
 from .prefetch_sim import Issue
-from .train_predictor import frequency_table, multi_hot, transition_table
+from ..runtime.route_tables import fit_tables, frequency_ids, topk_ids, transition_ids
 
 Prediction = tuple[torch.Tensor, list[int]]  # ids [tokens, layers, k] (< 0: none), issue position per layer
 
 
-def topk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
-    # stable ordering of ties (lowest id first) keeps predictions reproducible across machines
-    order = torch.argsort(-scores, dim=-1, stable=True)
-    return order[..., :k]
+from .train_predictor import multi_hot
+
+__all__ = ["topk_ids", "fit_trace_predictors", "trace_predictions", "xgate_prediction", "groups", "build",
+           "next_step_hints", "multi_hot"]
 
 
 def fit_trace_predictors(train: torch.Tensor, n_experts: int, k: int) -> dict[str, torch.Tensor]:
     """The tables ``frequency`` [layers, n] and ``transition`` [layers, n, n] from training routes."""
-    return {"frequency": frequency_table(train, n_experts), "transition": transition_table(train, n_experts)}
+    return fit_tables(train, n_experts)
 
 
 def trace_predictions(experts: torch.Tensor, tables: dict[str, torch.Tensor], k: int) -> dict[str, Prediction]:
     """``oracle``, ``frequency`` and ``transition`` for routes ``experts`` [tokens, layers, k]."""
     tokens, layers, _ = experts.shape
     n = tables["frequency"].shape[1]
-    popular = topk_ids(tables["frequency"], k)  # [layers, k]
+    popular = frequency_ids(tables["frequency"], k)  # [layers, k]
     freq = popular.unsqueeze(0).expand(tokens, layers, k)
-    hot = multi_hot(experts, n)
-    trans = [freq[:, 0]]
-    for j in range(1, layers):
-        scores = hot[:, j - 1] @ tables["transition"][j] + 1e-3 * tables["frequency"][j]  # ties: popularity
-        trans.append(topk_ids(scores, k))
+    trans = [freq[:, 0]] + [transition_ids(tables["transition"][j], tables["frequency"][j], experts[:, j - 1], k)
+                            for j in range(1, layers)]
     return {"oracle": (experts, [0] * layers), "frequency": (freq, [0] * layers),
-            "transition": (torch.stack(trans, 1), list(range(layers)))}
+            "transition": (torch.stack(trans, 1), [max(j - 1, 0) for j in range(layers)])}
 
 
 def xgate_prediction(pred: torch.Tensor, d: int) -> Prediction:

@@ -7,8 +7,7 @@ problem (the router's top-k are the positives), trained with binary cross-entrop
 context is dropped (read as its mean) at a sequence's first position and, at random, for
 ``context_dropout`` of the other tokens, so the predictor also serves steps that lack it
 (prefill). Everything is seeded: the same calibration and seed give the same bytes.
-The frequency prior (per-layer popularity) and the transition table (layer j+1's experts from
-layer j's) need only the routes.
+The frequency prior and the transition table need only the routes (``runtime/route_tables.py``).
 """
 
 from __future__ import annotations
@@ -95,18 +94,3 @@ def train_path_predictor(inputs: torch.Tensor, experts: torch.Tensor, n_experts:
     model.eval()
     params = sum(p.numel() for p in model.parameters())
     return model, TrainReport(params, time.perf_counter() - start, tokens, last)
-
-
-def frequency_table(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """[layers, n] how often each expert is chosen, per layer."""
-    return multi_hot(experts, n_experts).sum(0)
-
-
-def transition_table(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """[layers, n, n]: T[j, a, b] = how often layer j+1 chose b when layer j chose a (T[0] unused:
-    layer 0 has no previous layer; the frequency prior predicts it)."""
-    hot = multi_hot(experts, n_experts)
-    out = torch.zeros(experts.shape[1], n_experts, n_experts)
-    for j in range(1, experts.shape[1]):
-        out[j] = hot[:, j - 1].T @ hot[:, j]
-    return out
