@@ -22,6 +22,7 @@ class ExecutionContext(Protocol):
 
     def route(self, layer: int, top_k_index: torch.Tensor) -> None: ...
     def predict_path(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def refine_path(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor: ...
     def path_context(self, hidden: torch.Tensor) -> None: ...
     def predict_frequency(self, layer: int, hidden: torch.Tensor) -> torch.Tensor: ...
     def predict_transition(self, layer: int, previous_index: torch.Tensor) -> torch.Tensor: ...
@@ -55,6 +56,13 @@ def predict_path(ctx: ExecutionContext, hidden: torch.Tensor) -> torch.Tensor:
     (the token embeddings), as ids [tokens, MoE layers, k], from one forward of the network the
     compiled directory ships (``runtime/path_predictor.py``)."""
     return ctx.predict_path(hidden)
+
+
+def refine_path(ctx: ExecutionContext, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The routing-path predictor's second stage: the expected experts of every MoE layer after
+    the first, as ids [tokens, MoE layers - 1, k], from the token embeddings ``embeds`` and
+    ``hidden``, the first MoE layer's output (with the same context as ``predict_path``)."""
+    return ctx.refine_path(embeds, hidden)
 
 
 def path_context(ctx: ExecutionContext, hidden: torch.Tensor) -> torch.Tensor:
@@ -142,8 +150,8 @@ for _fn in (route, path_context, prefetch, wait):
     has_side_effect(_fn)
 
 #: Ops by short name, for serialisation and dumps.
-OPS = {fn.__name__: fn for fn in (route, predict, predict_path, path_context, predict_frequency, predict_transition,
-                                  path_layer, prefetch, wait, expert_compute, permute, unpermute)}
+OPS = {fn.__name__: fn for fn in (route, predict, predict_path, refine_path, path_context, predict_frequency,
+                                  predict_transition, path_layer, prefetch, wait, expert_compute, permute, unpermute)}
 #: Which stream each op belongs to when the schedule pass has nothing better to say.
 COPY_OPS = frozenset({"prefetch", "wait"})
 

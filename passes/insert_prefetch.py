@@ -14,6 +14,11 @@ layer number j ``prefetch(ef_ctx, L_j, predict(ef_ctx, L_j, path_layer(paths, j)
 layer's copies are issued before the first layer computes, and each wait reads its handle. Right
 after the last MoE block's input it inserts ``path_context(ef_ctx, hidden)``, which keeps that
 input as the predictor's context for the next step (nothing reads its value: a side effect).
+Where the first MoE layer's decoder output can be found (``layer_output``) and there is a later
+MoE layer, the predictor has a second stage: right after that output,
+``refined = refine_path(ef_ctx, embeds, output)`` predicts the later layers again from it, and
+their prefetches read ``refined`` (the first layer's still reads ``paths``): the later layers'
+copies start one layer later, on a better prediction.
 
 With ``options.predictor == "frequency"`` each MoE layer's ``predict_frequency(ef_ctx, L_j,
 embeds)`` (its most popular experts) and prefetch go right after the embedding; with
@@ -132,6 +137,27 @@ def insert_prefetch(gm: fx.GraphModule, options: CompileOptions | None = None) -
     return PassResult(gm, modified)
 
 
+def _decoder_layer(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    return next(iter(stack)) if stack else None
+
+
+def layer_output(block_input: fx.Node) -> fx.Node | None:
+    """The output of the decoder layer holding the MoE block fed by ``block_input``: the last node
+    traced inside that layer (the outermost module of its ``nn_module_stack``) whose value, of the
+    block input's shape, a node outside the layer reads (the residual stream going on). None when
+    the trace does not say (no module stack) or nothing of that shape leaves the layer."""
+    layer = _decoder_layer(block_input)
+    shape = getattr(block_input.meta.get("ef.meta"), "shape", None)
+    if layer is None or shape is None:
+        return None
+    inside = [n for n in block_input.graph.nodes if _decoder_layer(n) == layer]
+    members = set(inside)
+    leaving = [n for n in inside if getattr(n.meta.get("ef.meta"), "shape", None) == shape
+               and any(u not in members for u in n.users)]
+    return leaving[-1] if leaving else None
+
+
 def _insert_path(gm: fx.GraphModule, computes: list[fx.Node], embed: fx.Node | None,
                  last_input: fx.Node | None) -> PassResult:
     if embed is None:
@@ -145,11 +171,22 @@ def _insert_path(gm: fx.GraphModule, computes: list[fx.Node], embed: fx.Node | N
     with graph.inserting_after(embed):
         paths = graph.call_function(ops.predict_path, (ctx, embed))
     paths.meta.update({"ef.role": "predictor"})
+    by_name = {n.name: n for n in graph.nodes}
+    first_input = by_name.get(computes[0].meta.get("ef.block_input") or "")
+    output = layer_output(first_input) if first_input is not None and len(computes) > 1 else None
+    refined = None
+    if output is not None:
+        with graph.inserting_after(output):
+            refined = graph.call_function(ops.refine_path, (ctx, embed, output))
+        refined.meta.update({"ef.role": "predictor"})
     last = paths
     for j, compute in enumerate(computes):
         layer, wait = compute.args[1], compute.args[5]
+        if j == 1 and refined is not None:
+            last = refined
+        source, position = (paths, j) if j == 0 or refined is None else (refined, j - 1)
         with graph.inserting_after(last):
-            picked = graph.call_function(ops.path_layer, (paths, j))
+            picked = graph.call_function(ops.path_layer, (source, position))
         with graph.inserting_after(picked):
             predicted = graph.call_function(ops.predict, (ctx, layer, picked))
         with graph.inserting_after(predicted):

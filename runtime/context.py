@@ -58,6 +58,7 @@ class PathState:
 
     last: torch.Tensor | None = None
     rows: int = 0
+    context: torch.Tensor | None = None  # what this step's predict_path read (refine_path reads it too)
 
 
 class RuntimeContext:
@@ -71,6 +72,7 @@ class RuntimeContext:
         self.timeline: Timeline | None = None  # set by runtime.load(timeline=True)
         self.routing: RoutingTrace | None = None  # set by runtime.load(record_routing=True)
         self.path_predictor: nn.Module | None = None  # set by runtime.load for a routing_path graph
+        self.path_refiner: nn.Module | None = None  # its second stage (refine_path), when the graph has one
         self.path_state = PathState()
         self.route_tables: RouteTables | None = None  # set by runtime.load for a frequency/transition graph
 
@@ -101,7 +103,13 @@ class RuntimeContext:
         if (getattr(self.path_predictor, "context", False) and state.last is not None and hidden.dim() == 3
                 and hidden.shape[1] == 1 and state.last.shape[0] == rows):
             context = state.last
+        state.context = context
         return self.path_predictor(hidden, context)
+
+    def refine_path(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if self.path_refiner is None:
+            raise RuntimeError("this graph calls the routing-path predictor's second stage but none was loaded")
+        return self.path_refiner(torch.cat([embeds, hidden.to(embeds.dtype)], -1), self.path_state.context)
 
     def _tables(self) -> RouteTables:
         if self.route_tables is None:

@@ -37,7 +37,7 @@ from .model import CompiledModel, model_class
 from .store import ExpertLayout, HostStore
 from ..ir import ops
 from ..passes.options import CompileOptions
-from .path_predictor import FILE as PREDICTOR_FILE, load_predictor
+from .path_predictor import FILE as PREDICTOR_FILE, REFINER_FILE, load_predictor, load_refiner
 from .route_tables import FILE as TABLES_FILE, load_tables
 from .policy import make_policy
 from .prior import load_prior
@@ -247,6 +247,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     context = RuntimeContext(cache, modules, copy_streams(gm, where))
     if any(n.target is ops.predict_path for n in gm.graph.nodes):
         context.path_predictor = _path_predictor(path, manifest, config, layouts, dev)
+    if any(n.target is ops.refine_path for n in gm.graph.nodes):
+        context.path_refiner = _path_predictor(path, manifest, config, layouts, dev, refiner=True)
     if any(n.target in (ops.predict_frequency, ops.predict_transition) for n in gm.graph.nodes):
         context.route_tables = load_tables(path, layouts, dev)
     cls = model_class(manifest["architecture"])
@@ -287,11 +289,15 @@ def path_of(where: str) -> str:
 
 
 def _path_predictor(path: Path, manifest: dict[str, Any], config: Any, layouts: dict[int, ExpertLayout],
-                    dev: torch.device) -> Any:
+                    dev: torch.device, refiner: bool = False) -> Any:
     experts = {lay.num_experts for lay in layouts.values()}
     if len(experts) != 1:
         raise LoadError(f"{path}: the routing-path predictor needs every MoE layer to have as many experts")
-    return load_predictor(path, config.hidden_size, len(layouts), experts.pop(), dev)
+    if refiner and REFINER_FILE not in manifest["files"]:
+        raise LoadError(f"{path} has no second stage of the routing-path predictor ({REFINER_FILE}); "
+                        "recompile the model with --calibration")
+    load = load_refiner if refiner else load_predictor
+    return load(path, config.hidden_size, len(layouts), experts.pop(), dev)
 
 
 def _generation_config(path: Path, manifest: dict[str, Any], config: Any) -> Any:

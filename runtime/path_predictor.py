@@ -9,7 +9,11 @@ before the new token's first layer runs, because the previous step computed it
 calibration mean, which the predictor was trained to expect (context dropout). The graph calls the
 predictor once per step right after the embedding (``ops.predict_path``), so the copies for every
 layer can start before the first layer computes. It is trained at compile time on calibration
-traces (``tools/train_predictor.py``) and shipped as ``predictor.safetensors``: tensors only. A
+traces (``tools/train_predictor.py``) and shipped as ``predictor.safetensors``: tensors only.
+A second stage of the same form (``refiner.safetensors``, ``ops.refine_path``) runs once the
+first MoE layer has: from [embedding, that layer's output] and the same context it scores the
+later layers again, and their copies follow it (the first layer's follow the first stage). It
+trades one layer of lead time for accuracy where the embedding says least: the deep layers. A
 forged predictor can only make the cache load the wrong experts (slower), never change the
 output: the router's true choice is what is computed.
 """
@@ -25,16 +29,19 @@ from .manifest import LoadError
 from .store import read_tensors
 
 FILE = "predictor.safetensors"
+#: The second stage (``ops.refine_path``): the same network on [embedding, first MoE layer's
+#: output] with the same context, scoring the MoE layers after the first.
+REFINER_FILE = "refiner.safetensors"
 MAX_WIDTH = 1 << 14
 _SHAPES = ("mean", "std", "w1", "b1", "w2", "b2", "top_k")
 
 
 class PathPredictor(nn.Module):
-    def __init__(self, hidden: int, width: int, layers: int, experts: int, top_k: int, context: bool = False):
+    def __init__(self, hidden: int, width: int, layers: int, experts: int, top_k: int, context: int = 0):
         super().__init__()
         self.layers, self.experts, self.top_k, self.hidden = layers, experts, top_k, hidden
-        self.context = context  # True: the input is [embedding, previous position's context]
-        inputs = 2 * hidden if context else hidden
+        self.context = context  # > 0: the input is [hidden, previous position's context of this size]
+        inputs = hidden + context
         self.register_buffer("mean", torch.zeros(inputs))
         self.register_buffer("std", torch.ones(inputs))
         self.inner = nn.Linear(inputs, width)
@@ -49,7 +56,7 @@ class PathPredictor(nn.Module):
         x = (hidden.float() - self.mean[:h]) / self.std[:h]
         if self.context:
             if context is None:
-                c = x.new_zeros(x.shape)
+                c = x.new_zeros(x.shape[0], self.context)
             else:
                 c = (context.float() - self.mean[h:]) / self.std[h:]
                 if known is not None:
@@ -71,15 +78,18 @@ class PathPredictor(nn.Module):
                 "w2": self.outer.weight, "b2": self.outer.bias, "top_k": torch.tensor([self.top_k])}
 
     @staticmethod
-    def from_tensors(t: dict[str, torch.Tensor], hidden: int, layers: int, experts: int, where: str) -> "PathPredictor":
-        """The predictor in ``t``, every shape and value checked against the model's (LoadError)."""
+    def from_tensors(t: dict[str, torch.Tensor], hidden: int, layers: int, experts: int, where: str,
+                     context: int | None = None) -> "PathPredictor":
+        """The predictor in ``t``, every shape and value checked against the model's (LoadError):
+        ``hidden`` inputs, then no context or one of ``context`` values (default: ``hidden``)."""
         if sorted(t) != sorted(_SHAPES):
             raise LoadError(f"{where} holds {sorted(t)[:8]}, expected the tensors {', '.join(_SHAPES)}; "
                             "recompile the model")
         w1, w2, k = t["w1"], t["w2"], t["top_k"]
         width = w1.shape[0] if w1.dim() == 2 else -1
-        context = w1.dim() == 2 and w1.shape[1] == 2 * hidden  # [embedding, context] inputs
-        inputs = 2 * hidden if context else hidden
+        size = hidden if context is None else context
+        context = size if w1.dim() == 2 and w1.shape[1] == hidden + size else 0  # [inputs, context]
+        inputs = hidden + context
         expect = {"mean": (inputs,), "std": (inputs,), "w1": (width, inputs), "b1": (width,),
                   "w2": (layers * experts, width), "b2": (layers * experts,), "top_k": (1,)}
         for name, shape in expect.items():
@@ -101,3 +111,10 @@ class PathPredictor(nn.Module):
 def load_predictor(path: Path, hidden: int, layers: int, experts: int, device: torch.device) -> PathPredictor:
     tensors, file = read_tensors(path, FILE)
     return PathPredictor.from_tensors(tensors, hidden, layers, experts, str(file)).to(device)
+
+
+def load_refiner(path: Path, hidden: int, layers: int, experts: int, device: torch.device) -> PathPredictor:
+    """The second stage: inputs [embedding, first MoE layer's output] (2 x ``hidden``), context of
+    ``hidden``, scores for the ``layers`` - 1 MoE layers after the first."""
+    tensors, file = read_tensors(path, REFINER_FILE)
+    return PathPredictor.from_tensors(tensors, 2 * hidden, layers - 1, experts, str(file), context=hidden).to(device)

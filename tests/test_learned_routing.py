@@ -105,7 +105,8 @@ def test_decode_predicts_from_the_previous_steps_context(calibrated):
         keep(hidden)
 
     def spy_forward(self, hidden, context=None):
-        seen.append(None if context is None else context.clone())
+        if self is predictor:  # not its second stage (the same class)
+            seen.append(None if context is None else context.clone())
         return forward(self, hidden, context)
 
     model.context.path_context = spy_keep
@@ -124,9 +125,45 @@ def test_decode_predicts_from_the_previous_steps_context(calibrated):
                            predictor.scores(ids[:, 0]))
 
 
+def test_the_second_stage_reads_the_first_layers_output_with_the_same_context(calibrated):
+    """refine_path, after the first MoE layer, scores the later layers from [embedding, that
+    layer's output] and the context predict_path read at the same step; those layers' prefetches
+    name its top-k."""
+    model = runtime.load(calibrated, expert_cache=5, record_routing=True)
+    refiner, ctx = model.context.path_refiner, model.context
+    assert refiner.context == refiner.hidden // 2 and refiner.layers == len(ctx.cache.layouts) - 1
+    seen, first, forward = [], [], type(refiner).forward
+
+    def spy(self, hidden, context=None):
+        out = forward(self, hidden, context)
+        if self is refiner:
+            seen.append((hidden.clone(), None if context is None else context.clone(), out.clone()))
+        else:
+            first.append(None if context is None else context.clone())
+        return out
+
+    type(refiner).forward = spy
+    try:
+        batch = runtime.load_tokenizer(calibrated)(PROMPTS[:1], return_tensors="pt")
+        model.generate(**batch, max_new_tokens=3, do_sample=False)
+    finally:
+        type(refiner).forward = forward
+    assert len(seen) == len(first) == 3 and seen[0][1] is None
+    layers = sorted(ctx.cache.layouts)
+    prefetches = [r for r in model.routing.log if r.kind == "prefetch"]
+    for step in (1, 2):
+        hidden, context, out = seen[step]
+        assert hidden.shape[-1] == refiner.hidden
+        torch.testing.assert_close(context, first[step], rtol=0, atol=0)
+        step_prefetches = prefetches[step * len(layers):(step + 1) * len(layers)]
+        for j, p in enumerate(step_prefetches[1:]):
+            assert p.layer == layers[j + 1] and sorted(p.experts) == sorted(out[0, j].tolist())
+
+
 def test_calibration_writes_traces_predictor_and_prior(calibrated):
     manifest = json.loads((calibrated / "manifest.json").read_text())
-    for name in ("calibration.safetensors", "predictor.safetensors", "prior.safetensors", "tables.safetensors"):
+    for name in ("calibration.safetensors", "predictor.safetensors", "refiner.safetensors", "prior.safetensors",
+                 "tables.safetensors"):
         assert name in manifest["files"]
     cal = manifest["calibration"]
     assert cal["train_tokens"] == 1024 and cal["heldout_tokens"] >= 128
@@ -209,6 +246,18 @@ def test_routing_path_needs_a_predictor_file(compiled_dir, tmp_path):
 ])
 def test_a_forged_predictor_is_refused_in_one_line(calibrated, tmp_path, forge, message):
     forged = _forge(calibrated, tmp_path, "predictor.safetensors", forge)
+    with pytest.raises(LoadError) as err:
+        runtime.load(forged, expert_cache=4)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("forge,message", [
+    (lambda t: t.update(w1=t["w1"][:, :-128]), "expected float32 (256,)"),   # a stage-1 network in its place
+    (lambda t: t.update(w2=torch.cat([t["w2"], t["w2"][:8]])), "w2 is torch.float32 (32, 256), expected float32 (24, 256)"),
+    (lambda t: t.update(std=-t["std"]), "non-positive std"),
+])
+def test_a_forged_second_stage_is_refused_in_one_line(calibrated, tmp_path, forge, message):
+    forged = _forge(calibrated, tmp_path, "refiner.safetensors", forge)
     with pytest.raises(LoadError) as err:
         runtime.load(forged, expert_cache=4)
     assert message in str(err.value) and "\n" not in str(err.value)

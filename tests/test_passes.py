@@ -345,6 +345,58 @@ def test_insert_prefetch_trace_predictors(kind: str) -> None:
         assert ref.predicted[j].tolist() == want, f"layer {j}"
 
 
+class PathReference(Reference):
+    """A Reference that answers the routing-path ops with fixed guesses and keeps what they read."""
+
+    def __init__(self, lm: nn.Module, info: TraceInfo, k: int):
+        super().__init__(lm, info)
+        self.k, self.read = k, {}
+
+    def predict_path(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.calls.append(("predict_path", -1))
+        self.read["embeds"] = hidden.clone()
+        return torch.zeros(hidden.shape[:-1].numel(), 4, self.k, dtype=torch.long)
+
+    def refine_path(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        self.calls.append(("refine_path", -1))
+        self.read["refine"] = (embeds.clone(), hidden.clone())
+        return torch.ones(hidden.shape[:-1].numel(), 3, self.k, dtype=torch.long)
+
+    def path_context(self, hidden: torch.Tensor) -> None:
+        self.calls.append(("path_context", -1))
+
+
+def test_insert_prefetch_routing_path_with_its_second_stage() -> None:
+    lm = real("tiny-mixtral")
+    gm, info = lowered(lm, predictor="routing_path")
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    computes = of(gm, ops.expert_compute)
+    (paths,), (refined,) = of(gm, ops.predict_path), of(gm, ops.refine_path)
+    embed = next(n for n in gm.graph.nodes if n.meta.get("ef.role") == "embed")
+    output = refined.args[2]
+    assert paths.args[1] is embed and refined.args[1] is embed
+    # layer 0's output: the first node the next decoder layer reads, right where refine_path sits
+    assert output.next is refined and order[computes[0]] < order[refined] < order[of(gm, ops.route)[1]]
+    for j, compute in enumerate(computes):
+        picked = compute.args[5].args[2].args[2].args[2]
+        assert picked.target is ops.path_layer and picked.args == ((paths, 0) if j == 0 else (refined, j - 1))
+    assert not insert_prefetch(gm, CompileOptions(predictor="routing_path")).modified
+    seen = {}
+    hook = lm.model.layers[0].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
+    try:
+        expected = hf_logits(lm)
+    finally:
+        hook.remove()
+    ref = PathReference(lm, info, lm.config.num_experts_per_tok)
+    assert_close(run(gm, lm, ref), expected)  # predicting changes no number
+    layer0 = seen["out"][0] if isinstance(seen["out"], tuple) else seen["out"]
+    assert_close(ref.read["refine"][1], layer0, rtol=0, atol=0)
+    assert_close(ref.read["refine"][0], ref.read["embeds"], rtol=0, atol=0)
+    assert [ref.predicted[j].unique().tolist() for j in range(4)] == [[0], [1], [1], [1]]
+    assert ref.calls.index(("prefetch", 0)) < ref.calls.index(("compute", 0)) < ref.calls.index(("refine_path", -1))
+    assert ref.calls.index(("refine_path", -1)) < ref.calls.index(("prefetch", 1)) < ref.calls.index(("route", 1))
+
+
 # --- insert_permute ---------------------------------------------------------------------------
 
 def test_insert_permute_structure_and_numbers() -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from ..ir import ops
-from ..passes.insert_prefetch import router_slice
+from ..passes.insert_prefetch import layer_output, router_slice
 
 FILE = "calibration.safetensors"
 #: Text every Python has offline, none of it seen by tiny-trained-moe's training: the predictors
@@ -81,14 +81,20 @@ class Probe:
     block_inputs: dict[int, str]  # MoE layer -> the node feeding its MoE block
     routes: dict[int, str]        # MoE layer -> its route node (top-k ids)
     weights: dict[int, str]       # MoE layer -> the node of its top-k weights
+    #: the first MoE layer's decoder output (the predictor's second stage reads it), if found
+    first_output: str | None = None
 
     @staticmethod
     def of(gm: fx.GraphModule) -> "Probe":
         computes = [n for n in gm.graph.nodes if n.target is ops.expert_compute]
         embed = next(n for n in gm.graph.nodes if n.meta.get("ef.role") == "embed")
+        by_name = {n.name: n for n in gm.graph.nodes}
+        first = by_name.get(computes[0].meta.get("ef.block_input") or "") if len(computes) > 1 else None
+        output = layer_output(first) if first is not None else None
         return Probe(embed.name, {n.args[1]: n.meta["ef.block_input"] for n in computes},
                      {n.args[1]: ops.unpermuted(n.args[3]).name for n in computes},
-                     {n.args[1]: ops.unpermuted(n.args[4]).name for n in computes})
+                     {n.args[1]: ops.unpermuted(n.args[4]).name for n in computes},
+                     output.name if output is not None else None)
 
 
 class _Recorder(fx.Interpreter):
@@ -137,6 +143,8 @@ def record(model: Any, probe: Probe, batches: list[tuple[torch.Tensor, int]],
     the calibration tensors (module docstring). ``progress(n)`` hears of tokens done."""
     layers = sorted(probe.routes)
     names = {probe.embed, *probe.block_inputs.values(), *probe.routes.values(), *probe.weights.values()}
+    if probe.first_output is not None:
+        names.add(probe.first_output)
     routers = router_functions(model.graph_module, probe)
     lookaheads = range(1, min(len(layers) - 1, MAX_LOOKAHEAD) + 1)
     cols: dict[str, list[torch.Tensor]] = {}
@@ -157,6 +165,8 @@ def record(model: Any, probe: Probe, batches: list[tuple[torch.Tensor, int]],
             _add(cols, "embeds", hiddens[0].reshape(n, -1).float())
             _add(cols, "early", hiddens[1].reshape(n, -1).float())
             _add(cols, "late", hiddens[-1].reshape(n, -1).float())  # the routing-path predictor's context
+            if probe.first_output is not None:
+                _add(cols, "first_out", flat(probe.first_output).float())  # its second stage's input
             for d in lookaheads:
                 preds = []
                 for j, layer in enumerate(layers):
@@ -192,10 +202,9 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
 
     from .. import runtime
     from ..runtime.manifest import LoadError
-    from ..runtime.path_predictor import FILE as PREDICTOR
+    from ..runtime.path_predictor import FILE as PREDICTOR, REFINER_FILE as REFINER
     from ..runtime.prior import FILE as PRIOR, prior_tensors
     from ..runtime.route_tables import FILE as TABLES, fit_tables
-    from .train_predictor import previous, train_path_predictor
 
     model = runtime.load(directory, expert_cache=budget, verify=False, predictor="none")
     try:
@@ -230,24 +239,51 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
     is_train = rec["split"] == 0
     if len(experts) == 1:
         n = experts.pop()
-        ctx, known = previous(rec["late"], rec["seq"])
-        predictor, report = train_path_predictor(rec["embeds"][is_train], rec["experts"][is_train], n, top_k,
-                                                 seed=seed, context=(ctx[is_train], known[is_train]))
-        with torch.no_grad():
-            # decode: the previous position's context is known; prefill ("path_cold"): it is not
-            for name, context in (("path", ctx), ("path_cold", None)):
-                scores = predictor.scores(rec["embeds"], context, known)
-                rec[name] = scores.topk(top_k, dim=-1).indices.to(torch.int32)
-        save_file({k: v.contiguous() for k, v in predictor.tensors().items()}, str(directory / PREDICTOR))
-        field["routing_path"] = {"parameters": report.parameters, "train_seconds": round(report.seconds, 2),
-                                 "seed": seed, "final_loss": round(report.final_loss, 4)}
+        field["routing_path"] = _train_path(directory, rec, n, top_k, seed)
         rec["experts_per_layer"] = torch.tensor([n], dtype=torch.int32)
         save_file(fit_tables(rec["experts"][is_train], n), str(directory / TABLES))
     train_routes = rec["experts"][is_train]
     save_file(prior_tensors(train_routes, rec["seq"][is_train]), str(directory / PRIOR))
     save_file(rec, str(directory / FILE))
     mode = (directory / "dense.safetensors").stat().st_mode & 0o777
-    for name in (FILE, PREDICTOR, PRIOR, TABLES):
+    for name in (FILE, PREDICTOR, REFINER, PRIOR, TABLES):
         if (directory / name).exists():
             (directory / name).chmod(mode)  # safetensors writes 0600; the directory's files are alike
     return {"calibration": field}
+
+
+def _train_path(directory: Path, rec: dict[str, torch.Tensor], n: int, top_k: int, seed: int) -> dict[str, Any]:
+    """Trains the routing-path predictor (and, with ``first_out`` recorded, its second stage) on
+    the training tokens, writes them, and adds to ``rec`` the predictions that drive each layer's
+    copies on every token: ``path`` (decode: the previous position's context known) and
+    ``path_cold`` (prefill: not), with ``path_positions``, the layer position each is issued at."""
+    from safetensors.torch import save_file
+
+    from ..runtime.path_predictor import FILE as PREDICTOR, REFINER_FILE as REFINER
+    from .train_predictor import previous, train_path_predictor
+
+    is_train = rec["split"] == 0
+    ctx, known = previous(rec["late"], rec["seq"])
+    context = (ctx[is_train], known[is_train])
+    stages = [(PREDICTOR, rec["embeds"], rec["experts"])]
+    if "first_out" in rec:
+        stages.append((REFINER, torch.cat([rec["embeds"], rec["first_out"]], 1), rec["experts"][:, 1:]))
+    field: dict[str, Any] = {}
+    preds: dict[str, list[torch.Tensor]] = {"path": [], "path_cold": []}
+    for i, (file, inputs, routes) in enumerate(stages):
+        predictor, report = train_path_predictor(inputs[is_train], routes[is_train], n, top_k, seed=seed,
+                                                 context=context)
+        with torch.no_grad():
+            for name, c in (("path", ctx), ("path_cold", None)):
+                ids = predictor.scores(inputs, c, known).topk(top_k, dim=-1).indices.to(torch.int32)
+                preds[name].append(ids if i or len(stages) == 1 else ids[:, :1])  # stage 1 drives layer 0 only
+        save_file({k: v.contiguous() for k, v in predictor.tensors().items()}, str(directory / file))
+        key = "refiner" if i else "predictor"
+        field[key] = {"parameters": report.parameters, "train_seconds": round(report.seconds, 2),
+                      "final_loss": round(report.final_loss, 4)}
+    for name, parts in preds.items():
+        rec[name] = torch.cat(parts, 1).contiguous()
+    layers = rec["experts"].shape[1]
+    rec["path_positions"] = torch.tensor([0] + [1 if len(stages) > 1 else 0] * (layers - 1), dtype=torch.int32)
+    return {"parameters": sum(f["parameters"] for f in field.values()), "seed": seed,
+            "train_seconds": round(sum(f["train_seconds"] for f in field.values()), 2), **field}

@@ -50,12 +50,25 @@ def predictions(rec: dict[str, torch.Tensor], n: int, group: str = "token") -> d
     out = P.trace_predictions(rec["experts"][held], tables, k)
     path = rec.get("path_cold") if group == "prefill" and "path_cold" in rec else rec.get("path")
     if path is not None:
-        out["routing_path"] = (path[held], [0] * rec["experts"].shape[1])
+        out["routing_path"] = (path[held], _path_positions(rec))
     for d in range(1, 9):
         if f"xgate{d}" in rec:
             out[f"cross_layer_gate@{d}"] = P.xgate_prediction(rec[f"xgate{d}"][held], d)
     out["none"] = (torch.full_like(rec["experts"][held], -1), [0] * rec["experts"].shape[1])
     return out
+
+
+def _path_positions(rec: dict[str, torch.Tensor]) -> list[int]:
+    """Where each layer's routing-path prediction is issued: 0 (before the first layer) or, for a
+    layer its second stage predicts, 1 (after the first MoE layer)."""
+    layers = rec["experts"].shape[1]
+    if "path_positions" not in rec:
+        return [0] * layers
+    pos = rec["path_positions"].tolist()
+    if len(pos) != layers or any(not 0 <= p <= j for j, p in enumerate(pos)):
+        raise ValueError(f"{FILE}: path_positions {pos[:8]} must give each of the {layers} MoE layers a layer "
+                         "at or before it; recompile with --calibration")
+    return pos
 
 
 def recall_table(rec: dict[str, torch.Tensor], preds: dict[str, P.Prediction], n: int) -> dict[str, dict[str, Any]]:

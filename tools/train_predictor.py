@@ -59,7 +59,7 @@ def train_path_predictor(inputs: torch.Tensor, experts: torch.Tensor, n_experts:
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = PathPredictor(hidden, width, layers, n_experts, top_k, context is not None)
+        model = PathPredictor(hidden, width, layers, n_experts, top_k, 0 if context is None else context[0].shape[1])
     if context is not None:
         ctx, known = context
         seen = ctx[known] if known.any() else ctx
