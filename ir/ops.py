@@ -23,10 +23,11 @@ class ExecutionContext(Protocol):
     def route(self, layer: int, top_k_index: torch.Tensor) -> None: ...
     def predict_path(self, hidden: torch.Tensor) -> torch.Tensor: ...
     def refine_path(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor: ...
+    def predict_reuse(self, embeds: torch.Tensor) -> None: ...
     def path_context(self, hidden: torch.Tensor) -> None: ...
     def predict_frequency(self, layer: int, hidden: torch.Tensor) -> torch.Tensor: ...
     def predict_transition(self, layer: int, previous_index: torch.Tensor) -> torch.Tensor: ...
-    def prefetch(self, layer: int, expert_ids: torch.Tensor) -> Any: ...
+    def prefetch(self, layer: int, expert_ids: torch.Tensor, copy: bool = True) -> Any: ...
     def wait(self, layer: int, handle: Any, top_k_index: torch.Tensor) -> Any: ...
     def expert_compute(
         self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -65,6 +66,14 @@ def refine_path(ctx: ExecutionContext, embeds: torch.Tensor, hidden: torch.Tenso
     return ctx.refine_path(embeds, hidden)
 
 
+def predict_reuse(ctx: ExecutionContext, embeds: torch.Tensor) -> torch.Tensor:
+    """The reuse predictor: tells the cache policy, from the token embeddings (and the context
+    ``predict_path`` read), how many tokens until each expert is needed again after this step
+    (``runtime/reuse.py``); returns ``embeds`` unchanged (a side effect, like ``path_context``)."""
+    ctx.predict_reuse(embeds)
+    return embeds
+
+
 def path_context(ctx: ExecutionContext, hidden: torch.Tensor) -> torch.Tensor:
     """Keeps the last MoE block's input of each sequence's last position (``hidden``) as the
     context the routing-path predictor reads at the next step; returns ``hidden`` unchanged."""
@@ -90,9 +99,12 @@ def path_layer(paths: torch.Tensor, position: int) -> torch.Tensor:
     return paths[:, position]
 
 
-def prefetch(ctx: ExecutionContext, layer: int, expert_ids: torch.Tensor) -> Any:
-    """Starts copying ``layer``'s predicted experts into cache slots on the copy stream."""
-    return ctx.prefetch(layer, expert_ids)
+def prefetch(ctx: ExecutionContext, layer: int, expert_ids: torch.Tensor, copy: bool = True) -> Any:
+    """Starts copying ``layer``'s predicted experts into cache slots on the copy stream; with
+    ``copy=False`` only tells the cache policy they will be needed (nothing moves early)."""
+    if copy:
+        return ctx.prefetch(layer, expert_ids)
+    return ctx.prefetch(layer, expert_ids, copy)
 
 
 def wait(ctx: ExecutionContext, layer: int, handle: Any, top_k_index: torch.Tensor) -> Any:
@@ -146,11 +158,11 @@ def unpermuted(node: Any) -> Any:
     return node if source is None else source.args[2 + node.args[1]]
 
 
-for _fn in (route, path_context, prefetch, wait):
+for _fn in (route, predict_reuse, path_context, prefetch, wait):
     has_side_effect(_fn)
 
 #: Ops by short name, for serialisation and dumps.
-OPS = {fn.__name__: fn for fn in (route, predict, predict_path, refine_path, path_context, predict_frequency,
+OPS = {fn.__name__: fn for fn in (route, predict, predict_path, refine_path, predict_reuse, path_context, predict_frequency,
                                   predict_transition, path_layer, prefetch, wait, expert_compute, permute, unpermute)}
 #: Which stream each op belongs to when the schedule pass has nothing better to say.
 COPY_OPS = frozenset({"prefetch", "wait"})

@@ -26,6 +26,10 @@ embeds)`` (its most popular experts) and prefetch go right after the embedding; 
 given layer j-1's true route) and prefetch go right after layer j-1's ``route``, so the copy
 overlaps layer j-1's experts and layer j's attention (the first layer: the frequency prior).
 
+With ``options.prefetch == "hint"`` every prefetch it inserts is ``prefetch(ef_ctx, L_j, ids,
+False)``: the runtime reads the prediction with the wait as usual and tells the cache policy, but
+copies nothing early.
+
 Before: lowered graph (``lower_experts``), waits with handle None. After: each wait whose
 predictor could be placed reads a prefetch handle; the others keep None and load on demand.
 """
@@ -108,9 +112,21 @@ def insert_prefetch(gm: fx.GraphModule, options: CompileOptions | None = None) -
         return PassResult(gm, False)
     embed = next((n for n in graph.nodes if n.meta.get("ef.role") == "embed"), None)
     if options.predictor == "routing_path":
-        return _insert_path(gm, computes, embed, by_name.get(computes[-1].meta.get("ef.block_input") or ""))
-    if options.predictor in ("frequency", "transition"):
-        return _insert_tables(gm, computes, embed, options.predictor == "transition")
+        result = _insert_path(gm, computes, embed, by_name.get(computes[-1].meta.get("ef.block_input") or ""))
+    elif options.predictor in ("frequency", "transition"):
+        result = _insert_tables(gm, computes, embed, options.predictor == "transition")
+    else:
+        result = _insert_gate(gm, computes, waits, embed, by_name, options)
+    if options.prefetch == "hint":
+        for node in graph.nodes:
+            if node.target is ops.prefetch:
+                node.args = (*node.args[:3], False)
+    return result
+
+
+def _insert_gate(gm: fx.GraphModule, computes: list[fx.Node], waits: list[fx.Node], embed: fx.Node | None,
+                 by_name: dict[str, fx.Node], options: CompileOptions) -> PassResult:
+    graph = gm.graph
     inputs = [by_name.get(n.meta.get("ef.block_input") or "") for n in computes]
     ctx = context_node(graph)
     anchors: dict[fx.Node, fx.Node] = {}

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 #: Routing predictors the passes can insert (``insert_prefetch``).
 PREDICTORS = ("cross_layer_gate", "routing_path", "transition", "frequency", "none")
+#: What a prediction does (``insert_prefetch``): copy the experts early, or only hint the policy.
+PREFETCH = ("copy", "hint")
 #: Expert-cache eviction rules the runtime implements (``runtime/policy.py``).
 POLICIES = ("layer_cycle", "lru", "lfu", "predictive")
 
@@ -23,6 +25,11 @@ class CompileOptions:
     predictor: str = "cross_layer_gate"
     #: Which resident expert the runtime's cache evicts (not a graph rewrite: the runtime reads it).
     policy: str = "layer_cycle"
+    #: What a prediction does: "copy" (start copying the predicted experts into slots early) or
+    #: "hint" (only tell the cache policy what the layer will need, so it keeps those and evicts
+    #: others; nothing moves before the wait). Where copies are the bottleneck and the cache is
+    #: small, a wrong copy costs more than a late one saves (docs/benchmarks.md).
+    prefetch: str = "copy"
     #: Token-permutation nodes around every expert compute (``insert_permute``): a layer computed in
     #: waves then runs each wave on one contiguous range of rows.
     permute: bool = True
@@ -34,5 +41,7 @@ class CompileOptions:
             raise ValueError(f"unknown predictor {self.predictor!r}; choose one of {', '.join(PREDICTORS)}")
         if type(self.permute) is not bool:
             raise ValueError(f"permute must be true or false, got {self.permute!r}")
+        if self.prefetch not in PREFETCH:
+            raise ValueError(f"unknown prefetch mode {self.prefetch!r}; choose one of {', '.join(PREFETCH)}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")

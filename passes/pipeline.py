@@ -10,6 +10,7 @@ from .dce import dce
 from .functionalize_inplace import functionalize_inplace
 from .insert_permute import insert_permute
 from .insert_prefetch import insert_prefetch
+from .insert_reuse import insert_reuse
 from .lower_experts import lower_experts
 from .manager import PassManager, PassResult
 from .options import CompileOptions
@@ -17,7 +18,7 @@ from .schedule import schedule
 from .trace import TraceFailure, TraceInfo, trace_model
 from .verify import verify_graph
 
-PIPELINE = [functionalize_inplace, lower_experts, insert_prefetch, insert_permute, dce, schedule]
+PIPELINE = [functionalize_inplace, lower_experts, insert_prefetch, insert_reuse, insert_permute, dce, schedule]
 
 
 def compile_graph(lm: nn.Module, options: CompileOptions | None = None,

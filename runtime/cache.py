@@ -60,6 +60,7 @@ class Handle:
     loaded: list[int] = field(default_factory=list)  # the predicted experts this prefetch copied
     ids: torch.Tensor | None = None  # set until resolved
     demand: bool = False  # its copies take the demand stream (the schedule pass said so)
+    copy: bool = True     # False: a hint, the policy is told and nothing is copied early
 
 
 class ExpertCache:
@@ -77,6 +78,9 @@ class ExpertCache:
         self._deferred: list[Handle] = []  # read back; their copies start after the wait's demand loads
         self.resolved: list[Handle] = []   # the prefetches the last wait read back, in issue order
         self.routed: list[int] = []        # the last wait's top-k ids (flat), as read back
+        # the reuse predictor's estimates ([layers, experts] ints), read with the next wait's ids
+        self._reuse: torch.Tensor | None = None
+        self.reuse_read: list[int] | None = None  # what the last wait read of them (the routing log's)
         self.stall = StallClock(device)
         self.pools: dict[tuple, Pool] = {}
         for layout in layouts.values():
@@ -164,13 +168,19 @@ class ExpertCache:
         n = self.layouts[layer].num_experts
         return sorted({e for e in ids if 0 <= e < n})
 
-    def prefetch(self, layer: int, ids: torch.Tensor, demand: bool = False) -> Handle:
+    def prefetch(self, layer: int, ids: torch.Tensor, demand: bool = False, copy: bool = True) -> Handle:
         """Queues a prefetch of ``layer``'s predicted experts. Nothing is read back here: the next
         wait reads these ids with its own routing decision, reserves the resident ones, and starts
-        the copies of the others right after its own demand loads."""
-        handle = Handle(layer, ids=ids.detach(), demand=demand)
+        the copies of the others right after its own demand loads (``copy=False``: only tells the
+        policy)."""
+        handle = Handle(layer, ids=ids.detach(), demand=demand, copy=copy)
         self._pending.append(handle)
         return handle
+
+    def expect_reuse(self, values: torch.Tensor) -> None:
+        """Queues the reuse predictor's estimates (``runtime/reuse.encode``'d, [layers, experts]
+        in layer order) for the next wait's host read, which hands them to the policy."""
+        self._reuse = values.detach()
 
     def _resolve(self, handle: Handle, ids: list[int], running: int) -> None:
         """Reserves ``handle``'s resident predictions; the others load after ``running``'s demand
@@ -179,6 +189,8 @@ class ExpertCache:
         handle.predicted, handle.ids = self._valid(layer, ids), None
         stats.predicted += len(handle.predicted)
         self.policy.hint(layer, handle.predicted)
+        if not handle.copy:
+            return
         for e in handle.predicted:
             slot = pool.where.get((layer, e))
             if slot is not None:
@@ -212,7 +224,12 @@ class ExpertCache:
         """The experts ``top_k_index`` needs, in waves that each fit the slots (resident first)."""
         pool, stats = self.pool(layer), self.stats[layer]
         pending, self._pending = self._pending, []
-        *predicted, routed = self._host_ids([h.ids for h in pending] + [top_k_index])
+        reuse, self._reuse = self._reuse, None
+        *predicted, routed = self._host_ids([h.ids for h in pending] + ([reuse] if reuse is not None else [])
+                                            + [top_k_index])
+        self.reuse_read = predicted.pop() if reuse is not None else None
+        if self.reuse_read is not None:
+            self.policy.expect(self.reuse_read)  # before begin: they are about the step starting
         for h, ids in zip(pending, predicted):
             self._resolve(h, ids, layer)
         self.resolved, self.routed = pending, routed
@@ -297,7 +314,7 @@ class ExpertCache:
         """Returns the cache to its between-steps state after a step stopped part way (an
         exception, Ctrl-C): pins and reservations are released; copies still in flight stay
         recorded against their slots, so the next use of a slot waits for its bytes."""
-        self._pending, self._deferred = [], []
+        self._pending, self._deferred, self._reuse = [], [], None
         for pool in self.pools.values():
             self.engine.mark_read([(pool.ident, s) for s in sorted(pool.pinned)])  # queued reads come first
             pool.pinned.clear()

@@ -15,6 +15,7 @@ from torch import nn
 
 from .cache import ExpertCache, Handle
 from .permutation import wave_order
+from .reuse import encode, expected_next_use
 from .route_tables import RouteTables
 from .routing import RoutingTrace
 from .store import ExpertLayout
@@ -73,6 +74,7 @@ class RuntimeContext:
         self.routing: RoutingTrace | None = None  # set by runtime.load(record_routing=True)
         self.path_predictor: nn.Module | None = None  # set by runtime.load for a routing_path graph
         self.path_refiner: nn.Module | None = None  # its second stage (refine_path), when the graph has one
+        self.reuse_predictor: nn.Module | None = None  # predict_reuse's network, when the graph has one
         self.path_state = PathState()
         self.route_tables: RouteTables | None = None  # set by runtime.load for a frequency/transition graph
 
@@ -122,6 +124,16 @@ class RuntimeContext:
     def predict_transition(self, layer: int, previous_index: torch.Tensor) -> torch.Tensor:
         return self._tables().predict_transition(layer, previous_index)
 
+    def predict_reuse(self, embeds: torch.Tensor) -> None:
+        if self.reuse_predictor is None:
+            raise RuntimeError("this graph calls the reuse predictor but none was loaded")
+        # each row's last position: the estimates are about the tokens after this step
+        rows = embeds[:, -1] if embeds.dim() == 3 else embeds.reshape(-1, embeds.shape[-1])
+        scores = self.reuse_predictor.scores(rows, self.path_state.context)  # [rows, layers x horizons, experts]
+        layers = len(self.cache.layouts)
+        logits = scores.reshape(rows.shape[0], layers, -1, scores.shape[-1])
+        self.cache.expect_reuse(encode(expected_next_use(logits)))
+
     def path_context(self, hidden: torch.Tensor) -> None:
         state = self.path_state
         if not getattr(self.path_predictor, "context", False) or not state.rows:
@@ -129,15 +141,17 @@ class RuntimeContext:
         # rows stay in order across steps; a reordered batch (beam search) only predicts worse
         state.last = hidden.reshape(state.rows, -1, hidden.shape[-1])[:, -1].detach().clone()
 
-    def prefetch(self, layer: int, expert_ids: torch.Tensor) -> Handle:
-        return self.cache.prefetch(layer, expert_ids, demand=self.demand.get(("prefetch", layer), False))
+    def prefetch(self, layer: int, expert_ids: torch.Tensor, copy: bool = True) -> Handle:
+        return self.cache.prefetch(layer, expert_ids, demand=self.demand.get(("prefetch", layer), False), copy=copy)
 
     def wait(self, layer: int, handle: Handle | None, top_k_index: torch.Tensor) -> SlotPlan:
         start = self.timeline.mark() if self.timeline is not None else None
         waves = self.cache.plan(layer, handle, top_k_index)
         if self.routing is not None:
+            if self.cache.reuse_read is not None:  # the reuse estimates this wait read, before its begin
+                self.routing.request("reuse", layer, self.cache.reuse_read)
             for resolved in self.cache.resolved:  # read back by this wait, in the order issued
-                self.routing.request("prefetch", resolved.layer, resolved.predicted)
+                self.routing.request("prefetch" if resolved.copy else "hint", resolved.layer, resolved.predicted)
             self.routing.request("wait", layer, sorted(e for wave in waves for e in wave))
         demand = self.demand.get(("wait", layer), True)
         plan = SlotPlan(layer, waves, self.cache.acquire(layer, waves[0], demand), demand, self.cache.routed)

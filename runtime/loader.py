@@ -38,6 +38,7 @@ from .store import ExpertLayout, HostStore
 from ..ir import ops
 from ..passes.options import CompileOptions
 from .path_predictor import FILE as PREDICTOR_FILE, REFINER_FILE, load_predictor, load_refiner
+from .reuse import FILE as REUSE_FILE, load_reuse
 from .route_tables import FILE as TABLES_FILE, load_tables
 from .policy import make_policy
 from .prior import load_prior
@@ -171,14 +172,15 @@ def copy_streams(gm: fx.GraphModule, where: str) -> dict[tuple[str, int], str]:
 
 def _drop_prefetch(gm: fx.GraphModule) -> None:
     """With every expert resident nothing needs predicting: waits lose their handles, the
-    prefetches and the predictor's context keeper go, and the predictor nodes become dead code."""
+    prefetches, the reuse predictor and the predictor's context keeper go, and the predictor nodes
+    become dead code."""
     from ..ir import ops
     from ..passes.dce import dce
 
     for node in gm.graph.nodes:
         if node.target is ops.wait:
             node.update_arg(2, None)
-    for node in [n for n in gm.graph.nodes if n.target in (ops.prefetch, ops.path_context)]:
+    for node in [n for n in gm.graph.nodes if n.target in (ops.prefetch, ops.path_context, ops.predict_reuse)]:
         gm.graph.erase_node(node)
     dce(gm)
     gm.recompile()
@@ -187,7 +189,8 @@ def _drop_prefetch(gm: fx.GraphModule) -> None:
 def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int | str | None = None,
          verify: bool = True, preload: bool | None = None, timeline: bool = False,
          record_routing: bool = False, predictor: str | None = None, lookahead: int | None = None,
-         policy: str | None = None, batch_size: int = 1, max_context: int | None = None) -> CompiledModel:
+         policy: str | None = None, batch_size: int = 1, max_context: int | None = None,
+         prefetch: str | None = None) -> CompiledModel:
     """Loads a compiled directory; ``expert_cache`` is slots, a size ('4GiB'), a fraction ('25%'),
     or None for every expert resident.
 
@@ -197,9 +200,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     compute streams (``model.timeline.write("trace.json")`` for Perfetto / chrome://tracing);
     ``record_routing`` the routes taken (``model.routing.write_jsonl(path)`` for expertflow-simulate).
     ``predictor`` ("cross_layer_gate", "routing_path", "transition", "frequency", "none"),
-    ``lookahead`` and ``policy``
-    ("layer_cycle", "lru", "lfu", "predictive") override what the model was compiled with: the
-    graph is derived again with them (they change what is loaded, never what is computed).
+    ``lookahead``, ``policy`` ("layer_cycle", "lru", "lfu", "predictive") and ``prefetch``
+    ("copy": predictions start copies; "hint": they only steer eviction) override what the model
+    was compiled with: the graph is derived again with them (they change what is loaded, never
+    what is computed).
     ``expert_cache="auto"`` takes the most slots that fit the device's free memory after the dense
     weights, a KV cache for ``batch_size`` sequences of ``max_context`` tokens (default: the
     model's context, at most 4096) and a margin; ``model.budget`` says what it chose.
@@ -222,7 +226,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     derived = derive(manifest, config, dtype, where)
     _check_derived(path, manifest, layouts, derived)
     graph = _graph(path, manifest, derived)  # validated before any code is generated from it
-    options = _options(manifest, where, predictor, lookahead, policy)
+    options = _options(manifest, where, predictor, lookahead, policy, prefetch)
     if options != {**DEFAULT_OPTIONS, **manifest["options"]}:
         derived = derive({**manifest, "options": options}, config, dtype, where)
         graph = derived.graph
@@ -248,7 +252,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     if any(n.target is ops.predict_path for n in gm.graph.nodes):
         context.path_predictor = _path_predictor(path, manifest, config, layouts, dev)
     if any(n.target is ops.refine_path for n in gm.graph.nodes):
-        context.path_refiner = _path_predictor(path, manifest, config, layouts, dev, refiner=True)
+        context.path_refiner = _path_predictor(path, manifest, config, layouts, dev, refiner="refiner")
+    if any(n.target is ops.predict_reuse for n in gm.graph.nodes):
+        context.reuse_predictor = _path_predictor(path, manifest, config, layouts, dev, refiner="reuse")
     if any(n.target in (ops.predict_frequency, ops.predict_transition) for n in gm.graph.nodes):
         context.route_tables = load_tables(path, layouts, dev)
     cls = model_class(manifest["architecture"])
@@ -265,10 +271,11 @@ DEFAULT_OPTIONS = asdict(CompileOptions())
 
 
 def _options(manifest: dict[str, Any], where: str, predictor: str | None, lookahead: int | None,
-             policy: str | None) -> dict[str, Any]:
+             policy: str | None, prefetch: str | None = None) -> dict[str, Any]:
     """The manifest's compile options with the caller's overrides, checked (LoadError)."""
     options = {**DEFAULT_OPTIONS, **manifest["options"]}
-    for name, value in (("predictor", predictor), ("lookahead", lookahead), ("policy", policy)):
+    for name, value in (("predictor", predictor), ("lookahead", lookahead), ("policy", policy),
+                        ("prefetch", prefetch)):
         if value is not None:
             options[name] = value
     try:
@@ -289,14 +296,17 @@ def path_of(where: str) -> str:
 
 
 def _path_predictor(path: Path, manifest: dict[str, Any], config: Any, layouts: dict[int, ExpertLayout],
-                    dev: torch.device, refiner: bool = False) -> Any:
+                    dev: torch.device, refiner: str = "") -> Any:
+    """The routing-path predictor, its second stage (``refiner="refiner"``) or the reuse
+    predictor (``"reuse"``), each a small network of runtime/path_predictor.py."""
     experts = {lay.num_experts for lay in layouts.values()}
     if len(experts) != 1:
         raise LoadError(f"{path}: the routing-path predictor needs every MoE layer to have as many experts")
-    if refiner and REFINER_FILE not in manifest["files"]:
-        raise LoadError(f"{path} has no second stage of the routing-path predictor ({REFINER_FILE}); "
-                        "recompile the model with --calibration")
-    load = load_refiner if refiner else load_predictor
+    file, load = {"": (PREDICTOR_FILE, load_predictor), "refiner": (REFINER_FILE, load_refiner),
+                  "reuse": (REUSE_FILE, load_reuse)}[refiner]
+    if file not in manifest["files"]:
+        raise LoadError(f"{path} has no {file} (a part of the routing-path predictor); recompile the model "
+                        "with --calibration")
     return load(path, config.hidden_size, len(layouts), experts.pop(), dev)
 
 

@@ -8,6 +8,9 @@ calls, so the simulator's counts are the runtime's by construction:
 - ``begin(layer)``: ``layer``'s wait starts (its route is known); layers run in a cycle per step;
 - ``hint(layer, experts)``: a prefetch predicts these experts for ``layer``'s next run;
 - ``use(key)``: a compute reads ``key`` (a hit, or after a demand load);
+- ``expect(values)``: the reuse predictor's estimates for the step about to start (its first
+  ``begin`` follows): per (layer, expert) in layer order, tokens until its next use after this
+  one, ``runtime/reuse.SCALE`` per token;
 - ``victim(candidates)``: the key to evict, one of ``candidates`` (never a slot in use or in flight:
   the caller leaves those out).
 
@@ -15,7 +18,8 @@ Policies: ``lru``; ``lfu`` (fewest uses, counts outlive eviction); ``layer_cycle
 layer that runs again last: plain LRU evicts exactly the layers about to run); ``predictive``
 (evict the expert whose predicted next use is farthest, ExpertFlow's predictive cache: a use
 the predictor announced counts as certain, any other is estimated from how often that expert is
-reused by the next step after a use, and how often it is chosen otherwise).
+reused by the next step after a use, and how often it is chosen otherwise; with the reuse
+predictor, from its estimate for this token).
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ class Policy:
         pass
 
     def use(self, key: Key) -> None:
+        pass
+
+    def expect(self, values: Sequence[int]) -> None:
         pass
 
     def distance(self, layer: int) -> int:
@@ -106,10 +113,21 @@ class Predictive(Policy):
         self.last: dict[Key, int] = {}  # key -> step of its last use
         self.predicted: set[Key] = set()  # announced by a prefetch, its layer not run yet
         self.uses: Counter[Key] = Counter()
+        self.reuse: list[float] | None = None  # expected tokens to each key's next use, from reuse_step
+        self.reuse_step: int | None = None
+        self._fresh, self._experts = False, 0
+
+    def expect(self, values: Sequence[int]) -> None:
+        from .reuse import decode
+
+        self.reuse, self._fresh = decode(list(values)), True
+        self._experts = len(self.reuse) // max(len(self.position), 1)
 
     def begin(self, layer: int) -> None:
         if self.now is not None and self.position[layer] <= self.now:
             self.step += 1
+        if self._fresh:
+            self.reuse_step, self._fresh = self.step, False
         super().begin(layer)
         self.predicted = {k for k in self.predicted if k[0] != layer}
 
@@ -136,6 +154,12 @@ class Predictive(Policy):
         d = self.distance(key[0])
         if key in self.predicted:
             return d
+        if self.reuse is not None and self.reuse_step is not None:
+            i = self.position[key[0]] * self._experts + key[1]
+            if 0 <= key[1] < self._experts and i < len(self.reuse):
+                ran = self.now is not None and self.position[key[0]] <= self.now
+                ahead = self.reuse[i] - (self.step - self.reuse_step)  # tokens after this one
+                return d + len(self.position) * (max(ahead, 1.0) - (1 if ran else 0))
         p = max(self._chance(key), 1e-6)
         return d + len(self.position) * (1.0 / p - 1.0)
 

@@ -34,9 +34,9 @@ class Step:
 
 @dataclass(frozen=True)
 class Request:
-    kind: str                 # "prefetch" or "wait"
+    kind: str                 # "prefetch", "wait", or "reuse" (the reuse estimates a wait read)
     layer: int
-    experts: tuple[int, ...]  # predicted (prefetch) or needed (wait) expert ids
+    experts: tuple[int, ...]  # predicted (prefetch) or needed (wait) expert ids; reuse: runtime/reuse.encode'd
 
 
 @dataclass

@@ -17,7 +17,7 @@ from expertflow.tools import simulate
 from expertflow.tools.cache_sim import Access, simulate as demand_replay
 from expertflow.tools.compile import Calibration, compile_model
 from expertflow.runtime.routing import Request
-from expertflow.tools.prefetch_sim import Issue, from_log, replay
+from expertflow.tools.prefetch_sim import Issue, from_log, replay, reuse_from_log
 from expertflow.tools.source import UserError, resolve_model
 from expertflow.tools.train_predictor import train_path_predictor
 
@@ -169,7 +169,8 @@ def test_calibration_writes_traces_predictor_and_prior(calibrated):
     assert cal["train_tokens"] == 1024 and cal["heldout_tokens"] >= 128
     assert cal["routing_path"]["parameters"] > 0
     assert manifest["options"] == {"lookahead": 1, "predictor": "routing_path", "policy": "predictive",
-                                   "permute": True}
+                                   "permute": True, "prefetch": "copy"}
+    assert "reuse.safetensors" in manifest["files"] and cal["routing_path"]["reuse"]["parameters"] > 0
 
 
 @pytest.mark.parametrize("predictor,policy", list(itertools.product(
@@ -188,22 +189,27 @@ def test_every_predictor_and_policy_gives_hf_tokens(calibrated, predictor, polic
     assert (stats["predicted"] > 0) == (predictor != "none")
 
 
-@pytest.mark.parametrize("predictor,policy,slots", [
-    ("cross_layer_gate", "layer_cycle", 5), ("cross_layer_gate", "predictive", 16), ("routing_path", "lru", 8),
-    ("routing_path", "predictive", 5), ("none", "predictive", 8), ("none", "lfu", 16),
-    ("transition", "predictive", 8), ("frequency", "layer_cycle", 16)])
-def test_the_simulator_counts_what_the_runtime_did_with_prefetch(calibrated, predictor, policy, slots):
+@pytest.mark.parametrize("predictor,policy,slots,prefetch", [
+    ("cross_layer_gate", "layer_cycle", 5, "copy"), ("cross_layer_gate", "predictive", 16, "copy"),
+    ("routing_path", "lru", 8, "copy"), ("routing_path", "predictive", 5, "copy"),
+    ("routing_path", "predictive", 8, "hint"), ("cross_layer_gate", "lru", 8, "hint"),
+    ("none", "predictive", 8, "copy"), ("none", "lfu", 16, "copy"),
+    ("transition", "predictive", 8, "copy"), ("frequency", "layer_cycle", 16, "copy")])
+def test_the_simulator_counts_what_the_runtime_did_with_prefetch(calibrated, predictor, policy, slots, prefetch):
     """The runtime's own requests (prefetches and waits, in its order), replayed by the simulator
     with the same policy and prior, give the runtime's hits and bytes within 2%, counting a
     prefetch the runtime cancelled before its copy started as moved (the replay has no clock):
     without a predictor they are equal."""
-    model = runtime.load(calibrated, expert_cache=slots, predictor=predictor, policy=policy, record_routing=True)
+    model = runtime.load(calibrated, expert_cache=slots, predictor=predictor, policy=policy, record_routing=True,
+                         prefetch=prefetch)
     batch = runtime.load_tokenizer(calibrated)(["def __init__(self"], return_tensors="pt")
     model.generate(**batch, max_new_tokens=40, do_sample=False)
     trace, issues = from_log(model.routing.log)
+    reuse = reuse_from_log(model.routing.log)  # the reuse predictor's estimates, as each wait read them
+    assert bool(reuse) == (predictor == "routing_path" and policy == "predictive")
     blob = json.loads((calibrated / "manifest.json").read_text())["memory_plan"]["expert_blob_bytes"]
     got = replay(trace, issues, policy, slots, predictor, blob, model.context.cache.policy.prior
-                 if policy == "predictive" else None)
+                 if policy == "predictive" else None, reuse=reuse)
     stats = model.stats()["total"]
     assert got.accesses == stats["hits"] + stats["misses"]
     assert got.predicted == stats["predicted"] and (got.predicted > 0) == (predictor != "none")
@@ -212,8 +218,10 @@ def test_the_simulator_counts_what_the_runtime_did_with_prefetch(calibrated, pre
     # a clock the replay does not have decides that, so the replay counts it as moved
     moved = stats["bytes_moved"] + stats["prefetch_cancelled"] * blob
     assert abs(got.bytes - moved) <= 0.02 * got.bytes, (got, stats)
-    if predictor == "none":
+    if predictor == "none" or prefetch == "hint":  # nothing copied early: nothing to cancel
         assert (got.hits, got.bytes) == (stats["hits"], stats["bytes_moved"])
+    if prefetch == "hint":
+        assert got.prefetch_loads == 0 and stats["bytes_moved"] == stats["misses"] * blob  # demand loads only
 
 
 def test_the_runtime_log_becomes_steps_and_issues():
@@ -371,12 +379,15 @@ def test_simulate_compares_request_schedules(calibrated, capsys):
     assert simulate.main([str(calibrated), "--cache", "8", "--schedule", "0"]) == 2
 
 
-def test_the_routing_path_predictor_costs_no_host_read_of_its_own(calibrated):
+@pytest.mark.parametrize("prefetch", ["copy", "hint"])
+def test_the_routing_path_predictor_costs_no_host_read_of_its_own(calibrated, prefetch):
     # Every layer's prefetch is issued before the first layer; the first wait reads them all back
-    # with its own routing decision, so a step still makes one host read per MoE layer.
+    # with its own routing decision (and the reuse estimates), so a step still makes one host read
+    # per MoE layer.
     from test_host_syncs import syncs_per_step
 
-    model = runtime.load(calibrated, expert_cache=5)
+    model = runtime.load(calibrated, expert_cache=5, prefetch=prefetch)
+    assert model.context.reuse_predictor is not None
     ids = torch.tensor([[5, 9, 13, 2], [7, 7, 1, 3]])
     counts = syncs_per_step(model, ids, torch.ones_like(ids), steps=3)
     assert counts == [len(model.context.cache.layouts)] * 4
@@ -404,3 +415,93 @@ def test_route_estimates_come_from_the_routing_path_predictor_without_a_forward(
     assert torch.equal(shares[0, 0] * len(ids[0]), torch.bincount(first[:, 0].flatten(), minlength=shares.shape[-1]).float())
     alone = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0].tolist() for p in ids]
     assert model.generate_many(ids, batch_size=2, max_new_tokens=6, do_sample=False) == alone
+
+
+@pytest.mark.parametrize("name", ["tiny-deepseek-v3", "tiny-gpt-oss"])
+def test_learned_predictors_on_other_architectures(name, tmp_path):
+    """DeepSeek-V3 (dense first layers, shared experts, grouped routing) and GPT-OSS (biased
+    experts, sinks): calibration finds the first MoE layer's output for the second stage, and every
+    learned predictor keeps Hugging Face's tokens at three slots."""
+    out = compile_model(name, tmp_path / "c", CompileOptions(predictor="routing_path"), dumps=False,
+                        calibration=Calibration("builtin", 512))
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch.float32).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    for predictor in ("routing_path", "transition", "frequency"):
+        model = runtime.load(out, expert_cache=3, predictor=predictor)
+        ops_called = {n.target.__name__ for n in model.graph_module.graph.nodes if n.op == "call_function"}
+        assert ("refine_path" in ops_called) == (predictor == "routing_path")
+        got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        assert torch.equal(got, want), predictor
+        assert model.stats()["total"]["predicted_used"] > 0
+
+
+def test_reuse_targets_match_a_brute_force_count():
+    """next_use: 1 where a (layer, expert)'s next use after a token is within h tokens of it (in
+    the same sequence); weight 0 where the sequence ends before h with no use seen."""
+    from expertflow.tools.train_predictor import next_use
+
+    rng = random.Random(3)
+    seq = torch.tensor([0] * 9 + [1] * 6)
+    experts = torch.tensor([[rng.sample(range(5), 2) for _ in range(3)] for _ in range(15)])
+    horizons = (1, 2, 4)
+    within, known = next_use(experts, seq, 5, horizons)
+    for t in range(15):
+        later = [u for u in range(t + 1, 15) if seq[u] == seq[t]]
+        for j in range(3):
+            for e in range(5):
+                uses = [u - t for u in later if e in experts[u, j].tolist()]
+                for i, h in enumerate(horizons):
+                    row = j * len(horizons) + i
+                    assert within[t, row, e] == float(bool(uses) and uses[0] <= h)
+                    assert known[t, row, e] == float((bool(uses) and uses[0] <= h) or len(later) >= h)
+
+
+def test_the_predictive_policy_evicts_the_farthest_expected_reuse():
+    """With reuse estimates, a key's next use is its layer's distance plus (tokens to its next use,
+    less one if its layer already ran this step) whole cycles; announced keys stay certain."""
+    from expertflow.runtime.policy import make_policy
+    from expertflow.runtime.reuse import SCALE
+
+    policy = make_policy("predictive", [0, 1, 2])
+    estimates = [1.0, 6.0, 2.0, 2.5, 9.0, 1.5]  # layers 0..2 x experts 0..1
+    policy.expect([int(v * SCALE) for v in estimates])
+    policy.begin(0)
+    policy.begin(1)  # layer 0 ran this step; layer 2 has not
+    policy.hint(2, [0])
+    expected = {(0, 0): 2 + 3 * 0, (0, 1): 2 + 3 * 5, (1, 0): 3 + 3 * 1, (1, 1): 3 + 3 * 1.5,
+                (2, 0): 1, (2, 1): 1 + 3 * 1.5}
+    for key, want in expected.items():
+        assert policy.next_use(key) == pytest.approx(want), key
+    assert policy.victim(list(expected)) == (0, 1)
+    policy.begin(2)
+    policy.begin(0)  # the next step: one token nearer
+    assert policy.next_use((0, 1)) == pytest.approx(3 + 3 * 4)
+
+
+@pytest.mark.parametrize("forge,message", [
+    (lambda t: t.update(w2=t["w2"][:-8]), "expected float32 (192, 256)"),
+    (lambda t: t.update(b1=t["b1"] * float("nan")), "non-finite values"),
+])
+def test_a_forged_reuse_predictor_is_refused_in_one_line(calibrated, tmp_path, forge, message):
+    forged = _forge(calibrated, tmp_path, "reuse.safetensors", forge)
+    with pytest.raises(LoadError) as err:
+        runtime.load(forged, expert_cache=4)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    runtime.load(forged, expert_cache=4, policy="lru")  # only the predictive policy reads it
+
+
+def test_hints_keep_hf_tokens_and_copy_nothing_early(calibrated):
+    source = resolve_model(NAME)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    batch = AutoTokenizer.from_pretrained(source)(PROMPTS, return_tensors="pt", padding=True)
+    want = hf.generate(**batch, max_new_tokens=8, do_sample=False)
+    model = runtime.load(calibrated, expert_cache=5, prefetch="hint")
+    prefetches = [n for n in model.graph_module.graph.nodes if n.op == "call_function"
+                  and n.target.__name__ == "prefetch"]
+    assert prefetches and all(n.args[3:] == (False,) for n in prefetches)
+    assert torch.equal(model.generate(**batch, max_new_tokens=8, do_sample=False), want)
+    stats = model.stats()["total"]
+    assert stats["predicted"] > 0 and stats["in_flight"] == 0 and stats["prefetch_wasted"] == 0
+    blob = json.loads((calibrated / "manifest.json").read_text())["memory_plan"]["expert_blob_bytes"]
+    assert stats["bytes_moved"] == stats["misses"] * blob

@@ -21,6 +21,7 @@ from expertflow.passes.dce import dce
 from expertflow.passes.functionalize_inplace import functionalize_inplace, is_inplace_method
 from expertflow.passes.insert_permute import insert_permute
 from expertflow.passes.insert_prefetch import ancestors, insert_prefetch
+from expertflow.passes.insert_reuse import insert_reuse
 from expertflow.passes.lower_experts import lower_experts
 from expertflow.passes.manager import PassError, PassManager, PassResult
 from expertflow.passes.options import CompileOptions
@@ -42,8 +43,8 @@ class Reference:
     def route(self, layer: int, top_k_index: torch.Tensor) -> None:
         self.calls.append(("route", layer))
 
-    def prefetch(self, layer: int, expert_ids: torch.Tensor) -> tuple[str, int]:
-        self.calls.append(("prefetch", layer))
+    def prefetch(self, layer: int, expert_ids: torch.Tensor, copy: bool = True) -> tuple[str, int]:
+        self.calls.append(("prefetch" if copy else "hint", layer))
         self.predicted[layer] = expert_ids.clone()
         return ("handle", layer)
 
@@ -365,6 +366,10 @@ class PathReference(Reference):
     def path_context(self, hidden: torch.Tensor) -> None:
         self.calls.append(("path_context", -1))
 
+    def predict_reuse(self, embeds: torch.Tensor) -> None:
+        self.calls.append(("predict_reuse", -1))
+        self.read["reuse"] = embeds.clone()
+
 
 def test_insert_prefetch_routing_path_with_its_second_stage() -> None:
     lm = real("tiny-mixtral")
@@ -395,6 +400,35 @@ def test_insert_prefetch_routing_path_with_its_second_stage() -> None:
     assert [ref.predicted[j].unique().tolist() for j in range(4)] == [[0], [1], [1], [1]]
     assert ref.calls.index(("prefetch", 0)) < ref.calls.index(("compute", 0)) < ref.calls.index(("refine_path", -1))
     assert ref.calls.index(("refine_path", -1)) < ref.calls.index(("prefetch", 1)) < ref.calls.index(("route", 1))
+
+
+def test_insert_prefetch_hint_mode() -> None:
+    """prefetch="hint": the same predictions, each prefetch told not to copy (a fourth argument)."""
+    lm = real("tiny-mixtral")
+    copy, _ = lowered(lm)
+    gm, info = lowered(lm, prefetch="hint")
+    assert len(of(gm, ops.prefetch)) == len(of(copy, ops.prefetch)) == 4
+    assert all(n.args[3] is False for n in of(gm, ops.prefetch)) and all(len(n.args) == 3 for n in of(copy, ops.prefetch))
+    ref = Reference(lm, info)
+    assert_close(run(gm, lm, ref), hf_logits(lm))
+    assert [c for c in ref.calls if c[0] in ("prefetch", "hint")] == [("hint", j) for j in range(4)]
+
+
+def test_insert_reuse_structure_numbers_and_no_op() -> None:
+    lm = real("tiny-mixtral")
+    gm, info = lowered(lm, predictor="routing_path", policy="predictive")
+    assert not of(gm, ops.predict_reuse)  # lowered() stops at insert_prefetch
+    assert insert_reuse(gm, CompileOptions(predictor="routing_path", policy="predictive")).modified
+    (paths,), (reuse,) = of(gm, ops.predict_path), of(gm, ops.predict_reuse)
+    assert paths.next is reuse and reuse.args[1] is paths.args[1]  # the same embedding, right after
+    assert not insert_reuse(gm, CompileOptions(predictor="routing_path", policy="predictive")).modified
+    ref = PathReference(lm, info, lm.config.num_experts_per_tok)
+    assert_close(run(gm, lm, ref), hf_logits(lm))
+    assert ref.calls.index(("predict_path", -1)) + 1 == ref.calls.index(("predict_reuse", -1))
+    assert_close(ref.read["reuse"], ref.read["embeds"], rtol=0, atol=0)
+    for options in (CompileOptions(predictor="routing_path", policy="lru"), CompileOptions(policy="predictive")):
+        other, _ = lowered(lm, predictor=options.predictor, policy=options.policy)
+        assert not insert_reuse(other, options).modified and not of(other, ops.predict_reuse)
 
 
 # --- insert_permute ---------------------------------------------------------------------------

@@ -202,9 +202,9 @@ def _measure(args: argparse.Namespace, source: Path, compiled: Path) -> dict[str
                                  device)]
     del hf, full
     rows.append(_accelerate_row(source, device, compiled, small.stats()["slots"], ids, args))
-    for name, predictor, policy in _offloaded_runs(compiled):
+    for name, predictor, policy, prefetch in _offloaded_runs(compiled):
         model = runtime.load(compiled, device=args.device, expert_cache=small.stats()["slots"], predictor=predictor,
-                             policy=policy)
+                             policy=policy, prefetch=prefetch)
         rows.append(bench_rows.timed_row(name, ef_stepper(model), ids, args.tokens, args.repeats, device, model,
                                          bandwidth))
         del model
@@ -213,16 +213,21 @@ def _measure(args: argparse.Namespace, source: Path, compiled: Path) -> dict[str
     return result
 
 
-def _offloaded_runs(compiled: Path) -> list[tuple[str, str, str | None]]:
-    """(row name, predictor, policy): on-demand LRU, then ExpertFlow with each predictor it has."""
+def _offloaded_runs(compiled: Path) -> list[tuple[str, str, str | None, str | None]]:
+    """(row name, predictor, policy, prefetch): on-demand LRU, then ExpertFlow with each predictor
+    it has; with the routing-path predictor also the predictive policy (and its reuse predictor)
+    in both prefetch modes."""
     from ..runtime.manifest import read_manifest
 
     manifest = read_manifest(compiled)
     policy = manifest["options"].get("policy", "layer_cycle")
-    runs = [("on-demand LRU (no prefetch)", "none", "lru"),
-            (f"ExpertFlow cross_layer_gate, {policy}", "cross_layer_gate", None)]
+    runs = [("on-demand LRU (no prefetch)", "none", "lru", None),
+            (f"ExpertFlow cross_layer_gate, {policy}", "cross_layer_gate", None, None)]
     if "predictor.safetensors" in manifest["files"]:
-        runs.append((f"ExpertFlow routing_path, {policy}", "routing_path", None))
+        runs.append((f"ExpertFlow routing_path, {policy}", "routing_path", None, None))
+        if "reuse.safetensors" in manifest["files"]:
+            runs += [(f"ExpertFlow routing_path, predictive + reuse, {mode}", "routing_path", "predictive", mode)
+                     for mode in ("copy", "hint")]
     return runs
 
 

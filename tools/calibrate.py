@@ -203,6 +203,7 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
     from .. import runtime
     from ..runtime.manifest import LoadError
     from ..runtime.path_predictor import FILE as PREDICTOR, REFINER_FILE as REFINER
+    from ..runtime.reuse import FILE as REUSE
     from ..runtime.prior import FILE as PRIOR, prior_tensors
     from ..runtime.route_tables import FILE as TABLES, fit_tables
 
@@ -246,7 +247,7 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
     save_file(prior_tensors(train_routes, rec["seq"][is_train]), str(directory / PRIOR))
     save_file(rec, str(directory / FILE))
     mode = (directory / "dense.safetensors").stat().st_mode & 0o777
-    for name in (FILE, PREDICTOR, REFINER, PRIOR, TABLES):
+    for name in (FILE, PREDICTOR, REFINER, REUSE, PRIOR, TABLES):
         if (directory / name).exists():
             (directory / name).chmod(mode)  # safetensors writes 0600; the directory's files are alike
     return {"calibration": field}
@@ -283,7 +284,30 @@ def _train_path(directory: Path, rec: dict[str, torch.Tensor], n: int, top_k: in
                       "final_loss": round(report.final_loss, 4)}
     for name, parts in preds.items():
         rec[name] = torch.cat(parts, 1).contiguous()
+    field["reuse"] = _train_reuse(directory, rec, n, top_k, seed, (ctx, known))
     layers = rec["experts"].shape[1]
     rec["path_positions"] = torch.tensor([0] + [1 if len(stages) > 1 else 0] * (layers - 1), dtype=torch.int32)
-    return {"parameters": sum(f["parameters"] for f in field.values()), "seed": seed,
+    return {"parameters": sum(f["parameters"] for f in field.values() if "parameters" in f), "seed": seed,
             "train_seconds": round(sum(f["train_seconds"] for f in field.values()), 2), **field}
+
+
+def _train_reuse(directory: Path, rec: dict[str, torch.Tensor], n: int, top_k: int, seed: int,
+                 context: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Trains the reuse predictor (``runtime/reuse.py``) on the training tokens' future routes,
+    writes it, and adds ``reuse_logits`` (float16 [tokens, layers x horizons, experts]) to ``rec``."""
+    from safetensors.torch import save_file
+
+    from ..runtime.reuse import FILE as REUSE, HORIZONS
+    from .train_predictor import next_use, train_path_predictor
+
+    is_train = rec["split"] == 0
+    targets, weights = next_use(rec["experts"], rec["seq"], n, HORIZONS)
+    ctx, known = context
+    predictor, report = train_path_predictor(rec["embeds"][is_train], None, n, 1, seed=seed,
+                                             context=(ctx[is_train], known[is_train]),
+                                             targets=targets[is_train], weights=weights[is_train])
+    with torch.no_grad():
+        rec["reuse_logits"] = predictor.scores(rec["embeds"], ctx, known).half().contiguous()
+    save_file({k: v.contiguous() for k, v in predictor.tensors().items()}, str(directory / REUSE))
+    return {"parameters": report.parameters, "train_seconds": round(report.seconds, 2),
+            "final_loss": round(report.final_loss, 4), "horizons": list(HORIZONS)}

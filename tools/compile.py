@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..passes.options import POLICIES, PREDICTORS, CompileOptions
+from ..passes.options import POLICIES, PREDICTORS, PREFETCH, CompileOptions
 from .source import UserError, resolve_model
 
 HELP = __doc__ + """
@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "popular experts, the static baseline; needs --calibration), or none (every expert "
                         "loads on demand). "
                         "runtime.load(predictor=...) can override it")
+    p.add_argument("--prefetch", choices=list(PREFETCH), default="copy",
+                   help="what a prediction does: copy (start copying the predicted experts before their layer "
+                        "runs; default) or hint (only tell the cache policy, which keeps them and evicts others; "
+                        "nothing moves early: fewer bytes where copies are the bottleneck). "
+                        "runtime.load(prefetch=...) can override it")
     p.add_argument("--no-permute", action="store_true",
                    help="leave out the token-permutation nodes (permute/unpermute around each expert compute). "
                         "With them, a step whose experts outnumber the slots (a long prefill, a large batch) "
@@ -166,7 +171,7 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
             "experts_implementation": config._experts_implementation,
             "transformers": transformers.__version__, "expertflow": __version__,
             "options": {"lookahead": options.lookahead, "predictor": options.predictor, "policy": options.policy,
-                        "permute": options.permute},
+                        "permute": options.permute, "prefetch": options.prefetch},
             "mask_kinds": info.mask_kinds, "layouts": [lay.to_json() for lay in layouts.values()],
             "memory_plan": memory_plan(layouts, dense_bytes),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -272,7 +277,7 @@ def _main(args: argparse.Namespace) -> int:
         for stale in remove_stale(args.output):
             print(f"expertflow-compile: removed {stale}, left by a compile that was killed", file=sys.stderr)
         options = CompileOptions(lookahead=args.lookahead, predictor=args.predictor, policy=args.policy,
-                                 permute=not args.no_permute)
+                                 permute=not args.no_permute, prefetch=args.prefetch)
         calibration = Calibration(args.calibration, args.calibration_tokens, args.seed) if args.calibration else None
         out = compile_model(args.model, args.output, options, force=args.force, dumps=not args.no_dumps,
                             quiet=args.quiet, calibration=calibration)

@@ -186,7 +186,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  architecture  {s['architecture']} ({s['model_type']}), dtype {s['dtype']}",
         f"  schema        manifest {s['schema']['manifest']}, graph {s['schema']['graph']}; "
         f"built {s['created']} with torch {s['torch']}",
-        f"  options       lookahead {opts.get('lookahead')}, predictor {opts.get('predictor')}",
+        f"  options       lookahead {opts.get('lookahead')}, predictor {opts.get('predictor')}, "
+        f"policy {opts.get('policy')}, prefetch {opts.get('prefetch', 'copy')}",
         "memory plan",
         f"  dense weights   {_bytes(plan.get('dense_bytes'))}",
         f"  expert blob     {_bytes(plan.get('expert_blob_bytes'))} per expert",

@@ -126,8 +126,9 @@ class _Cache:
 
 def replay(trace: Sequence[Access], issues: Sequence[Sequence[Issue]], policy: str, capacity: int,
            predictor: str = "none", expert_bytes: int = 1, prior: RoutingPrior | None = None,
-           time: TimeModel | None = None) -> Replay:
-    """Replays ``trace`` (one Access per step) with ``issues[s]`` issued before step s's wait."""
+           time: TimeModel | None = None, reuse: dict[int, Sequence[int]] | None = None) -> Replay:
+    """Replays ``trace`` (one Access per step) with ``issues[s]`` issued before step s's wait;
+    ``reuse[s]``, where given, is handed to the policy (``expect``) as step s's wait reads it."""
     r = Replay(policy, predictor, capacity, expert_bytes)
     layers = sorted({a.layer for a in trace})
     cache = _Cache(capacity, make_policy(policy, layers, prior), r)
@@ -137,6 +138,8 @@ def replay(trace: Sequence[Access], issues: Sequence[Sequence[Issue]], policy: s
         if (access.seq, access.token) != last_token:
             r.tokens, last_token = r.tokens + 1, (access.seq, access.token)
         due = issues[s] if s < len(issues) else ()
+        if reuse is not None and s in reuse:
+            cache.policy.expect(reuse[s])
         for issue in due:
             if issue.deferred:
                 _reserve(cache, issue, trace)
@@ -164,11 +167,11 @@ def _reserve(cache: _Cache, issue: Issue, trace: Sequence[Access]) -> None:
     """Tells the policy, counts the predictions, and reserves the resident ones (so no load evicts them)."""
     r, layer = cache.r, trace[issue.target].layer
     cache.policy.hint(layer, issue.experts)
-    if not issue.load:
-        return
     needed = set(trace[issue.target].experts)
     r.predicted += len(issue.experts)
     r.predicted_used += len(needed.intersection(issue.experts))
+    if not issue.load:
+        return
     for e in issue.experts:
         if (layer, e) in cache.lru:
             cache.reserved.setdefault((layer, e), issue.target)
@@ -280,24 +283,40 @@ def _drop_stale(cache: _Cache, engine: _Engine, s: int) -> None:
 
 def from_log(log: Sequence) -> tuple[list[Access], list[list[Issue]]]:
     """The runtime's cache requests (``runtime.routing.Request``: prefetches and waits, in the
-    order it made them) as a replay's steps and issues: a prefetch is read back at the next wait
-    (deferred), for the first wait of its layer from there on (one it never reached is left out)."""
+    order it made them) as a replay's steps and issues: a prefetch (or a hint, which copies
+    nothing) is read back at the next wait (deferred), for the first wait of its layer from there
+    on (one it never reached is left out)."""
     trace: list[Access] = []
     issues: list[list[Issue]] = []
-    pending: list[tuple[int, tuple[int, ...]]] = []  # (layer, experts) awaiting their target wait
-    placed: list[tuple[int, int, tuple[int, ...]]] = []  # (issued before step, layer, experts)
+    pending: list[tuple[int, tuple[int, ...], bool]] = []  # (layer, experts, copies) awaiting their wait
+    placed: list[tuple[int, int, tuple[int, ...], bool]] = []  # (issued before step, layer, experts, copies)
     for req in log:
-        if req.kind == "prefetch":
-            pending.append((req.layer, req.experts))
+        if req.kind in ("prefetch", "hint"):
+            pending.append((req.layer, req.experts, req.kind == "prefetch"))
+        elif req.kind == "reuse":
+            continue  # the policy's estimates, not a copy: reuse_from_log
         elif req.kind == "wait":
-            placed.extend((len(trace), layer, experts) for layer, experts in pending)
+            placed.extend((len(trace), *item) for item in pending)
             pending = []
             trace.append(Access(0, len(trace), req.layer, tuple(sorted(set(req.experts)))))
             issues.append([])
         else:
             raise ValueError(f"unknown cache request {req.kind!r}")
-    for at, layer, experts in placed:
+    for at, layer, experts, copies in placed:
         target = next((s for s in range(at, len(trace)) if trace[s].layer == layer), None)
         if target is not None and experts:
-            issues[at].append(Issue(target, experts, deferred=True))
+            issues[at].append(Issue(target, experts, load=copies, deferred=True))
     return trace, issues
+
+
+def reuse_from_log(log: Sequence) -> dict[int, tuple[int, ...]]:
+    """The reuse estimates in the runtime's log, keyed by the replay step (``from_log``'s) whose
+    wait read them."""
+    out: dict[int, tuple[int, ...]] = {}
+    waits = 0
+    for req in log:
+        if req.kind == "reuse":
+            out[waits] = req.experts
+        elif req.kind == "wait":
+            waits += 1
+    return out

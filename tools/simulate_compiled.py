@@ -8,7 +8,10 @@ The causal bound is the fewest loads over policies with the oracle (a perfect ro
 predictor: the current step's true route through every layer, known before its first layer),
 prefetched (``oracle``) or only told to the policy (``oracle:hint``: it evicts among the experts
 that route does not need, and loads on demand). ``oracle+next:hint`` also tells the policy the
-next step's route: the most that a next-token predictor could add.
+next step's route: the most that a next-token route predictor could add. ``routing_path:hint``
+is ``--prefetch hint``: the routing-path predictions only steer eviction, nothing is copied early.
+The predictive policy's rows with the routing-path predictor also read the reuse predictor's
+estimates (``reuse_logits``), as the runtime does with that predictor and policy.
 """
 
 from __future__ import annotations
@@ -58,6 +61,22 @@ def predictions(rec: dict[str, torch.Tensor], n: int, group: str = "token") -> d
     return out
 
 
+def reuse_steps(rec: dict[str, torch.Tensor], grouped: list[list[int]], layers: int) -> dict[int, list[int]]:
+    """The reuse estimates the runtime would hand the policy at each group's first wait: from each
+    sequence's last row in the group (held-out rows), combined as ``runtime/reuse`` combines rows."""
+    from ..runtime.reuse import HORIZONS, encode, expected_next_use
+
+    logits = rec["reuse_logits"][rec["split"] == 1].float()
+    seqs = rec["seq"][rec["split"] == 1].tolist()
+    out = {}
+    for g, rows in enumerate(grouped):
+        last = {seqs[r]: r for r in rows}  # rows are in token order: the last one per sequence stays
+        chosen = logits[sorted(last.values())]
+        per = chosen.reshape(len(chosen), layers, len(HORIZONS), -1)
+        out[g * layers] = encode(expected_next_use(per)).reshape(-1).tolist()
+    return out
+
+
 def _path_positions(rec: dict[str, torch.Tensor]) -> list[int]:
     """Where each layer's routing-path prediction is issued: 0 (before the first layer) or, for a
     layer its second stage predicts, 1 (after the first MoE layer)."""
@@ -98,9 +117,13 @@ def evaluate(compiled: Path, caches: list[int], policies: list[str], group: str,
     grouped = P.groups(rec["seq"][held], rec["token"][held], group)
     trace, issues = P.build(rec["experts"][held], layers, grouped, preds)
     issues["oracle:hint"] = [[Issue(i.target, i.experts, load=False) for i in step] for step in issues["oracle"]]
+    if "routing_path" in issues:  # --prefetch hint: the predictions steer eviction, nothing is copied early
+        issues["routing_path:hint"] = [[Issue(i.target, i.experts, load=False) for i in step]
+                                       for step in issues["routing_path"]]
     issues["oracle+next:hint"] = P.next_step_hints(trace, issues["oracle:hint"], len(layers))
     train = rec["split"] == 0
     prior = as_prior(prior_tensors(rec["experts"][train], rec["seq"][train]), layers)
+    reuse = reuse_steps(rec, grouped, len(layers)) if "reuse_logits" in rec else None
     rows = []
     for cache in caches:
         best = simulate(trace, "belady", cache, blob).loads
@@ -108,7 +131,9 @@ def evaluate(compiled: Path, caches: list[int], policies: list[str], group: str,
         results = []
         for policy in policies:
             for name in issues:
-                r = replay(trace, issues[name], policy, cache, name, blob, prior, time)
+                # the runtime has the reuse predictor with the routing-path predictor and this policy
+                learned = reuse if policy == "predictive" and name.startswith("routing_path") else None
+                r = replay(trace, issues[name], policy, cache, name, blob, prior, time, learned)
                 results.append(r)
                 if name in ("oracle", "oracle:hint"):
                     causal = r.loads if causal is None else min(causal, r.loads)

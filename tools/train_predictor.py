@@ -45,17 +45,20 @@ def previous(values: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, tor
     return out * known.reshape(-1, *[1] * (values.dim() - 1)).to(values.dtype), known
 
 
-def train_path_predictor(inputs: torch.Tensor, experts: torch.Tensor, n_experts: int, top_k: int,
+def train_path_predictor(inputs: torch.Tensor, experts: torch.Tensor | None, n_experts: int, top_k: int,
                          seed: int = 0, width: int = 256, epochs: int = 40, batch: int = 256,
                          lr: float = 3e-3, context: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         context_dropout: float = 0.15) -> tuple[PathPredictor, TrainReport]:
+                         context_dropout: float = 0.15, targets: torch.Tensor | None = None,
+                         weights: torch.Tensor | None = None) -> tuple[PathPredictor, TrainReport]:
     """Fits a PathPredictor mapping ``inputs`` [tokens, hidden] (and ``context`` = (previous
     position's context [tokens, hidden], known [tokens] bool)) to the routes ``experts`` [tokens,
-    layers, k]. Deterministic under ``seed`` (its own generator; the global RNG is left alone)."""
+    layers, k], or to any 0/1 ``targets`` [tokens, groups, n_experts] (``weights`` of the same
+    shape: 0 where a target is unknown). Deterministic under ``seed`` (its own generator; the
+    global RNG is left alone)."""
     start = time.perf_counter()
     tokens, hidden = inputs.shape
-    layers = experts.shape[1]
-    target = multi_hot(experts, n_experts)
+    target = multi_hot(experts, n_experts) if targets is None else targets.float()
+    layers = target.shape[1]
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -72,7 +75,7 @@ def train_path_predictor(inputs: torch.Tensor, experts: torch.Tensor, n_experts:
         model.mean.copy_(mean)
         model.std.copy_(std)
     opt = torch.optim.Adam([p for p in model.parameters()], lr=lr)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
     steps = epochs * max(1, (tokens + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.05)
     last = float("nan")
@@ -85,7 +88,7 @@ def train_path_predictor(inputs: torch.Tensor, experts: torch.Tensor, n_experts:
                 scores = model.scores(inputs[idx])
             else:
                 scores = model.scores(inputs[idx], ctx[idx], keep[idx])
-            loss = loss_fn(scores, target[idx])
+            loss = loss_fn(scores, target[idx], weight=None if weights is None else weights[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -94,3 +97,28 @@ def train_path_predictor(inputs: torch.Tensor, experts: torch.Tensor, n_experts:
     model.eval()
     params = sum(p.numel() for p in model.parameters())
     return model, TrainReport(params, time.perf_counter() - start, tokens, last)
+
+
+def next_use(experts: torch.Tensor, seq: torch.Tensor, n_experts: int, horizons: tuple[int, ...]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reuse predictor's training targets for routes ``experts`` [tokens, layers, k] of
+    consecutive tokens (``seq``: their sequences): [tokens, layers x horizons, n] 1 where the
+    (layer, expert)'s next use after the token comes within h tokens, and weights 0 where that is
+    unknown (the sequence ends first and no use was seen)."""
+    tokens, layers, _ = experts.shape
+    hot = multi_hot(experts, n_experts).bool()
+    big = float(2 ** 20)
+    dist = torch.full((tokens, layers, n_experts), big)   # tokens to the next use after t
+    left = torch.zeros(tokens)                            # tokens of the sequence after t
+    nxt, rest = torch.full((layers, n_experts), big), 0.0
+    for t in range(tokens - 1, -1, -1):
+        if t == tokens - 1 or seq[t + 1] != seq[t]:
+            nxt, rest = torch.full((layers, n_experts), big), 0.0
+        dist[t], left[t] = nxt, rest
+        nxt = torch.where(hot[t], torch.ones(layers, n_experts), nxt + 1)
+        rest += 1
+    h = torch.tensor(horizons, dtype=torch.float32)[None, None, :, None]
+    within = dist[:, :, None] <= h                                    # [tokens, layers, H, n]
+    known = within | (left[:, None, None, None] >= h)
+    shape = (tokens, layers * len(horizons), n_experts)
+    return within.float().reshape(shape), known.float().reshape(shape)
