@@ -37,9 +37,9 @@ from .model import CompiledModel, model_class
 from .store import ExpertLayout, HostStore
 from ..ir import ops
 from ..passes.options import CompileOptions
-from .path_predictor import FILE as PREDICTOR_FILE, REFINER_FILE, load_predictor, load_refiner
-from .reuse import FILE as REUSE_FILE, load_reuse
-from .route_tables import FILE as TABLES_FILE, load_tables
+from .path_predictor import FILE as PREDICTOR_FILE
+from .predictors import attach_predictors
+from .route_tables import FILE as TABLES_FILE
 from .policy import make_policy
 from .prior import load_prior
 from .routing import RoutingTrace
@@ -249,14 +249,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
         cache.preload()
     modules = {layer: driver.get_submodule(lay.module) for layer, lay in layouts.items()}
     context = RuntimeContext(cache, modules, copy_streams(gm, where))
-    if any(n.target is ops.predict_path for n in gm.graph.nodes):
-        context.path_predictor = _path_predictor(path, manifest, config, layouts, dev)
-    if any(n.target is ops.refine_path for n in gm.graph.nodes):
-        context.path_refiner = _path_predictor(path, manifest, config, layouts, dev, refiner="refiner")
-    if any(n.target is ops.predict_reuse for n in gm.graph.nodes):
-        context.reuse_predictor = _path_predictor(path, manifest, config, layouts, dev, refiner="reuse")
-    if any(n.target in (ops.predict_frequency, ops.predict_transition) for n in gm.graph.nodes):
-        context.route_tables = load_tables(path, layouts, dev)
+    attach_predictors(context, gm, path, manifest, config.hidden_size, layouts, dev)
     cls = model_class(manifest["architecture"])
     model = cls(gm, config, context, list(derived.mask_kinds), _generation_config(path, manifest, config))
     model.budget, model.directory = auto, path
@@ -293,21 +286,6 @@ def _options(manifest: dict[str, Any], where: str, predictor: str | None, lookah
 
 def path_of(where: str) -> str:
     return where.removesuffix("/manifest.json")
-
-
-def _path_predictor(path: Path, manifest: dict[str, Any], config: Any, layouts: dict[int, ExpertLayout],
-                    dev: torch.device, refiner: str = "") -> Any:
-    """The routing-path predictor, its second stage (``refiner="refiner"``) or the reuse
-    predictor (``"reuse"``), each a small network of runtime/path_predictor.py."""
-    experts = {lay.num_experts for lay in layouts.values()}
-    if len(experts) != 1:
-        raise LoadError(f"{path}: the routing-path predictor needs every MoE layer to have as many experts")
-    file, load = {"": (PREDICTOR_FILE, load_predictor), "refiner": (REFINER_FILE, load_refiner),
-                  "reuse": (REUSE_FILE, load_reuse)}[refiner]
-    if file not in manifest["files"]:
-        raise LoadError(f"{path} has no {file} (a part of the routing-path predictor); recompile the model "
-                        "with --calibration")
-    return load(path, config.hidden_size, len(layouts), experts.pop(), dev)
 
 
 def _generation_config(path: Path, manifest: dict[str, Any], config: Any) -> Any:

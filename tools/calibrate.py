@@ -206,6 +206,7 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
     from ..runtime.reuse import FILE as REUSE
     from ..runtime.prior import FILE as PRIOR, prior_tensors
     from ..runtime.route_tables import FILE as TABLES, fit_tables
+    from .train_predictor import write_path_predictors
 
     model = runtime.load(directory, expert_cache=budget, verify=False, predictor="none")
     try:
@@ -240,7 +241,7 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
     is_train = rec["split"] == 0
     if len(experts) == 1:
         n = experts.pop()
-        field["routing_path"] = _train_path(directory, rec, n, top_k, seed)
+        field["routing_path"] = write_path_predictors(directory, rec, n, top_k, seed)
         rec["experts_per_layer"] = torch.tensor([n], dtype=torch.int32)
         save_file(fit_tables(rec["experts"][is_train], n), str(directory / TABLES))
     train_routes = rec["experts"][is_train]
@@ -252,62 +253,3 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
             (directory / name).chmod(mode)  # safetensors writes 0600; the directory's files are alike
     return {"calibration": field}
 
-
-def _train_path(directory: Path, rec: dict[str, torch.Tensor], n: int, top_k: int, seed: int) -> dict[str, Any]:
-    """Trains the routing-path predictor (and, with ``first_out`` recorded, its second stage) on
-    the training tokens, writes them, and adds to ``rec`` the predictions that drive each layer's
-    copies on every token: ``path`` (decode: the previous position's context known) and
-    ``path_cold`` (prefill: not), with ``path_positions``, the layer position each is issued at."""
-    from safetensors.torch import save_file
-
-    from ..runtime.path_predictor import FILE as PREDICTOR, REFINER_FILE as REFINER
-    from .train_predictor import previous, train_path_predictor
-
-    is_train = rec["split"] == 0
-    ctx, known = previous(rec["late"], rec["seq"])
-    context = (ctx[is_train], known[is_train])
-    stages = [(PREDICTOR, rec["embeds"], rec["experts"])]
-    if "first_out" in rec:
-        stages.append((REFINER, torch.cat([rec["embeds"], rec["first_out"]], 1), rec["experts"][:, 1:]))
-    field: dict[str, Any] = {}
-    preds: dict[str, list[torch.Tensor]] = {"path": [], "path_cold": []}
-    for i, (file, inputs, routes) in enumerate(stages):
-        predictor, report = train_path_predictor(inputs[is_train], routes[is_train], n, top_k, seed=seed,
-                                                 context=context)
-        with torch.no_grad():
-            for name, c in (("path", ctx), ("path_cold", None)):
-                ids = predictor.scores(inputs, c, known).topk(top_k, dim=-1).indices.to(torch.int32)
-                preds[name].append(ids if i or len(stages) == 1 else ids[:, :1])  # stage 1 drives layer 0 only
-        save_file({k: v.contiguous() for k, v in predictor.tensors().items()}, str(directory / file))
-        key = "refiner" if i else "predictor"
-        field[key] = {"parameters": report.parameters, "train_seconds": round(report.seconds, 2),
-                      "final_loss": round(report.final_loss, 4)}
-    for name, parts in preds.items():
-        rec[name] = torch.cat(parts, 1).contiguous()
-    field["reuse"] = _train_reuse(directory, rec, n, top_k, seed, (ctx, known))
-    layers = rec["experts"].shape[1]
-    rec["path_positions"] = torch.tensor([0] + [1 if len(stages) > 1 else 0] * (layers - 1), dtype=torch.int32)
-    return {"parameters": sum(f["parameters"] for f in field.values() if "parameters" in f), "seed": seed,
-            "train_seconds": round(sum(f["train_seconds"] for f in field.values()), 2), **field}
-
-
-def _train_reuse(directory: Path, rec: dict[str, torch.Tensor], n: int, top_k: int, seed: int,
-                 context: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
-    """Trains the reuse predictor (``runtime/reuse.py``) on the training tokens' future routes,
-    writes it, and adds ``reuse_logits`` (float16 [tokens, layers x horizons, experts]) to ``rec``."""
-    from safetensors.torch import save_file
-
-    from ..runtime.reuse import FILE as REUSE, HORIZONS
-    from .train_predictor import next_use, train_path_predictor
-
-    is_train = rec["split"] == 0
-    targets, weights = next_use(rec["experts"], rec["seq"], n, HORIZONS)
-    ctx, known = context
-    predictor, report = train_path_predictor(rec["embeds"][is_train], None, n, 1, seed=seed,
-                                             context=(ctx[is_train], known[is_train]),
-                                             targets=targets[is_train], weights=weights[is_train])
-    with torch.no_grad():
-        rec["reuse_logits"] = predictor.scores(rec["embeds"], ctx, known).half().contiguous()
-    save_file({k: v.contiguous() for k, v in predictor.tensors().items()}, str(directory / REUSE))
-    return {"parameters": report.parameters, "train_seconds": round(report.seconds, 2),
-            "final_loss": round(report.final_loss, 4), "horizons": list(HORIZONS)}

@@ -6,14 +6,19 @@ its embedding and, given ``context``, the previous position's last MoE block inp
 problem (the router's top-k are the positives), trained with binary cross-entropy and Adam. The
 context is dropped (read as its mean) at a sequence's first position and, at random, for
 ``context_dropout`` of the other tokens, so the predictor also serves steps that lack it
-(prefill). Everything is seeded: the same calibration and seed give the same bytes.
-The frequency prior and the transition table need only the routes (``runtime/route_tables.py``).
+(prefill). Its second stage learns the same from [embedding, first MoE layer's output]. The
+reuse predictor learns, from the same inputs, when each expert is next used (``next_use``).
+``write_path_predictors`` trains all three and writes them into the compiled directory.
+Everything is seeded: the same calibration and seed give the same bytes. The frequency prior and
+the transition table need only the routes (``runtime/route_tables.py``).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -122,3 +127,62 @@ def next_use(experts: torch.Tensor, seq: torch.Tensor, n_experts: int, horizons:
     known = within | (left[:, None, None, None] >= h)
     shape = (tokens, layers * len(horizons), n_experts)
     return within.float().reshape(shape), known.float().reshape(shape)
+
+
+def write_path_predictors(directory: Path, rec: dict[str, torch.Tensor], n: int, top_k: int,
+                          seed: int) -> dict[str, Any]:
+    """Trains the routing-path predictor (and, with ``first_out`` recorded, its second stage) on
+    the training tokens, writes them, and adds to ``rec`` the predictions that drive each layer's
+    copies on every token: ``path`` (decode: the previous position's context known) and
+    ``path_cold`` (prefill: not), with ``path_positions``, the layer position each is issued at."""
+    from safetensors.torch import save_file
+
+    from ..runtime.path_predictor import FILE as PREDICTOR, REFINER_FILE as REFINER
+
+    is_train = rec["split"] == 0
+    ctx, known = previous(rec["late"], rec["seq"])
+    context = (ctx[is_train], known[is_train])
+    stages = [(PREDICTOR, rec["embeds"], rec["experts"])]
+    if "first_out" in rec:
+        stages.append((REFINER, torch.cat([rec["embeds"], rec["first_out"]], 1), rec["experts"][:, 1:]))
+    field: dict[str, Any] = {}
+    preds: dict[str, list[torch.Tensor]] = {"path": [], "path_cold": []}
+    for i, (file, inputs, routes) in enumerate(stages):
+        predictor, report = train_path_predictor(inputs[is_train], routes[is_train], n, top_k, seed=seed,
+                                                 context=context)
+        with torch.no_grad():
+            for name, c in (("path", ctx), ("path_cold", None)):
+                ids = predictor.scores(inputs, c, known).topk(top_k, dim=-1).indices.to(torch.int32)
+                preds[name].append(ids if i or len(stages) == 1 else ids[:, :1])  # stage 1 drives layer 0 only
+        save_file({k: v.contiguous() for k, v in predictor.tensors().items()}, str(directory / file))
+        key = "refiner" if i else "predictor"
+        field[key] = {"parameters": report.parameters, "train_seconds": round(report.seconds, 2),
+                      "final_loss": round(report.final_loss, 4)}
+    for name, parts in preds.items():
+        rec[name] = torch.cat(parts, 1).contiguous()
+    field["reuse"] = _write_reuse(directory, rec, n, top_k, seed, (ctx, known))
+    layers = rec["experts"].shape[1]
+    rec["path_positions"] = torch.tensor([0] + [1 if len(stages) > 1 else 0] * (layers - 1), dtype=torch.int32)
+    return {"parameters": sum(f["parameters"] for f in field.values() if "parameters" in f), "seed": seed,
+            "train_seconds": round(sum(f["train_seconds"] for f in field.values()), 2), **field}
+
+
+def _write_reuse(directory: Path, rec: dict[str, torch.Tensor], n: int, top_k: int, seed: int,
+                 context: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Trains the reuse predictor (``runtime/reuse.py``) on the training tokens' future routes,
+    writes it, and adds ``reuse_logits`` (float16 [tokens, layers x horizons, experts]) to ``rec``."""
+    from safetensors.torch import save_file
+
+    from ..runtime.reuse import FILE as REUSE, HORIZONS
+
+    is_train = rec["split"] == 0
+    targets, weights = next_use(rec["experts"], rec["seq"], n, HORIZONS)
+    ctx, known = context
+    predictor, report = train_path_predictor(rec["embeds"][is_train], None, n, 1, seed=seed,
+                                             context=(ctx[is_train], known[is_train]),
+                                             targets=targets[is_train], weights=weights[is_train])
+    with torch.no_grad():
+        rec["reuse_logits"] = predictor.scores(rec["embeds"], ctx, known).half().contiguous()
+    save_file({k: v.contiguous() for k, v in predictor.tensors().items()}, str(directory / REUSE))
+    return {"parameters": report.parameters, "train_seconds": round(report.seconds, 2),
+            "final_loss": round(report.final_loss, 4), "horizons": list(HORIZONS)}
