@@ -83,6 +83,7 @@ class CopyEngine:
             self._demand: deque = deque()
             self._speculative: deque = deque()
             self._queue: queue.SimpleQueue = queue.SimpleQueue()
+            self._last: dict[tuple[int, int], Ticket] = {}  # (pool, slot) -> its latest copy
             self._thread = threading.Thread(target=self._run, name="expertflow-copy", daemon=True)
             self._thread.start()
 
@@ -112,8 +113,15 @@ class CopyEngine:
                 if self.timeline is not None:
                     self.timeline.add("copy", label, start, self.timeline.mark(stream), bytes=ticket.nbytes)
         else:
+            # A later copy into a slot supersedes one that has not started: a demand copy would
+            # otherwise overtake it and be overwritten by it. The cache cancels such a copy itself;
+            # only a Ctrl-C between queueing a copy and recording its ticket leaves one unseen.
+            previous = self._last.get(key)
+            if previous is not None:
+                previous.cancel()
+            self._last[key] = ticket
             (self._demand if demand else self._speculative).append((dst, src, ticket, label))
-            self._queue.put(True)  # one wake-up per copy; the worker takes demand copies first
+            self._queue.put(True)  # a wake-up; the worker also polls, so one lost to a Ctrl-C only delays
         return ticket
 
     def mark_read(self, keys: list[tuple[int, int]]) -> None:
@@ -129,22 +137,29 @@ class CopyEngine:
 
     def _run(self) -> None:
         while True:
-            if self._queue.get() is None:
-                return
-            dst, src, ticket, label = (self._demand or self._speculative).popleft()
-            if not ticket.claim.acquire(blocking=False):  # cancelled: its layer ran without it
-                ticket.done.release()
-                continue
-            self.bytes_moved += ticket.nbytes  # counted here, the one writer: a cancelled copy moves nothing
-            self.copies += 1
-            timeline, start = self.timeline, time.perf_counter_ns()
             try:
-                dst.copy_(src)
-            except BaseException as exc:  # surfaced to the waiter, never lost in the thread
-                ticket.error = exc
-            if timeline is not None:
-                timeline.add("copy", label, start, time.perf_counter_ns(), bytes=ticket.nbytes)
+                wake = self._queue.get(timeout=0.05)
+            except queue.Empty:  # a copy queued by an interrupted submit has no wake-up of its own
+                wake = True
+            if wake is None:
+                return
+            while self._demand or self._speculative:  # demand copies first, every queued one
+                self._copy(*(self._demand or self._speculative).popleft())
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, ticket: Ticket, label: str) -> None:
+        if not ticket.claim.acquire(blocking=False):  # cancelled: its layer ran without it
             ticket.done.release()
+            return
+        self.bytes_moved += ticket.nbytes  # counted here, the one writer: a cancelled copy moves nothing
+        self.copies += 1
+        timeline, start = self.timeline, time.perf_counter_ns()
+        try:
+            dst.copy_(src)
+        except BaseException as exc:  # surfaced to the waiter, never lost in the thread
+            ticket.error = exc
+        if timeline is not None:
+            timeline.add("copy", label, start, time.perf_counter_ns(), bytes=ticket.nbytes)
+        ticket.done.release()
 
     def close(self) -> None:
         if self.device.type != "cuda":

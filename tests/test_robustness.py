@@ -132,3 +132,35 @@ def test_generate_cli_writes_a_timeline(compiled_dir, tmp_path, capsys):
                  "--timeline", str(out)]) == 0
     assert {"copy stream", "compute stream"} <= set(_trace(out)["names"].values())
     assert [p.name for p in tmp_path.iterdir()] == ["t.json"]  # written atomically, nothing else left
+
+
+def test_a_copy_orphaned_by_an_interrupt_never_lands_over_a_later_one():
+    """A Ctrl-C between queueing a prefetch and recording its ticket leaves a copy the cache does
+    not know of. A later demand copy into the same slot goes first, and the orphan must not land
+    over it afterwards. A copy whose wake-up the interrupt lost must still run."""
+    import time
+
+    from expertflow.runtime.streams import CopyEngine, Ticket
+
+    engine = CopyEngine(torch.device("cpu"))
+    engine.close()  # no worker yet: both copies are queued before either runs
+    slot = torch.zeros(1 << 16, dtype=torch.uint8)
+    demand_src = torch.full_like(slot, 2)
+    orphan = engine.submit((0, 0), slot, torch.full_like(slot, 1))  # the cache never records it
+    latest = engine.submit((0, 0), slot, demand_src, demand=True)
+    worker = threading.Thread(target=engine._run, daemon=True)
+    worker.start()
+    try:
+        latest.wait()
+        orphan.wait()
+        assert orphan.cancelled and torch.equal(slot, demand_src)
+        lost = Ticket(nbytes=4)
+        dst = torch.zeros(4)
+        engine._speculative.append((dst, torch.ones(4), lost, "no wake-up"))  # appended, never woken
+        deadline = time.monotonic() + 5
+        while not lost.ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lost.ready() and torch.equal(dst, torch.ones(4))
+    finally:
+        engine._queue.put(None)
+        worker.join(timeout=5)
