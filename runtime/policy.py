@@ -28,6 +28,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .reuse import decode
+
 Key = tuple[int, int]
 
 
@@ -118,8 +120,6 @@ class Predictive(Policy):
         self._fresh, self._experts = False, 0
 
     def expect(self, values: Sequence[int]) -> None:
-        from .reuse import decode
-
         self.reuse, self._fresh = decode(list(values)), True
         self._experts = len(self.reuse) // max(len(self.position), 1)
 

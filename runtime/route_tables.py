@@ -16,6 +16,7 @@ A forged table can only make the cache load the wrong experts, never change what
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,13 @@ class RouteTables:
     position: dict[int, int]  # model layer index -> MoE layer position (the tables' first dim)
     top_k: int
 
+    @cached_property
+    def popular(self) -> torch.Tensor:
+        """[layers, k]: the frequency prior's prediction, the same every step (computed once)."""
+        return frequency_ids(self.frequency, self.top_k)
+
     def predict_frequency(self, layer: int, tokens: int) -> torch.Tensor:
-        ids = frequency_ids(self.frequency[self.position[layer]], self.top_k)
-        return ids.unsqueeze(0).expand(tokens, -1)
+        return self.popular[self.position[layer]].unsqueeze(0).expand(tokens, -1)
 
     def predict_transition(self, layer: int, previous: torch.Tensor) -> torch.Tensor:
         j = self.position[layer]
