@@ -75,6 +75,10 @@ class CopyEngine:
         self._slot_read: dict[tuple[int, int], torch.cuda.Event] = {}
         self.timeline: Timeline | None = None  # set by runtime.load(timeline=True)
         self._slot_write: dict[tuple[int, int], torch.cuda.Event] = {}
+        #: (pool, slot) -> the stream of a copy queued into it whose event is not recorded yet: left
+        #: behind only by an interrupt inside ``submit``, and then the next copy into the slot
+        #: waits for all of that stream's work, since the orphan has no event of its own.
+        self._unrecorded: dict[tuple[int, int], torch.cuda.Stream] = {}
         if device.type == "cuda":
             self._stream = torch.cuda.Stream(device=device)
             self._demand_stream = torch.cuda.Stream(device=device, priority=-1)
@@ -101,15 +105,14 @@ class CopyEngine:
             # Every stream and event on the model's GPU: on cuda:1 the current device may be cuda:0.
             stream = self._demand_stream if demand else self._stream
             with torch.cuda.device(self.device), torch.cuda.stream(stream):
-                if key in self._slot_write:  # copies into one slot stay in order across the two streams
-                    stream.wait_event(self._slot_write[key])
-                if key in self._slot_read:  # the slot's last reader must finish first
-                    stream.wait_event(self._slot_read.pop(key))
+                self._order(key, stream)
                 start = self.timeline.mark(stream) if self.timeline is not None else None
                 dst.copy_(src, non_blocking=True)
                 ticket.event, ticket.device = torch.cuda.Event(), self.device
                 ticket.event.record(stream)
                 self._slot_write[key] = ticket.event
+                self._slot_read.pop(key, None)  # waited for above; forgotten only once the copy is recorded
+                del self._unrecorded[key]
                 if self.timeline is not None:
                     self.timeline.add("copy", label, start, self.timeline.mark(stream), bytes=ticket.nbytes)
         else:
@@ -123,6 +126,19 @@ class CopyEngine:
             (self._demand if demand else self._speculative).append((dst, src, ticket, label))
             self._queue.put(True)  # a wake-up; the worker also polls, so one lost to a Ctrl-C only delays
         return ticket
+
+    def _order(self, key: tuple[int, int], stream: "torch.cuda.Stream") -> None:
+        """Orders ``stream``'s next copy into slot ``key`` after every earlier write to the slot and
+        its last reader. Each step is safe to interrupt: what it has to wait for is forgotten
+        only after the copy's own event is recorded (``submit``)."""
+        orphan = self._unrecorded.get(key)
+        if orphan is not None and orphan != stream:  # an interrupted copy into the slot: wait for its stream
+            stream.wait_stream(orphan)
+        self._unrecorded[key] = stream
+        if key in self._slot_write:  # copies into one slot stay in order across the two streams
+            stream.wait_event(self._slot_write[key])
+        if key in self._slot_read:  # the slot's last reader must finish first
+            stream.wait_event(self._slot_read[key])
 
     def mark_read(self, keys: list[tuple[int, int]]) -> None:
         """Records that the compute stream has queued reads of the (pool, slot) ``keys``: a later

@@ -157,3 +157,29 @@ def test_cuda_peak_memory_within_dense_slots_and_kv(model_dir, compiled_dir):
     head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = 2 * cfg.num_hidden_layers * out.shape[0] * out.shape[1] * cfg.num_key_value_heads * head * 2
     assert peak <= 1.1 * (dense + slots + kv) + (64 << 20), (peak, dense, slots, kv)
+
+
+def test_cuda_a_copy_orphaned_by_an_interrupt_never_lands_over_a_later_one(monkeypatch):
+    """A Ctrl-C after a prefetch's copy is queued and before its event is recorded leaves a copy
+    nothing knows of, on a busy prefetch stream. A later demand copy into the same slot runs on
+    the other stream; it must wait for the orphan, or the orphan lands over it."""
+    from expertflow.runtime.streams import CopyEngine
+
+    dev = torch.device("cuda")
+    engine = CopyEngine(dev)
+    slot = torch.zeros(1 << 22, dtype=torch.uint8, device=dev)
+    stale, fresh = (torch.full((1 << 22,), v, dtype=torch.uint8).pin_memory() for v in (1, 2))
+    with torch.cuda.stream(engine._stream):
+        torch.cuda._sleep(200_000_000)  # the prefetch stream is busy: the orphan lands late
+
+    class Interrupted(torch.cuda.Event):
+        def record(self, stream=None):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.cuda, "Event", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.submit((0, 0), slot, stale)
+    monkeypatch.undo()
+    engine.submit((0, 0), slot, fresh, demand=True).wait()
+    torch.cuda.synchronize()
+    assert torch.equal(slot.cpu(), fresh)

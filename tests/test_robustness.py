@@ -134,6 +134,39 @@ def test_generate_cli_writes_a_timeline(compiled_dir, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["t.json"]  # written atomically, nothing else left
 
 
+class _Stream:
+    """Stands in for a CUDA stream: records what it was told to wait for."""
+
+    def __init__(self, name: str):
+        self.name, self.waits = name, []
+
+    def wait_stream(self, other: "_Stream") -> None:
+        self.waits.append(("stream", other.name))
+
+    def wait_event(self, event: str) -> None:
+        self.waits.append(("event", event))
+
+
+def test_a_cuda_copy_left_unrecorded_by_an_interrupt_orders_the_next_one_after_its_stream():
+    """On CUDA an interrupted ``submit`` may have queued its copy without recording its event;
+    the next copy into that slot, on the other stream, then waits for the orphan's whole stream,
+    and still for the slot's last write and last reader, which stay known until a copy records."""
+    from expertflow.runtime.streams import CopyEngine
+
+    engine = CopyEngine(torch.device("cpu"))
+    try:
+        prefetch, demand = _Stream("prefetch"), _Stream("demand")
+        engine._slot_write[(0, 0)], engine._slot_read[(0, 0)] = "last write", "last read"
+        engine._order((0, 0), prefetch)  # ... and the interrupt lands before the copy is recorded
+        assert prefetch.waits == [("event", "last write"), ("event", "last read")]
+        engine._order((0, 0), demand)
+        assert demand.waits == [("stream", "prefetch"), ("event", "last write"), ("event", "last read")]
+        engine._order((0, 1), demand)  # another slot: nothing to wait for
+        assert demand.waits[3:] == []
+    finally:
+        engine.close()
+
+
 def test_a_copy_orphaned_by_an_interrupt_never_lands_over_a_later_one():
     """A Ctrl-C between queueing a prefetch and recording its ticket leaves a copy the cache does
     not know of. A later demand copy into the same slot goes first, and the orphan must not land
