@@ -19,7 +19,7 @@ from expertflow.tools.compile import Calibration, compile_model
 from expertflow.runtime.routing import Request
 from expertflow.tools.prefetch_sim import Issue, from_log, replay, reuse_from_log
 from expertflow.tools.source import UserError, resolve_model
-from expertflow.tools.train_predictor import train_path_predictor
+from expertflow.tools.train_predictor import multi_hot, train_path_predictor
 
 NAME = "tiny-trained-moe"
 PROMPTS = ["def __init__(self", "import os\nimport sys\n", "class Error(Exception):"]
@@ -87,6 +87,30 @@ def test_training_is_deterministic_under_a_seed():
     assert d.context and d.tensors()["w1"].shape == (256, 32)
     for name, value in d.tensors().items():
         torch.testing.assert_close(value, e.tensors()[name], rtol=0, atol=0)
+
+
+def test_training_stops_on_validation_and_keeps_the_best_epoch():
+    """Routes that are noise cannot be learned: the held-out sequences' loss rises as the network
+    memorises, so training stops early and returns the epoch whose held-out loss was lowest."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(800, 16, generator=gen)
+    routes = torch.randint(0, 8, (800, 3, 2), generator=gen)
+    seq = torch.arange(800) // 50  # 16 sequences; the last 2 validate
+    model, report = train_path_predictor(x, routes, 8, 2, seed=0, epochs=40, seq=seq, validation=0.125,
+                                         patience=2)
+    assert 2 < report.epochs < 40 and report.validation_loss is not None
+    val = seq >= 14
+    loss = torch.nn.functional.binary_cross_entropy_with_logits
+    with torch.no_grad():
+        kept = float(loss(model.scores(x[val]), multi_hot(routes[val], 8)))
+    assert kept == pytest.approx(report.validation_loss, rel=1e-6)
+    full, whole = train_path_predictor(x[~val], routes[~val], 8, 2, seed=0, epochs=40)  # the same tokens, no stop
+    with torch.no_grad():
+        assert kept < float(loss(full.scores(x[val]), multi_hot(routes[val], 8)))
+    assert whole.epochs == 40 and whole.validation_loss is None
+    again, _ = train_path_predictor(x, routes, 8, 2, seed=0, epochs=40, seq=seq, validation=0.125, patience=2)
+    for name, value in model.tensors().items():
+        torch.testing.assert_close(value, again.tensors()[name], rtol=0, atol=0)
 
 
 def test_decode_predicts_from_the_previous_steps_context(calibrated):

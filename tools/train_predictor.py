@@ -25,12 +25,18 @@ import torch
 from ..runtime.path_predictor import PathPredictor
 
 
+#: Share of the calibration's training sequences that only decide when training stops.
+VALIDATION = 0.125
+
+
 @dataclass(frozen=True)
 class TrainReport:
     parameters: int
     seconds: float
     train_tokens: int
     final_loss: float
+    epochs: int = 0                        # epochs run (fewer than asked once validation stopped it)
+    validation_loss: float | None = None   # the kept epoch's, with a validation split
 
 
 def multi_hot(experts: torch.Tensor, n: int) -> torch.Tensor:
@@ -54,12 +60,16 @@ def train_path_predictor(inputs: torch.Tensor, experts: torch.Tensor | None, n_e
                          seed: int = 0, width: int = 256, epochs: int = 40, batch: int = 256,
                          lr: float = 3e-3, context: tuple[torch.Tensor, torch.Tensor] | None = None,
                          context_dropout: float = 0.15, targets: torch.Tensor | None = None,
-                         weights: torch.Tensor | None = None) -> tuple[PathPredictor, TrainReport]:
+                         weights: torch.Tensor | None = None, seq: torch.Tensor | None = None,
+                         validation: float = 0.0, patience: int = 3) -> tuple[PathPredictor, TrainReport]:
     """Fits a PathPredictor mapping ``inputs`` [tokens, hidden] (and ``context`` = (previous
     position's context [tokens, hidden], known [tokens] bool)) to the routes ``experts`` [tokens,
     layers, k], or to any 0/1 ``targets`` [tokens, groups, n_experts] (``weights`` of the same
-    shape: 0 where a target is unknown). Deterministic under ``seed`` (its own generator; the
-    global RNG is left alone)."""
+    shape: 0 where a target is unknown). With ``validation`` > 0 and the tokens' sequences
+    ``seq``, that share of the sequences (the last ones) is held out, and training stops once
+    their loss has not improved for ``patience`` epochs, keeping the best epoch's weights: these
+    predictors overfit a few thousand calibration tokens well before ``epochs``. Deterministic
+    under ``seed`` (its own generator; the global RNG is left alone)."""
     start = time.perf_counter()
     tokens, hidden = inputs.shape
     target = multi_hot(experts, n_experts) if targets is None else targets.float()
@@ -81,27 +91,57 @@ def train_path_predictor(inputs: torch.Tensor, experts: torch.Tensor | None, n_e
         model.std.copy_(std)
     opt = torch.optim.Adam([p for p in model.parameters()], lr=lr)
     loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
-    steps = epochs * max(1, (tokens + batch - 1) // batch)
+    fit, val = _split(tokens, seq, validation)
+    steps = epochs * max(1, (len(fit) + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.05)
-    last = float("nan")
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(tokens, generator=gen)
-        for i in range(0, tokens, batch):
-            idx = order[i:i + batch]
-            if context is None:
-                scores = model.scores(inputs[idx])
-            else:
-                scores = model.scores(inputs[idx], ctx[idx], keep[idx])
-            loss = loss_fn(scores, target[idx], weight=None if weights is None else weights[idx])
+
+    def loss_of(idx: torch.Tensor, keep_ctx: torch.Tensor | None) -> torch.Tensor:
+        scores = model.scores(inputs[idx]) if context is None else model.scores(inputs[idx], ctx[idx], keep_ctx[idx])
+        return loss_fn(scores, target[idx], weight=None if weights is None else weights[idx])
+
+    last, best, best_state, stale, ran = float("nan"), float("inf"), None, 0, 0
+    for ran in range(1, epochs + 1):
+        model.train()
+        order = fit[torch.randperm(len(fit), generator=gen)]
+        for i in range(0, len(order), batch):
+            loss = loss_of(order[i:i + batch], None if context is None else keep)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             last = float(loss.detach())
+        if val is None:
+            continue
+        model.eval()
+        with torch.no_grad():  # held-out sequences see the context whenever it is known, as in decode
+            score = float(loss_of(val, None if context is None else known))
+        if score < best:
+            best, stale = score, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     params = sum(p.numel() for p in model.parameters())
-    return model, TrainReport(params, time.perf_counter() - start, tokens, last)
+    return model, TrainReport(params, time.perf_counter() - start, tokens, last, ran,
+                              None if best_state is None else best)
+
+
+def _split(tokens: int, seq: torch.Tensor | None, share: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token indices to fit on and to validate on: the last ``share`` of the distinct sequences
+    validate (whole sequences, since neighbouring tokens route alike); none without ``seq``."""
+    everything = torch.arange(tokens)
+    if seq is None or share <= 0:
+        return everything, None
+    ids = torch.unique(seq)
+    held = ids[len(ids) - int(len(ids) * share):] if int(len(ids) * share) > 0 else ids[:0]
+    is_val = torch.isin(seq, held)
+    if not is_val.any() or is_val.all():
+        return everything, None
+    return everything[~is_val], everything[is_val]
 
 
 def next_use(experts: torch.Tensor, seq: torch.Tensor, n_experts: int, horizons: tuple[int, ...]
@@ -149,15 +189,14 @@ def write_path_predictors(directory: Path, rec: dict[str, torch.Tensor], n: int,
     preds: dict[str, list[torch.Tensor]] = {"path": [], "path_cold": []}
     for i, (file, inputs, routes) in enumerate(stages):
         predictor, report = train_path_predictor(inputs[is_train], routes[is_train], n, top_k, seed=seed,
-                                                 context=context)
+                                                 context=context, seq=rec["seq"][is_train], validation=VALIDATION)
         with torch.no_grad():
             for name, c in (("path", ctx), ("path_cold", None)):
                 ids = predictor.scores(inputs, c, known).topk(top_k, dim=-1).indices.to(torch.int32)
                 preds[name].append(ids if i or len(stages) == 1 else ids[:, :1])  # stage 1 drives layer 0 only
         save_file({k: v.contiguous() for k, v in predictor.tensors().items()}, str(directory / file))
         key = "refiner" if i else "predictor"
-        field[key] = {"parameters": report.parameters, "train_seconds": round(report.seconds, 2),
-                      "final_loss": round(report.final_loss, 4)}
+        field[key] = _summary(report)
     for name, parts in preds.items():
         rec[name] = torch.cat(parts, 1).contiguous()
     field["reuse"] = _write_reuse(directory, rec, n, top_k, seed, (ctx, known))
@@ -180,9 +219,18 @@ def _write_reuse(directory: Path, rec: dict[str, torch.Tensor], n: int, top_k: i
     ctx, known = context
     predictor, report = train_path_predictor(rec["embeds"][is_train], None, n, 1, seed=seed,
                                              context=(ctx[is_train], known[is_train]),
-                                             targets=targets[is_train], weights=weights[is_train])
+                                             targets=targets[is_train], weights=weights[is_train],
+                                             seq=rec["seq"][is_train], validation=VALIDATION)
     with torch.no_grad():
         rec["reuse_logits"] = predictor.scores(rec["embeds"], ctx, known).half().contiguous()
     save_file({k: v.contiguous() for k, v in predictor.tensors().items()}, str(directory / REUSE))
-    return {"parameters": report.parameters, "train_seconds": round(report.seconds, 2),
-            "final_loss": round(report.final_loss, 4), "horizons": list(HORIZONS)}
+    return {**_summary(report), "horizons": list(HORIZONS)}
+
+
+def _summary(report: TrainReport) -> dict[str, Any]:
+    """What the manifest says of one trained predictor."""
+    out = {"parameters": report.parameters, "train_seconds": round(report.seconds, 2),
+           "final_loss": round(report.final_loss, 4), "epochs": report.epochs}
+    if report.validation_loss is not None:
+        out["validation_loss"] = round(report.validation_loss, 4)
+    return out
