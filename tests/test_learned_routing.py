@@ -482,25 +482,38 @@ def test_reuse_targets_match_a_brute_force_count():
 
 
 def test_the_predictive_policy_evicts_the_farthest_expected_reuse():
-    """With reuse estimates, a key's next use is its layer's distance plus (tokens to its next use,
-    less one if its layer already ran this step) whole cycles; announced keys stay certain."""
-    from expertflow.runtime.policy import make_policy
+    """With reuse estimates, a key's learned next use is its layer's distance plus (tokens to its
+    next use, less one if its layer already ran this step) whole cycles; it is blended
+    (geometric, ONLINE_WEIGHT) with the next use its decayed recent use rate implies; announced
+    keys stay certain."""
+    from expertflow.runtime.policy import ONLINE_WEIGHT, RECENCY, make_policy
     from expertflow.runtime.reuse import SCALE
+
+    def blend(learned: float, d: int, rate: float) -> float:
+        online = d + 3 * (1 / max(rate, 1e-3) - 1)
+        return learned ** (1 - ONLINE_WEIGHT) * online ** ONLINE_WEIGHT
 
     policy = make_policy("predictive", [0, 1, 2])
     estimates = [1.0, 6.0, 2.0, 2.5, 9.0, 1.5]  # layers 0..2 x experts 0..1
     policy.expect([int(v * SCALE) for v in estimates])
     policy.begin(0)
+    policy.use((0, 0))
+    policy.use((0, 0))  # one use per step
     policy.begin(1)  # layer 0 ran this step; layer 2 has not
     policy.hint(2, [0])
-    expected = {(0, 0): 2 + 3 * 0, (0, 1): 2 + 3 * 5, (1, 0): 3 + 3 * 1, (1, 1): 3 + 3 * 1.5,
-                (2, 0): 1, (2, 1): 1 + 3 * 1.5}
+    used = 1 - RECENCY
+    expected = {(0, 0): blend(2 + 3 * 0, 2, used), (0, 1): blend(2 + 3 * 5, 2, 0),
+                (1, 0): blend(3 + 3 * 1, 3, 0), (1, 1): blend(3 + 3 * 1.5, 3, 0),
+                (2, 0): 1, (2, 1): blend(1 + 3 * 1.5, 1, 0)}
     for key, want in expected.items():
         assert policy.next_use(key) == pytest.approx(want), key
     assert policy.victim(list(expected)) == (0, 1)
     policy.begin(2)
-    policy.begin(0)  # the next step: one token nearer
-    assert policy.next_use((0, 1)) == pytest.approx(3 + 3 * 4)
+    policy.begin(0)  # the next step: one token nearer, the use one token older
+    assert policy.next_use((0, 1)) == pytest.approx(blend(3 + 3 * 4, 3, 0))
+    assert policy.next_use((0, 0)) == pytest.approx(blend(3 + 3 * 0, 3, used * RECENCY))
+    policy.use((0, 0))
+    assert policy.recent[(0, 0)] == (pytest.approx(used * RECENCY + used), 1)
 
 
 @pytest.mark.parametrize("forge,message", [
