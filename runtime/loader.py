@@ -216,7 +216,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     # before the checksums: a bad budget fails at once
     slots = 0 if check_budget(expert_cache).auto else parse_budget(expert_cache, layouts)
     if verify:
-        check_files(path, manifest, skip=(EXPERTS,))  # the experts' checksum: during their one read
+        check_files(path, manifest, skip=(EXPERTS, *_unread(manifest)))  # the experts': during their one read
     config = make_config(manifest, where)
     dtype = getattr(torch, manifest["dtype"])
     auto = None
@@ -261,6 +261,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
 
 
 DEFAULT_OPTIONS = asdict(CompileOptions())
+
+
+def _unread(manifest: dict[str, Any]) -> list[str]:
+    """Listed files the runtime never opens, so it need not hash them on every load: the
+    calibration traces (hundreds of MB of hidden states on a large model; the simulator checks
+    them) and the human-readable dumps."""
+    return [name for name in manifest["files"] if name == "calibration.safetensors" or name.startswith("dumps/")]
 
 
 def _options(manifest: dict[str, Any], where: str, predictor: str | None, lookahead: int | None,

@@ -542,3 +542,45 @@ def test_hints_keep_hf_tokens_and_copy_nothing_early(calibrated):
     assert stats["predicted"] > 0 and stats["in_flight"] == 0 and stats["prefetch_wasted"] == 0
     blob = json.loads((calibrated / "manifest.json").read_text())["memory_plan"]["expert_blob_bytes"]
     assert stats["bytes_moved"] == stats["misses"] * blob
+
+
+def test_load_does_not_hash_what_it_never_reads_and_the_simulator_still_checks_it(calibrated, tmp_path):
+    """The calibration traces hold hidden states (hundreds of MB on a large model) that only the
+    simulator reads: runtime.load skips their checksum; expertflow-simulate refuses a damaged file."""
+    import shutil
+
+    from expertflow.tools.simulate_compiled import evaluate
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(calibrated, damaged)
+    with open(damaged / "calibration.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\xff" * 8)
+    model = runtime.load(damaged, expert_cache=4)
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
+    with pytest.raises(LoadError, match="calibration.safetensors does not match its checksum"):
+        evaluate(damaged, [4], ["lru"], "token", None)
+    (damaged / "tables.safetensors").write_bytes(b"x")  # a file the runtime reads is still checked
+    with pytest.raises(LoadError, match="tables.safetensors does not match its checksum"):
+        runtime.load(damaged, expert_cache=4)
+
+
+def test_a_bf16_model_calibrates_with_its_hidden_states_kept_in_bf16(tmp_path):
+    """Hidden states are recorded in the model's 16-bit type (half the file of float32, nothing
+    lost), the predictors train from them, and the compiled bf16 model keeps HF's tokens."""
+    from safetensors import safe_open
+
+    source = resolve_model(NAME)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
+    hf.save_pretrained(tmp_path / "bf16")
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "bf16")
+    out = compile_model(str(tmp_path / "bf16"), tmp_path / "c", CompileOptions(predictor="routing_path"),
+                        dumps=False, calibration=Calibration("builtin", 512, seed=0))
+    with safe_open(str(out / "calibration.safetensors"), "pt") as f:
+        kinds = {name: f.get_slice(name).get_dtype() for name in ("embeds", "late", "first_out", "experts")}
+        assert "early" not in f.keys()
+    assert kinds == {"embeds": "BF16", "late": "BF16", "first_out": "BF16", "experts": "I32"}
+    ids = AutoTokenizer.from_pretrained(source)(PROMPTS[0], return_tensors="pt").input_ids
+    want = hf.generate(ids, max_new_tokens=6, do_sample=False)
+    got = runtime.load(out, expert_cache=6).generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)

@@ -2,8 +2,9 @@
 
 What is recorded, per token (its sequence, position, and whether it is a training or a held-out
 token), is what the predictors need: every MoE layer's top-k expert ids and weights, the token
-embedding, the first MoE layer's input and the last one's (the routing-path predictor's inputs:
-the embedding, and the previous position's last MoE input as its context), and what the
+embedding, the first MoE layer's output and the last MoE block's input (the routing-path
+predictor's inputs: the embedding; its second stage's, that output; the previous position's last
+block input as their context), and what the
 cross-layer gate would have predicted for every lookahead d (layer j's router applied to the
 input of MoE layer j-d, the embedding for j < d). It runs with a bounded expert cache, so a
 model too large for the device calibrates as it will run. The result is ``calibration.safetensors``
@@ -162,11 +163,10 @@ def record(model: Any, probe: Probe, batches: list[tuple[torch.Tensor, int]],
             hiddens = [v[probe.embed]] + [v[probe.block_inputs[layer]] for layer in layers]
             _add(cols, "experts", torch.stack([flat(probe.routes[l]) for l in layers], 1).to(torch.int32))
             _add(cols, "weights", torch.stack([flat(probe.weights[l]) for l in layers], 1).float())
-            _add(cols, "embeds", hiddens[0].reshape(n, -1).float())
-            _add(cols, "early", hiddens[1].reshape(n, -1).float())
-            _add(cols, "late", hiddens[-1].reshape(n, -1).float())  # the routing-path predictor's context
+            _add(cols, "embeds", _stored(hiddens[0].reshape(n, -1)))
+            _add(cols, "late", _stored(hiddens[-1].reshape(n, -1)))  # the routing-path predictor's context
             if probe.first_output is not None:
-                _add(cols, "first_out", flat(probe.first_output).float())  # its second stage's input
+                _add(cols, "first_out", _stored(flat(probe.first_output)))  # its second stage's input
             for d in lookaheads:
                 preds = []
                 for j, layer in enumerate(layers):
@@ -186,6 +186,12 @@ def record(model: Any, probe: Probe, batches: list[tuple[torch.Tensor, int]],
     out = {k: torch.cat(v).contiguous() for k, v in cols.items()}
     out["layers"] = torch.tensor(layers, dtype=torch.int32)
     return out
+
+
+def _stored(hidden: torch.Tensor) -> torch.Tensor:
+    """Hidden states as recorded: in the model's own 16-bit type (they are exact there, and on a
+    large model they are most of the file), else float32; training reads them as float32."""
+    return hidden if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.float()
 
 
 def _add(cols: dict[str, list[torch.Tensor]], key: str, value: torch.Tensor) -> None:

@@ -180,11 +180,12 @@ def write_path_predictors(directory: Path, rec: dict[str, torch.Tensor], n: int,
     from ..runtime.path_predictor import FILE as PREDICTOR, REFINER_FILE as REFINER
 
     is_train = rec["split"] == 0
-    ctx, known = previous(rec["late"], rec["seq"])
+    ctx, known = previous(rec["late"].float(), rec["seq"])
     context = (ctx[is_train], known[is_train])
-    stages = [(PREDICTOR, rec["embeds"], rec["experts"])]
+    embeds = rec["embeds"].float()
+    stages = [(PREDICTOR, embeds, rec["experts"])]
     if "first_out" in rec:
-        stages.append((REFINER, torch.cat([rec["embeds"], rec["first_out"]], 1), rec["experts"][:, 1:]))
+        stages.append((REFINER, torch.cat([embeds, rec["first_out"].float()], 1), rec["experts"][:, 1:]))
     field: dict[str, Any] = {}
     preds: dict[str, list[torch.Tensor]] = {"path": [], "path_cold": []}
     for i, (file, inputs, routes) in enumerate(stages):
@@ -217,12 +218,13 @@ def _write_reuse(directory: Path, rec: dict[str, torch.Tensor], n: int, top_k: i
     is_train = rec["split"] == 0
     targets, weights = next_use(rec["experts"], rec["seq"], n, HORIZONS)
     ctx, known = context
-    predictor, report = train_path_predictor(rec["embeds"][is_train], None, n, 1, seed=seed,
+    embeds = rec["embeds"].float()
+    predictor, report = train_path_predictor(embeds[is_train], None, n, 1, seed=seed,
                                              context=(ctx[is_train], known[is_train]),
                                              targets=targets[is_train], weights=weights[is_train],
                                              seq=rec["seq"][is_train], validation=VALIDATION)
     with torch.no_grad():
-        rec["reuse_logits"] = predictor.scores(rec["embeds"], ctx, known).half().contiguous()
+        rec["reuse_logits"] = predictor.scores(embeds, ctx, known).half().contiguous()
     save_file({k: v.contiguous() for k, v in predictor.tensors().items()}, str(directory / REUSE))
     return {**_summary(report), "horizons": list(HORIZONS)}
 
