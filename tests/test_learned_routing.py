@@ -372,8 +372,11 @@ def test_simulate_a_compiled_directory(calibrated, capsys):
         # a hint moves nothing: only the predictive policy reads hints, the others replay as "none"
         for policy in ("lru", "lfu", "layer_cycle"):
             same = {r["loads"] for r in rows if r["cache"] == cache and r["policy"] == policy
-                    and r["predictor"] in ("none", "oracle:hint", "oracle+next:hint")}
+                    and r["predictor"] in ("none", "oracle:hint", "oracle+next:hint", "routing_path:hint",
+                                           "routing_path+next:hint")}
             assert len(same) == 1, (policy, cache, same)
+        told = {r["predictor"]: r for r in rows if r["cache"] == cache and r["policy"] == "predictive"}
+        assert told["routing_path+next:hint"]["accesses"] == told["routing_path:hint"]["accesses"]
     assert {"routing_path", "cross_layer_gate@1", "frequency", "transition"} <= set(recall)
     assert 0 < recall["routing_path"]["recall"] <= 1
 

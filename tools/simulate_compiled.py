@@ -9,7 +9,9 @@ predictor: the current step's true route through every layer, known before its f
 prefetched (``oracle``) or only told to the policy (``oracle:hint``: it evicts among the experts
 that route does not need, and loads on demand). ``oracle+next:hint`` also tells the policy the
 next step's route: the most that a next-token route predictor could add. ``routing_path:hint``
-is ``--prefetch hint``: the routing-path predictions only steer eviction, nothing is copied early.
+is ``--prefetch hint``: the routing-path predictions only steer eviction, nothing is copied early;
+``routing_path+next:hint`` is that, told the next step's true route as well (evaluation only): the
+most a perfect next-token route predictor could add to ours.
 The predictive policy's rows with the routing-path predictor also read the reuse predictor's
 estimates (``reuse_logits``), as the runtime does with that predictor and policy.
 """
@@ -120,6 +122,8 @@ def evaluate(compiled: Path, caches: list[int], policies: list[str], group: str,
     if "routing_path" in issues:  # --prefetch hint: the predictions steer eviction, nothing is copied early
         issues["routing_path:hint"] = [[Issue(i.target, i.experts, load=False) for i in step]
                                        for step in issues["routing_path"]]
+        # ours, told the next step's true route too: what a perfect next-token route predictor would add
+        issues["routing_path+next:hint"] = P.next_step_hints(trace, issues["routing_path:hint"], len(layers))
     issues["oracle+next:hint"] = P.next_step_hints(trace, issues["oracle:hint"], len(layers))
     train = rec["split"] == 0
     prior = as_prior(prior_tensors(rec["experts"][train], rec["seq"][train]), layers)
