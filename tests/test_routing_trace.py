@@ -9,7 +9,8 @@ import torch
 
 from expertflow import runtime
 from expertflow.passes.options import CompileOptions
-from expertflow.tools.cache_sim import parse_trace, simulate
+from expertflow.tools.cache_sim import simulate
+from expertflow.tools.trace_file import parse_trace
 from expertflow.tools.compile import compile_model
 from expertflow.tools.simulate import main as simulate_main
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from expertflow.tools import simulate as cli
-from expertflow.tools.cache_sim import (POLICIES, Access, TimeModel, parse_lines, parse_trace, predict_time,
-                                        simulate)
+from expertflow.tools.cache_sim import POLICIES, Access, TimeModel, predict_time, simulate
+from expertflow.tools.trace_file import parse_lines, parse_trace
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -21,7 +21,8 @@ from typing import Any, NoReturn
 from tqdm import tqdm
 
 from ..runtime.policy import POLICIES as RUNTIME_POLICIES
-from .cache_sim import POLICIES, Access, SimResult, TimeModel, next_uses, parse_trace, predict_time, simulate
+from .cache_sim import POLICIES, Access, SimResult, TimeModel, next_uses, predict_time, simulate
+from .trace_file import parse_trace
 
 PROG = "expertflow-simulate"
 
