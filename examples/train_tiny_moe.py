@@ -201,11 +201,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"experts each token is routed to (default {MODEL['num_experts_per_tok']})")
     p.add_argument("--expert-ffn", type=int, default=MODEL["intermediate_size"],
                    help=f"intermediate size of each expert (default {MODEL['intermediate_size']})")
+    p.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"],
+                   help=f"decoder layers, each with an MoE block (default {MODEL['num_hidden_layers']}); deeper "
+                        "models change their residual stream less per layer, which cross-layer gates rely on")
     args = p.parse_args(argv)
     if args.steps < 1 or args.minutes <= 0:
         p.error("--steps and --minutes must be positive")
-    if not 1 <= args.top_k <= args.experts or args.expert_ffn < 1:
-        p.error("--top-k must be between 1 and --experts, and --expert-ffn positive")
+    if not 1 <= args.top_k <= args.experts or args.expert_ffn < 1 or args.layers < 1:
+        p.error("--top-k must be between 1 and --experts, and --expert-ffn and --layers positive")
     stray = sorted(f.name for f in args.out.iterdir() if f.name not in WRITES) if args.out.is_dir() else []
     if stray:  # the shipped directory must hold only the model: no checkpoints, no leftovers
         more = f" and {len(stray) - 5} more" if len(stray) > 5 else ""
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     shape = {**MODEL, "num_local_experts": args.experts, "num_experts_per_tok": args.top_k,
-             "intermediate_size": args.expert_ffn}
+             "intermediate_size": args.expert_ffn, "num_hidden_layers": args.layers}
     config = MixtralConfig(vocab_size=len(tokenizer), output_router_logits=False, router_aux_loss_coef=AUX_COEF,
                            **shape)
     # transformers' per-expert loop ("eager") trains fastest on CPU at this size; the saved config
