@@ -57,8 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefetch", choices=list(PREFETCH), default="copy",
                    help="what a prediction does: copy (start copying the predicted experts before their layer "
                         "runs; default) or hint (only tell the cache policy, which keeps them and evicts others; "
-                        "nothing moves early: fewer bytes where copies are the bottleneck). "
-                        "runtime.load(prefetch=...) can override it")
+                        "nothing moves early: fewer bytes). In the simulator's time model copy is faster where one "
+                        "expert copies in under about two layers' compute (small experts), hint "
+                        "where copies dominate (large ones); expertflow-simulate --bandwidth --layer-ms says for "
+                        "yours. runtime.load(prefetch=...) can override it")
     p.add_argument("--no-permute", action="store_true",
                    help="leave out the token-permutation nodes (permute/unpermute around each expert compute). "
                         "With them, a step whose experts outnumber the slots (a long prefill, a large batch) "
