@@ -25,7 +25,6 @@ rate in this run).
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ Key = tuple[int, int]
 #: tiny-trained-moe: 1.62x -> 1.58x Belady's MIN).
 RECENCY = 0.97
 ONLINE_WEIGHT = 0.3
+_NEVER = (0.0, 0)  # the recent use rate of an expert never used
 
 
 @dataclass(frozen=True)
@@ -151,12 +151,6 @@ class Predictive(Policy):
         if at != self.step:  # one use per step, however many of its tokens chose the expert
             self.recent[key] = (rate * RECENCY ** (self.step - at) + (1 - RECENCY), self.step)
 
-    def _online(self, key: Key) -> float:
-        """Expected layer runs until ``key``'s next use at its decayed recent use rate."""
-        rate, at = self.recent.get(key, (0.0, self.step))
-        rate *= RECENCY ** (self.step - at)
-        return self.distance(key[0]) + len(self.position) * (1.0 / max(rate, 1e-3) - 1.0)
-
     def _chance(self, key: Key) -> float:
         """P(``key``'s layer picks it at its next run), without a prediction saying so."""
         # "recent": chosen at its layer's last run (this step's if that layer already ran in it)
@@ -171,32 +165,46 @@ class Predictive(Policy):
         """Expected layer runs until ``key`` is needed: certain at its layer's next run when
         predicted; else the reuse predictor's estimate or, without one, a geometric number of
         model steps at its chance per step; either blended with its recent use rate."""
-        d = self.distance(key[0])
-        if key in self.predicted:
-            return d
-        learned = self._learned(key, d)
-        if learned is None:
-            learned = d + len(self.position) * (1.0 / max(self._chance(key), 1e-6) - 1.0)
-        return math.exp((1 - ONLINE_WEIGHT) * math.log(learned) + ONLINE_WEIGHT * math.log(self._online(key)))
-
-    def _learned(self, key: Key, d: int) -> float | None:
-        """The reuse predictor's expected layer runs to ``key``'s next use, if it gave one."""
-        if self.reuse is None or self.reuse_step is None:
-            return None
-        i = self.position[key[0]] * self._experts + key[1]
-        if not (0 <= key[1] < self._experts and i < len(self.reuse)):
-            return None
-        ran = self.now is not None and self.position[key[0]] <= self.now
-        ahead = self.reuse[i] - (self.step - self.reuse_step)  # tokens after this one
-        return d + len(self.position) * (max(ahead, 1.0) - (1 if ran else 0))
+        return self._score(key, self._frame())
 
     def victim(self, candidates: Sequence[Key]) -> Key | None:
-        best, far = None, -1.0
+        # one frame for every candidate: a miss on a large model scans hundreds of slots
+        frame, best, far = self._frame(), None, -1.0
         for key in candidates:
-            use = self.next_use(key)
+            use = self._score(key, frame)
             if use > far:
                 best, far = key, use
         return best
+
+    def _frame(self) -> tuple:
+        """What every candidate's score reads, looked up once per decision: per layer, its
+        distance and how many whole cycles a learned estimate loses if the layer already ran."""
+        n, now = len(self.position), self.now
+        layer_terms = {}
+        for layer, p in self.position.items():
+            d = p + 1 if now is None else (p - now - 1) % n + 1  # Policy.distance
+            layer_terms[layer] = (d, p, 1 if now is not None and p <= now else 0)
+        learned = self.reuse is not None and self.reuse_step is not None
+        return (layer_terms, n, self.step, self.predicted, self.reuse if learned else None,
+                self.step - self.reuse_step if learned else 0, self._experts, self.recent)
+
+    def _score(self, key: Key, frame: tuple) -> float:
+        layer_terms, n, step, predicted, reuse, shift, experts, recent = frame
+        d, p, ran = layer_terms[key[0]]
+        if key in predicted:
+            return d
+        expert = key[1]
+        i = p * experts + expert
+        if reuse is not None and 0 <= expert < experts and i < len(reuse):
+            ahead = reuse[i] - shift  # tokens after this one
+            learned = d + n * ((ahead if ahead > 1.0 else 1.0) - ran)
+        else:
+            learned = d + n * (1.0 / max(self._chance(key), 1e-6) - 1.0)
+        rate, at = recent.get(key, _NEVER)
+        if rate:
+            rate *= RECENCY ** (step - at)
+        online = d + n * (1.0 / (rate if rate > 1e-3 else 1e-3) - 1.0)
+        return learned ** (1 - ONLINE_WEIGHT) * online ** ONLINE_WEIGHT
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LayerCycle, LRU, LFU, Predictive)}

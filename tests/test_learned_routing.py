@@ -589,3 +589,28 @@ def test_a_bf16_model_calibrates_with_its_hidden_states_kept_in_bf16(tmp_path):
     want = hf.generate(ids, max_new_tokens=6, do_sample=False)
     got = runtime.load(out, expert_cache=6).generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_predictive_victim_is_the_first_farthest_next_use(seed):
+    """``victim`` scores every candidate in one frame (speed); it must pick exactly the first
+    candidate of largest ``next_use``, with or without reuse estimates, hints and uses."""
+    from expertflow.runtime.policy import make_policy
+    from expertflow.runtime.reuse import SCALE
+
+    rng = random.Random(seed)
+    layers, experts = [0, 2, 5], 4
+    policy = make_policy("predictive", layers)
+    if seed % 2:
+        policy.expect([int(rng.uniform(1, 40) * SCALE) for _ in range(len(layers) * experts)])
+    for _ in range(rng.randint(1, 12)):
+        layer = rng.choice(layers)
+        policy.begin(layer)
+        for e in rng.sample(range(experts), 2):
+            policy.use((layer, e))
+        if rng.random() < 0.5:
+            policy.hint(rng.choice(layers), rng.sample(range(experts), 2))
+        keys = [(l, e) for l in layers for e in range(experts)]
+        rng.shuffle(keys)
+        scores = [policy.next_use(k) for k in keys]
+        assert policy.victim(keys) == keys[scores.index(max(scores))]
