@@ -17,6 +17,7 @@ from .device_state import SlotTable, StallClock
 from .policy import Policy, make_policy
 from .store import ExpertLayout, HostStore
 from .streams import CopyEngine, Ticket
+from .victims import Victims
 
 
 @dataclass
@@ -94,28 +95,20 @@ class ExpertCache:
         """Fills the slots in layer order (all experts, when they fit), so a warm start has no misses."""
         for layer, layout in self.layouts.items():
             pool = self.pool(layer)
+            held = set(pool.where.values())  # so only empty slots are taken
+            room = Victims(pool, self.policy, held)
             for e in range(layout.num_experts):
-                slot = self._victim(pool, set(pool.where.values()))
+                slot = room.take()
                 if slot is None:
                     break
                 self._load(pool, slot, layer, e)
+                held.add(slot)
             for ticket in pool.tickets.values():
                 ticket.wait()
             pool.tickets.clear()
 
     def pool(self, layer: int) -> Pool:
         return self._pool_of[layer]
-
-    def _victim(self, pool: Pool, protect: set[int]) -> int | None:
-        """An empty slot, else the policy's victim among slots not in use, reserved or protected
-        (offered least recently used first, so ties fall to LRU)."""
-        for slot, owner in enumerate(pool.owner):
-            if owner is None and slot not in pool.pinned and slot not in pool.reserved:
-                return slot
-        candidates = [pool.owner[s] for s in pool.lru if s not in pool.pinned and s not in pool.reserved
-                      and s not in protect and pool.owner[s] is not None]
-        key = self.policy.victim(candidates)
-        return pool.where[key] if key is not None else None
 
     def _yielding(self, pool: Pool, protect: set[int]) -> int | None:
         """The policy's victim among reserved slots too (only pins and ``protect`` hold)."""
@@ -202,10 +195,11 @@ class ExpertCache:
         """Starts the copies of ``handle``'s predictions that are not resident."""
         pool, layer, stats = self.pool(handle.layer), handle.layer, self.stats[handle.layer]
         protect = {pool.where[(layer, e)] for e in handle.predicted if (layer, e) in pool.where}
+        room = Victims(pool, self.policy, protect)
         for e in handle.predicted:
             if (layer, e) in pool.where:
                 continue
-            slot = self._victim(pool, protect)
+            slot = room.take()
             if slot is None:
                 stats.prefetch_dropped += 1
                 continue
@@ -270,12 +264,12 @@ class ExpertCache:
         ``demand`` is False); returns their slots in the same order."""
         pool, stats = self.pool(layer), self.stats[layer]
         protect = {pool.where[(layer, e)] for e in experts if (layer, e) in pool.where}
-        slots = []
+        room, slots = Victims(pool, self.policy, protect), []
         for e in experts:
             slot = pool.where.get((layer, e))
             if slot is None:
                 stats.misses += 1
-                slot = self._victim(pool, protect)
+                slot = room.take()
                 if slot is None:  # reservations of other layers yield to a compute that must run
                     slot = self._yielding(pool, protect)
                     if slot is None:
