@@ -12,6 +12,7 @@ release), weights are safetensors, the rest is JSON.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict
 import tempfile
@@ -19,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import fx, nn
 
 from .. import __version__
@@ -32,7 +31,9 @@ from .budget import AutoBudget, auto_budget, check_budget, kv_cache_bytes, parse
 from .cache import ExpertCache
 from .context import RuntimeContext
 from .derive import Derived, derive, make_config
-from .manifest import TEXT_FILES, LoadError, check_files, memory_plan, read_json, read_manifest, regular_file
+from .manifest import (TEXT_FILES, VERIFIED_AS_READ, LoadError, check_files, memory_plan, read_json, read_manifest,
+                       regular_file)
+from .tensor_file import HEADER_LIMIT, read_tensor_file
 from .model import CompiledModel, model_class
 from .store import ExpertLayout, HostStore
 from ..ir import ops
@@ -47,6 +48,7 @@ from .streams import CopyEngine
 from .timeline import Timeline
 
 EXPERTS = "experts.safetensors"
+GENERATION_CONFIG_LIMIT = 2**20  # bytes: real ones are under 2 KiB
 
 
 def _auto(manifest: dict[str, Any], layouts: dict[int, ExpertLayout], config: Any, dtype: torch.dtype,
@@ -105,17 +107,24 @@ def _check_derived(path: Path, manifest: dict[str, Any], layouts: dict[int, Expe
     if tuple(manifest["mask_kinds"]) != derived.mask_kinds:
         raise LoadError(f"{where}: mask_kinds {manifest['mask_kinds']} are not the config's layer kinds")
     dense_bytes = regular_file(path, "dense.safetensors").stat().st_size
-    if manifest.get("memory_plan") != memory_plan(layouts, dense_bytes):
+    claimed = manifest.get("memory_plan")
+    if isinstance(claimed, dict) and claimed.get("dense_bytes") != dense_bytes:
+        raise LoadError(f"{path}/dense.safetensors is {dense_bytes} bytes, its manifest says "
+                        f"{str(claimed.get('dense_bytes'))[:20]} (truncated or edited); recompile the model")
+    if claimed != memory_plan(layouts, dense_bytes):
         raise LoadError(f"{where}: memory_plan does not add up from the layouts and dense.safetensors; "
                         "recompile the model")
 
 
-def _graph(path: Path, manifest: dict[str, Any], derived: Derived) -> dict[str, Any]:
+def _graph(path: Path, manifest: dict[str, Any], derived: Derived, digests: dict[str, str]) -> dict[str, Any]:
     """The graph to run, as JSON: graph.json validated whole, and equal to the derived graph when
-    the same ExpertFlow, torch and transformers wrote it; else (another release) the derived one."""
+    the same ExpertFlow, torch and transformers wrote it; else (another release) the derived one.
+    Read once, checked against its digest as read, and no larger than a few derived graphs (its
+    parse costs some 25 times its size)."""
     import transformers
 
-    stored = read_json(path, "graph.json")
+    limit = 4 * len(json.dumps(derived.graph)) + 2**20
+    stored = read_json(path, "graph.json", limit, digests.get("graph.json"))
     try:
         graph_from_json(stored, derived.driver)
     except (GraphFormatError, AttributeError, KeyError, TypeError, ValueError, RecursionError) as exc:
@@ -132,15 +141,15 @@ def _what(exc: Exception) -> str:
     return f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc).split("\n")[0]
 
 
-def _dense(path: Path, lm: nn.Module, layouts: dict[int, ExpertLayout], dev: torch.device) -> dict[str, torch.Tensor]:
-    """dense.safetensors, whose tensors must be exactly the skeleton's (experts aside), shape and dtype."""
-    file = regular_file(path, "dense.safetensors")
-    try:
-        tensors = load_file(str(file), device=str(dev))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise LoadError(f"{file} is not a valid safetensors file ({_what(exc)}); recompile the model") from None
+def _dense(path: Path, lm: nn.Module, layouts: dict[int, ExpertLayout], dev: torch.device,
+           digest: str | None) -> dict[str, torch.Tensor]:
+    """dense.safetensors, whose tensors must be exactly the skeleton's (experts aside), shape and dtype:
+    read once (no larger than those tensors and a header), checked against ``digest`` as read."""
+    file = path / "dense.safetensors"
     experts = {f"{lay.module.removeprefix('lm.')}.{p.name}" for lay in layouts.values() for p in lay.parts}
     expected = {k: v for k, v in lm.state_dict().items() if k not in experts}
+    limit = sum(v.numel() * v.element_size() for v in expected.values()) + HEADER_LIMIT
+    tensors = {k: v.to(dev) for k, v in read_tensor_file(path, "dense.safetensors", limit, digest).items()}
     extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
     if extra or missing:
         raise LoadError(f"{file} does not hold the model's dense weights (unexpected {extra[:3]}, missing "
@@ -211,12 +220,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     path = Path(path)
     where = f"{path}/manifest.json"
     manifest = read_manifest(path)
+    digests = manifest["files"] if verify else {}  # checked as each file is read
     dev = check_device(device)
     layouts = _layouts(manifest, where)
     # before the checksums: a bad budget fails at once
     slots = 0 if check_budget(expert_cache).auto else parse_budget(expert_cache, layouts)
     if verify:
-        check_files(path, manifest, skip=(EXPERTS, *_unread(manifest)))  # the experts': during their one read
+        check_files(path, manifest, skip=(*VERIFIED_AS_READ, *_unread(manifest)))  # those: during their one read
     config = make_config(manifest, where)
     dtype = getattr(torch, manifest["dtype"])
     auto = None
@@ -225,14 +235,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
         slots = auto.slots
     derived = derive(manifest, config, dtype, where)
     _check_derived(path, manifest, layouts, derived)
-    graph = _graph(path, manifest, derived)  # validated before any code is generated from it
+    graph = _graph(path, manifest, derived, digests)  # validated before any code is generated from it
     options = _options(manifest, where, predictor, lookahead, policy, prefetch)
     if options != {**DEFAULT_OPTIONS, **manifest["options"]}:
         derived = derive({**manifest, "options": options}, config, dtype, where)
         graph = derived.graph
     lm = build_skeleton(config, dtype)
     driver = Driver(lm)
-    assign_weights(lm, _dense(path, lm, layouts, dev))
+    assign_weights(lm, _dense(path, lm, layouts, dev, digests.get("dense.safetensors")))
     for module in lm.modules():
         for name, buf in list(module._buffers.items()):
             if buf is not None and buf.device != dev and buf.device.type != "meta":
@@ -251,7 +261,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     context = RuntimeContext(cache, modules, copy_streams(gm, where))
     attach_predictors(context, gm, path, manifest, config.hidden_size, layouts, dev)
     cls = model_class(manifest["architecture"])
-    model = cls(gm, config, context, list(derived.mask_kinds), _generation_config(path, manifest, config))
+    model = cls(gm, config, context, list(derived.mask_kinds), _generation_config(path, manifest, config, digests))
     model.budget, model.directory = auto, path
     if timeline:
         model.timeline = context.timeline = cache.engine.timeline = Timeline(dev)
@@ -295,14 +305,15 @@ def path_of(where: str) -> str:
     return where.removesuffix("/manifest.json")
 
 
-def _generation_config(path: Path, manifest: dict[str, Any], config: Any) -> Any:
+def _generation_config(path: Path, manifest: dict[str, Any], config: Any, digests: dict[str, str]) -> Any:
     """The source model's generation config (eos ids, sampling defaults), as from_pretrained reads
-    it; read as JSON from inside the directory (checksummed with the rest), never from a hub."""
+    it; read once as JSON from inside the directory (checked against its digest as read), never
+    from a hub."""
     from transformers import GenerationConfig
 
     if "generation_config.json" not in manifest["files"]:
         return GenerationConfig.from_model_config(config)
-    fields = read_json(path, "generation_config.json")
+    fields = read_json(path, "generation_config.json", GENERATION_CONFIG_LIMIT, digests.get("generation_config.json"))
     try:
         if not isinstance(fields, dict):
             raise ValueError("not a JSON object")

@@ -26,7 +26,13 @@ REQUIRED_FILES = ("graph.json", "dense.safetensors", "experts.safetensors")
 TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
               "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
               "chat_template.jinja", "chat_template.json")
-JSON_LIMIT = 256 * 2**20  # bytes: a manifest or graph above this is not one ExpertFlow wrote
+JSON_LIMIT = 256 * 2**20  # bytes: a JSON file above this is not one ExpertFlow wrote
+#: A 256-expert, 61-layer model's manifest (DeepSeek-V3's layout list and config) is about 20 KiB;
+#: json.loads costs some 25 times a file's size, so the cap bounds the parse before the digest check.
+MANIFEST_LIMIT = 2**20
+#: Files the loader reads whole and hashes as it reads them (``read_bytes``), so ``check_files``
+#: leaves them out: a second read by path could see other bytes than the ones checked.
+VERIFIED_AS_READ = ("dense.safetensors", "graph.json", "generation_config.json", "experts.safetensors")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -77,15 +83,47 @@ def regular_file(directory: Path, name: str, what: str = "") -> Path:
     return path
 
 
-def read_json(directory: Path, name: str) -> Any:
-    """A JSON file inside ``directory``, size-capped, as a Python value."""
-    path = regular_file(directory, name)
-    if path.stat().st_size > JSON_LIMIT:
-        raise LoadError(f"{path} is larger than {JSON_LIMIT >> 20} MiB; it is not a file ExpertFlow wrote")
+def read_bytes(directory: Path, name: str, limit: int, digest: str | None = None, what: str = "") -> bytearray:
+    """The bytes of ``directory/name``, read once: a regular file of at most ``limit`` bytes and, when
+    ``digest`` is given, exactly the bytes whose sha256 it is. The caller parses these bytes, never
+    the path again, so a file changed after the check cannot be loaded unverified."""
+    path = regular_file(directory, name, what)
+    try:  # O_NOFOLLOW and fstat: a symlink or FIFO swapped in after regular_file's lstat is refused
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise LoadError(f"{path} is unreadable ({exc.strerror or exc}); check its permissions") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise LoadError(f"{path} is not a regular file; a compiled directory holds regular files only")
+        if info.st_size > limit:
+            raise LoadError(f"{path} is {info.st_size} bytes, more than the {limit} a real model needs; "
+                            "it is not a file ExpertFlow wrote")
+        data = bytearray(info.st_size)  # one buffer: dense weights become views of it, not copies
+        try:
+            done = f.readinto(data)
+            changed = done != len(data) or f.read(1)
+        except OSError as exc:
+            raise LoadError(f"{path} is unreadable ({exc.strerror or exc}); check its permissions") from None
+    if changed:
+        raise LoadError(f"{path} changed size while it was read; recompile the model")
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise LoadError(f"{path} does not match its checksum (edited or truncated); recompile the model")
+    return data
+
+
+def parse_json(data: bytes, path: Path | str) -> Any:
+    """JSON bytes as a Python value; a one-line LoadError naming ``path`` if they are not JSON."""
     try:
-        return json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise LoadError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}); recompile the model") from None
+
+
+def read_json(directory: Path, name: str, limit: int = JSON_LIMIT, digest: str | None = None) -> Any:
+    """A JSON file inside ``directory``, size-capped and read once (checked against ``digest`` when
+    given), as a Python value."""
+    return parse_json(read_bytes(directory, name, limit, digest), directory / name)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -96,7 +134,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise LoadError(f"{directory} is not a directory; pass the directory expertflow-compile wrote")
     if not os.path.lexists(directory / "manifest.json"):
         raise LoadError(f"{directory} has no manifest.json; it is not a compiled ExpertFlow directory")
-    manifest = read_json(directory, "manifest.json")
+    manifest = read_json(directory, "manifest.json", MANIFEST_LIMIT)
     where = f"{directory}/manifest.json"
     if not isinstance(manifest, dict):
         raise LoadError(f"{where} is not an ExpertFlow manifest (not a JSON object); recompile the model")

@@ -290,7 +290,7 @@ TAMPERING = {
     "missing_file": (lambda d: (d / "experts.safetensors").unlink(), "experts.safetensors is missing"),
     "edited_graph": (lambda d: (d / "graph.json").write_text((d / "graph.json").read_text() + " "),
                      "graph.json does not match its checksum"),
-    "truncated_weights": (lambda d: _truncate(d / "dense.safetensors"), "dense.safetensors does not match"),
+    "truncated_weights": (lambda d: _truncate(d / "dense.safetensors"), "dense.safetensors is"),
     "other_schema": (lambda d: edit_manifest(d, lambda m: m.update(schema_version=99)), "schema version 99"),
     "schema_as_string": (lambda d: edit_manifest(d, lambda m: m.update(schema_version="3")),
                          "schema_version '3' is not an integer"),
