@@ -9,6 +9,7 @@ Derivations are cached per process, keyed by everything they depend on.
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,22 @@ from ..passes.pipeline import compile_graph
 from .manifest import LoadError
 from .store import ExpertLayout
 
-MAX_LAYERS = 4096  # a config asking for more builds no model ExpertFlow wrote
+# Bounds on a config from a stranger, checked before transformers builds anything from it (each
+# costs time or memory at construction or in the derivation) and taken from what real models need:
+MAX_LAYERS = 192  # the deepest MoE models have 94 decoder layers (Qwen3-235B), GLM-4.5 92; deriving
+#                   one costs ~0.23 s per layer on a laptop CPU, so this is ~45 s at most
+MAX_LABELS = 2**16  # num_labels builds an id2label dict; ImageNet-21k's 21,843 classes fit
+MAX_INT = 2**31  # token ids, positions and sizes fit int32 (the longest contexts are ~10M tokens)
+#: Sizes transformers divides by or allocates with (the skeleton's parameters are made on the CPU
+#: before they move to meta): a positive integer when given, at most 4 to 16 times the largest in a
+#: released model (vocabulary 262k: Gemma 3; hidden 16k and intermediate 53k: Llama 3.1 405B;
+#: 512 experts: Qwen3-Next; 128 heads: DeepSeek-V3; head_dim 256).
+SIZES = {"num_hidden_layers": MAX_LAYERS, "num_attention_heads": 2**10, "num_key_value_heads": 2**10,
+         "hidden_size": 2**16, "vocab_size": 2**21, "intermediate_size": 2**18, "moe_intermediate_size": 2**18,
+         "head_dim": 2**12, "num_experts_per_tok": 2**12, "num_local_experts": 2**13, "num_experts": 2**13,
+         "n_routed_experts": 2**13}
+#: What building or deriving a config can raise from a bad number (0 heads, a 1e400 rope theta).
+CONFIG_ERRORS = (AttributeError, KeyError, TypeError, ValueError, IndexError, ArithmeticError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -34,16 +50,59 @@ class Derived:
     driver: Driver  # over a meta skeleton: what a stored graph is validated against
 
 
+def check_config(manifest: dict[str, Any], where: str) -> None:
+    """The config's numbers before anything is built from them: every number finite and within
+    int32, the sizes transformers divides by positive, labels and layers within what real models
+    use, and as many decoder layers as the MoE layouts the directory lists can account for
+    (every other layer dense, plus a dense prefix, as in Llama 4 and DeepSeek)."""
+    def walk(value: Any, name: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{name}[{i}]")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise LoadError(f"{where}: {name} is {value}; a config's numbers are finite")
+        elif type(value) is int and abs(value) > MAX_INT:
+            raise LoadError(f"{where}: {name} is {str(value)[:40]}, beyond what any model's config needs "
+                            f"(|n| <= 2**31)")
+
+    from transformers import CONFIG_MAPPING
+
+    config = manifest["config"]
+    walk(config, "config")
+    cls = CONFIG_MAPPING[manifest["model_type"]] if manifest["model_type"] in CONFIG_MAPPING else None
+    renamed = dict(getattr(cls, "attribute_map", None) or {})  # DBRX: n_layers is num_hidden_layers
+    config = {**config, **{common: config[own] for common, own in renamed.items() if own in config}}
+    for field, most in SIZES.items():
+        if config.get(field) is not None and (type(config[field]) is not int or not 1 <= config[field] <= most):
+            raise LoadError(f"{where}: config.{renamed.get(field, field)} is {config[field]!r}, expected an "
+                            f"integer from 1 to {most}")
+    labels = config.get("num_labels", len(config.get("id2label") or ()))
+    if type(labels) is not int or not 0 <= labels <= MAX_LABELS:
+        raise LoadError(f"{where}: config.num_labels is {labels!r}, expected 0 to {MAX_LABELS}")
+    layers, moe = config.get("num_hidden_layers"), manifest["layouts"]
+    if type(layers) is not int or not 0 < layers <= MAX_LAYERS:
+        raise LoadError(f"{where}: config.num_hidden_layers is {layers!r}, expected 1 to {MAX_LAYERS}")
+    if not len(moe) <= layers <= 2 * len(moe) + 8:
+        raise LoadError(f"{where}: config.num_hidden_layers is {layers} for {len(moe)} MoE layer layouts; "
+                        f"a model has 1 to 2 decoder layers per MoE layer (and up to 8 more); recompile the model")
+
+
 def make_config(manifest: dict[str, Any], where: str) -> Any:
-    """The transformers config the manifest describes, with its attention and experts functions."""
+    """The transformers config the manifest describes, with its attention and experts functions:
+    its numbers checked first (``check_config``), so a bad one is a LoadError, not a traceback or
+    minutes of construction."""
     from transformers import AutoConfig
 
+    check_config(manifest, where)
     fields = {k: v for k, v in manifest["config"].items() if k != "model_type"}
     try:
         config = AutoConfig.for_model(manifest["model_type"], **fields)
         config._attn_implementation = manifest["attn_implementation"]
         config._experts_implementation = manifest["experts_implementation"]
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+    except CONFIG_ERRORS as exc:
         raise LoadError(f"{where}: config does not make a {manifest['model_type']!r} config "
                         f"({str(exc).splitlines()[0][:200]}); recompile the model") from None
     layers = getattr(config, "num_hidden_layers", None)
@@ -68,7 +127,7 @@ def derive(manifest: dict[str, Any], config: Any, dtype: torch.dtype, where: str
     try:
         skeleton = build_skeleton(config, dtype)
         gm, info = compile_graph(skeleton, options)
-    except (TraceFailure, RuntimeError, TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+    except (TraceFailure, RuntimeError, *CONFIG_ERRORS) as exc:
         raise LoadError(f"{where}: its config does not compile ({str(exc).splitlines()[0][:300]}); "
                         "recompile the model") from None
     layouts = {layer: ExpertLayout.for_module(layer, path, skeleton.get_submodule(path.removeprefix("lm.")))

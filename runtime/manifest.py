@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -26,6 +27,8 @@ REQUIRED_FILES = ("graph.json", "dense.safetensors", "experts.safetensors")
 TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
               "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
               "chat_template.jinja", "chat_template.json")
+#: A tokenizer needs one of these (the others only configure it).
+TOKENIZER_VOCAB = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 JSON_LIMIT = 256 * 2**20  # bytes: a JSON file above this is not one ExpertFlow wrote
 #: A 256-expert, 61-layer model's manifest (DeepSeek-V3's layout list and config) is about 20 KiB;
 #: json.loads costs some 25 times a file's size, so the cap bounds the parse before the digest check.
@@ -115,9 +118,19 @@ def read_bytes(directory: Path, name: str, limit: int, digest: str | None = None
 def parse_json(data: bytes, path: Path | str) -> Any:
     """JSON bytes as a Python value; a one-line LoadError naming ``path`` if they are not JSON."""
     try:
-        return json.loads(data)
+        return json.loads(data, parse_float=_finite, parse_constant=_finite)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise LoadError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}); recompile the model") from None
+    except OverflowError as exc:
+        raise LoadError(f"{path} holds {exc}; ExpertFlow writes finite numbers only") from None
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; 1e400, NaN and Infinity (which json.loads accepts) are refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise OverflowError(f"the non-finite number {text[:40]}")
+    return value
 
 
 def read_json(directory: Path, name: str, limit: int = JSON_LIMIT, digest: str | None = None) -> Any:
