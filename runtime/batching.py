@@ -136,7 +136,7 @@ def _prepare(model: Any, prompts: Any, tokenizer: Any, batch_size: Any, schedule
     """Token ids, per-prompt limits, pad id, end-of-sequence ids and the tokenizer (None without
     strings); one-line ValueErrors first."""
     from .inputs import check_input_ids
-    from .loader import load_tokenizer
+    from .tokenizer import load_tokenizer
 
     strings = isinstance(prompts, (list, tuple)) and any(isinstance(p, str) for p in prompts)
     if strings and tokenizer is None and model.directory is not None:

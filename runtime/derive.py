@@ -38,6 +38,8 @@ SIZES = {"num_hidden_layers": MAX_LAYERS, "num_attention_heads": 2**10, "num_key
          "hidden_size": 2**16, "vocab_size": 2**21, "intermediate_size": 2**18, "moe_intermediate_size": 2**18,
          "head_dim": 2**12, "num_experts_per_tok": 2**12, "num_local_experts": 2**13, "num_experts": 2**13,
          "n_routed_experts": 2**13}
+MAX_BEAMS = 64
+GENERATION_WIDTHS = ("num_beams", "num_return_sequences", "num_beam_groups", "num_assistant_tokens")
 #: What building or deriving a config can raise from a bad number (0 heads, a 1e400 rope theta).
 CONFIG_ERRORS = (AttributeError, KeyError, TypeError, ValueError, IndexError, ArithmeticError, RecursionError)
 
@@ -55,23 +57,10 @@ def check_config(manifest: dict[str, Any], where: str) -> None:
     int32, the sizes transformers divides by positive, labels and layers within what real models
     use, and as many decoder layers as the MoE layouts the directory lists can account for
     (every other layer dense, plus a dense prefix, as in Llama 4 and DeepSeek)."""
-    def walk(value: Any, name: str) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, f"{name}.{key}")
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                walk(item, f"{name}[{i}]")
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise LoadError(f"{where}: {name} is {value}; a config's numbers are finite")
-        elif type(value) is int and abs(value) > MAX_INT:
-            raise LoadError(f"{where}: {name} is {str(value)[:40]}, beyond what any model's config needs "
-                            f"(|n| <= 2**31)")
-
     from transformers import CONFIG_MAPPING
 
     config = manifest["config"]
-    walk(config, "config")
+    check_numbers(config, "config", where)
     cls = CONFIG_MAPPING[manifest["model_type"]] if manifest["model_type"] in CONFIG_MAPPING else None
     renamed = dict(getattr(cls, "attribute_map", None) or {})  # DBRX: n_layers is num_hidden_layers
     config = {**config, **{common: config[own] for common, own in renamed.items() if own in config}}
@@ -88,6 +77,35 @@ def check_config(manifest: dict[str, Any], where: str) -> None:
     if not len(moe) <= layers <= 2 * len(moe) + 8:
         raise LoadError(f"{where}: config.num_hidden_layers is {layers} for {len(moe)} MoE layer layouts; "
                         f"a model has 1 to 2 decoder layers per MoE layer (and up to 8 more); recompile the model")
+
+
+def check_numbers(value: Any, name: str, where: str) -> None:
+    """Every number in a JSON tree finite and within int32 (a LoadError naming the first that is not)."""
+    stack = [(value, name)]
+    while stack:
+        value, name = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((item, f"{name}.{key}") for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((item, f"{name}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise LoadError(f"{where}: {name} is {value}; a config's numbers are finite")
+        elif type(value) is int and abs(value) > MAX_INT:
+            raise LoadError(f"{where}: {name} is {str(value)[:40]}, beyond what any model's config needs "
+                            f"(|n| <= 2**31)")
+
+
+def check_generation(fields: Any, where: str) -> None:
+    """A generation config's numbers before transformers uses them: finite, within int32, and the
+    ones that multiply generate's work (beams, returned sequences) within what real models ship
+    (1 to 5 beams; translation models' most)."""
+    if not isinstance(fields, dict):
+        raise LoadError(f"{where} is not a JSON object; recompile the model")
+    check_numbers(fields, "generation config", where)
+    for field in GENERATION_WIDTHS:
+        value = fields.get(field)
+        if value is not None and (type(value) is not int or not 1 <= value <= MAX_BEAMS):
+            raise LoadError(f"{where}: {field} is {value!r}, expected an integer from 1 to {MAX_BEAMS}")
 
 
 def make_config(manifest: dict[str, Any], where: str) -> Any:

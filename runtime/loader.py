@@ -13,9 +13,7 @@ release), weights are safetensors, the rest is JSON.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +28,8 @@ from .arena import available_host_bytes
 from .budget import AutoBudget, auto_budget, check_budget, kv_cache_bytes, parse_budget
 from .cache import ExpertCache
 from .context import RuntimeContext
-from .derive import Derived, derive, make_config
-from .manifest import (TEXT_FILES, VERIFIED_AS_READ, LoadError, check_files, memory_plan, read_json, read_manifest,
+from .derive import Derived, check_generation, derive, make_config
+from .manifest import (VERIFIED_AS_READ, LoadError, check_files, memory_plan, read_json, read_manifest,
                        regular_file)
 from .tensor_file import HEADER_LIMIT, read_tensor_file
 from .model import CompiledModel, model_class
@@ -314,40 +312,9 @@ def _generation_config(path: Path, manifest: dict[str, Any], config: Any, digest
     if "generation_config.json" not in manifest["files"]:
         return GenerationConfig.from_model_config(config)
     fields = read_json(path, "generation_config.json", GENERATION_CONFIG_LIMIT, digests.get("generation_config.json"))
+    check_generation(fields, f"{path}/generation_config.json")
     try:
-        if not isinstance(fields, dict):
-            raise ValueError("not a JSON object")
         return GenerationConfig.from_dict(fields)
     except (ValueError, TypeError, AttributeError) as exc:
         raise LoadError(f"{path}/generation_config.json is not a valid generation config ({_what(exc)}); "
                         "recompile the model") from None
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """The source model's tokenizer (and chat template), from the compiled directory alone.
-
-    Only the tokenizer files listed in the manifest are read: they are copied into a private
-    temporary directory, checked against their checksums there, and loaded from it with remote
-    code off and no hub access, so no other file (a planted symlink, say) is ever opened.
-    """
-    from transformers import AutoTokenizer
-
-    from .manifest import sha256
-
-    path = Path(path)
-    manifest = read_manifest(path)
-    present = [n for n in TEXT_FILES if n in manifest["files"]]
-    if not any(n in present for n in ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")):
-        raise LoadError(f"{path} has no tokenizer: its source model shipped none; tokenize with the source "
-                        "model's tokenizer and pass input_ids")
-    with tempfile.TemporaryDirectory(prefix="expertflow-tokenizer-") as tmp:
-        for name in present:
-            copy = Path(tmp) / name
-            shutil.copyfile(regular_file(path, name), copy)
-            if sha256(copy) != manifest["files"][name]:
-                raise LoadError(f"{path / name} does not match its checksum (edited or truncated); "
-                                "recompile the model")
-        try:
-            return AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise LoadError(f"{path}: the tokenizer files do not load ({_what(exc)}); recompile the model") from None

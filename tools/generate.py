@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..runtime.chat import render_chat
+from ..runtime.tokenizer import encode_text
 from .source import UserError
 
 EXAMPLES = """
@@ -120,13 +122,13 @@ def _fingerprint(model: str, source: Path) -> str:
 
 
 def encode(tokenizer: Any, prompt: str, chat: bool) -> dict[str, Any]:
+    """The prompt's ids; the directory's tokenizer and chat template run bounded (runtime/chat.py)."""
     if not chat:
-        return tokenizer(prompt, return_tensors="pt")
+        return encode_text(tokenizer, prompt, return_tensors="pt")
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("--chat: this model's tokenizer has no chat template; drop --chat to continue plain text")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    text = render_chat(tokenizer, [{"role": "user", "content": prompt}])
+    return encode_text(tokenizer, text, return_tensors="pt", add_special_tokens=False)
 
 
 def stats_table(stats: dict[str, Any]) -> str:
