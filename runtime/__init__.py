@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _WHERE = {"Budget": "budget", "budget_argument": "budget", "check_budget": "budget", "parse_budget": "budget",
-          "check_device": "loader", "load": "loader", "load_tokenizer": "tokenizer", "LoadError": "manifest",
+          "check_device": "device", "load": "loader", "load_tokenizer": "tokenizer", "LoadError": "manifest",
           "CompiledModel": "model"}
 
 __all__ = sorted(_WHERE)

@@ -32,7 +32,8 @@ class LayerStats:
     prefetch_dropped: int = 0   # predictions with no free slot to go to
     prefetch_cancelled: int = 0  # unneeded prefetches whose copy had not started when their layer ran
     prefetch_wasted: int = 0    # prefetched experts (copied) their layer did not need
-    waves: int = 0
+    waves: int = 0              # expert-compute waves, one per step unless it is split
+    split_steps: int = 0        # steps needing more experts than slots: computed in several waves
     bytes_moved: int = 0
     stall_s: float = 0.0
 
@@ -239,6 +240,7 @@ class ExpertCache:
         needed.sort(key=lambda e: (layer, e) not in pool.where)
         waves = [needed[i:i + self.slots] for i in range(0, len(needed), self.slots)] or [[]]
         stats.waves += len(waves)
+        stats.split_steps += len(waves) > 1
         return waves
 
     def _drop_unneeded(self, pool: Pool, layer: int, experts: list[int]) -> None:

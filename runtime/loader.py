@@ -29,6 +29,7 @@ from .budget import AutoBudget, auto_budget, check_budget, kv_cache_bytes, parse
 from .cache import ExpertCache
 from .context import RuntimeContext
 from .derive import Derived, check_generation, derive, make_config
+from .device import check_device
 from .manifest import (VERIFIED_AS_READ, LoadError, check_files, memory_plan, read_json, read_manifest,
                        regular_file)
 from .tensor_file import HEADER_LIMIT, read_tensor_file
@@ -66,20 +67,6 @@ def _auto(manifest: dict[str, Any], layouts: dict[int, ExpertLayout], config: An
         free = max(host - plan["expert_bytes_total"], 0)
     kv = kv_cache_bytes(config, batch, context, torch.empty((), dtype=dtype).element_size())
     return auto_budget(layouts, free, plan["dense_bytes"], kv)
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise LoadError(f"device {device!r} is not a device; use 'cpu' or 'cuda'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LoadError("device='cuda' but no CUDA GPU is available to torch; use device='cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise LoadError(f"device {str(dev)!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
-    if dev.type not in ("cpu", "cuda"):
-        raise LoadError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
-    return dev
 
 
 def _layouts(manifest: dict[str, Any], where: str) -> dict[int, ExpertLayout]:

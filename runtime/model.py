@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,10 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         config._attn_implementation_internal, config._experts_implementation_internal = attn, experts
         self.graph_module = graph_module
         self.context = context
+        # The CPU copy engine's worker thread is stopped and joined when the model is dropped and,
+        # at the latest, at interpreter exit (atexit): a thread still copying while the
+        # interpreter tears down can abort the process ("terminate called without an active exception").
+        weakref.finalize(self, context.cache.engine.close)
         self._step_lock = threading.Lock()
         self.timeline: Timeline | None = None  # runtime.load(timeline=True): the copy and compute streams
         self.budget: AutoBudget | None = None  # what expert_cache="auto" chose (runtime.load)
@@ -201,7 +206,9 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
                                         if entry["needed"] and entry["predicted"] else None)
             lookups = entry["hits"] + entry["misses"]
             entry["hit_rate"] = entry["hits"] / lookups if lookups else None
-        return {"slots": self.context.cache.slots, "layers": per_layer, "total": total}
+        # slots: per pool; a pool holds the experts of every MoE layer of one shape (pools: how many)
+        return {"slots": self.context.cache.slots, "pools": len(self.context.cache.pools), "layers": per_layer,
+                "total": total}
 
     def reset_stats(self) -> None:
         from .cache import LayerStats

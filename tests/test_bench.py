@@ -21,7 +21,18 @@ def test_bench_reports_consistent_numbers(tmp_path, compiled_dir, capsys):
     blob = 98304  # tiny-mixtral: gate_up (128x64) + down (64x128) float32, 64-byte aligned
     assert stats["bytes_moved"] % blob == 0 and stats["bytes_moved"] >= stats["misses"] * blob
     assert result["resident_over_hf"] == result["resident_s_per_token"] / result["hf_eager_s_per_token"]
-    assert "ratio" in capsys.readouterr().out
+    # the header's figures are the table's rows, in the table's unit: one measurement, never two
+    rows = {row["name"]: row for row in result["rows"]}
+    assert result["offload_run"] == "ExpertFlow cross_layer_gate, layer_cycle" == result["rows"][-1]["name"]
+    assert rows[result["offload_run"]]["cache"] == stats
+    out = capsys.readouterr().out
+    header = out.splitlines()[1]
+    hf, resident = rows["HF eager, all resident"]["decode_tok_s"], rows["ExpertFlow, all resident"]["decode_tok_s"]
+    assert header.startswith(f"decode tok/s: HF eager {hf:,.1f}, ExpertFlow all resident {resident:,.1f} ")
+    assert f"| HF eager, all resident | {rows['HF eager, all resident']['prefill_tok_s']:,.1f} | {hf:,.1f} |" in out
+    offload = rows[result["offload_run"]]["decode_tok_s"]
+    assert f"ExpertFlow cross_layer_gate, layer_cycle: {offload:,.1f} decode tok/s" in out
+    assert "s/token" not in out
 
 
 def test_bench_bad_model_is_one_line_error(capsys):
@@ -48,7 +59,7 @@ def test_bench_compares_every_way_of_running_on_the_same_budget(tmp_path, compil
     assert rc == 0
     result = json.loads(out.read_text())
     rows = {row["name"]: row for row in result["rows"]}
-    assert list(rows) == ["HF eager, all resident", "transformers + accelerate CPU offload",
+    assert list(rows) == ["HF eager, all resident", "ExpertFlow, all resident", "transformers + accelerate CPU offload",
                           "on-demand LRU (no prefetch)", "ExpertFlow cross_layer_gate, layer_cycle"]
     assert rows["transformers + accelerate CPU offload"]["skipped"]  # no GPU here: said why, not faked
     bandwidth = result["h2d_bytes_per_s"]
@@ -60,7 +71,7 @@ def test_bench_compares_every_way_of_running_on_the_same_budget(tmp_path, compil
         if row["bytes_per_token"]:
             assert row["over_bound"] == pytest.approx((1 / row["decode_tok_s"]) / row["bound_s_per_token"])
     table = md.read_text().splitlines()
-    assert table[0].startswith("| run | prefill tok/s | decode tok/s |") and len(table) == 2 + 3 + 1
+    assert table[0].startswith("| run | prefill tok/s | decode tok/s |") and len(table) == 2 + 4 + 1
     assert table[-1] == "- transformers + accelerate CPU offload: not run (accelerate offloads to a GPU; this run is " \
                         "on the CPU)"
 

@@ -388,3 +388,43 @@ def test_cli_plot_without_matplotlib_is_a_one_line_error(tmp_path, capsys, monke
     err = capsys.readouterr().err.strip()
     assert err == "expertflow-simulate: error: --plot needs matplotlib: pip install matplotlib"
     assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_cli_plot_is_an_ordinary_file_under_the_umask(tmp_path, umask, mode):
+    """It was written 0600 whatever the umask (a private temporary file renamed into place)."""
+    import os
+    import stat
+
+    pytest.importorskip("matplotlib")
+    trace, png = write_trace(tmp_path / "trace.jsonl"), tmp_path / "hit.png"
+    old = os.umask(umask)
+    try:
+        assert cli.main(["--trace", str(trace), "--experts-per-layer", "8", "--cache", "2,4", "--quiet",
+                         "--plot", str(png)]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(png.stat().st_mode) == mode
+
+
+def test_the_hint_rows_left_out_are_those_that_repeat_none():
+    """expertflow-simulate COMPILED leaves out a :hint row when its policy reads no hints (told by
+    the policy class, not by name): replayed, such a row is exactly the none row."""
+    from expertflow.runtime.policy import POLICIES as RUNTIME_POLICIES
+    from expertflow.tools.prefetch_sim import Issue, replay
+    from expertflow.tools.simulate_compiled import same_as_none
+
+    trace = random_trace(random.Random(7), 60, 3, 8, 2)
+    layers = len({a.layer for a in trace})
+    hints = [[Issue(s + layers, trace[s + layers].experts, load=False)] if s + layers < len(trace) else []
+             for s in range(len(trace))]
+    copies = [[Issue(i.target, i.experts) for i in step] for step in hints]
+    reuse = {0: [1] * (layers * 8)}
+    left_out = {p for p in RUNTIME_POLICIES if same_as_none(p, hints, None)}
+    assert left_out == set(RUNTIME_POLICIES) - {"predictive"}
+    assert not any(same_as_none(p, copies, None) for p in RUNTIME_POLICIES)
+    assert {p for p in RUNTIME_POLICIES if same_as_none(p, hints, reuse)} == left_out
+    for policy in RUNTIME_POLICIES:
+        none, hinted = replay(trace, [[] for _ in trace], policy, 4), replay(trace, hints, policy, 4)
+        if policy in left_out:
+            assert (hinted.loads, hinted.resident, hinted.missed) == (none.loads, none.resident, none.missed)

@@ -171,9 +171,7 @@ def write_compiled(out_dir: Path, force: bool, build: Callable[[Path], dict[str,
         _remove_empty(made)
         raise
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the result is an ordinary directory
         manifest = build(tmp)
         _seal(tmp, manifest)
         if finish is not None:
@@ -185,6 +183,13 @@ def write_compiled(out_dir: Path, force: bool, build: Callable[[Path], dict[str,
         _remove_empty(made)
         raise
     return out_dir
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it, then restored): what ordinary files get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _seal(tmp: Path, manifest: dict[str, Any]) -> None:

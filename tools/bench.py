@@ -1,27 +1,24 @@
 """expertflow-bench: decode speed and cache behaviour of a compiled model against HF eager.
 
-Measures, in one run on one machine:
-- decode time per token of ``runtime.load`` with all experts resident vs transformers eager
-  (the ratio is the cost of the graph and cache machinery);
-- at a smaller budget (default 25% of the experts): decode time, hits, misses, bytes moved,
-  stall time and prefetch precision/recall;
-- peak memory of ``expertflow-compile`` (a child process) against the model's size on disk;
-- the comparison table (tools/bench_rows.py): HF eager all resident, transformers + accelerate
-  CPU offload (CUDA), on-demand LRU, ExpertFlow with each predictor, at the same budget: prefill
-  and decode tokens/s, peak memory, hit rate, stall, and the ratio to the physical bound (bytes
-  moved over the host-to-device bandwidth measured in the same run). --markdown writes it.
+Measures, in one run on one machine, one table (tools/bench_rows.py): HF eager all resident,
+ExpertFlow all resident (the ratio is the cost of the graph and cache machinery), transformers
++ accelerate CPU offload (CUDA), on-demand LRU, ExpertFlow with each predictor, and last the
+directory as compiled, at a smaller budget (default 25% of the experts): prefill and decode
+tokens/s, peak memory, hit rate, stall, and the ratio to the physical bound (bytes moved over the
+host-to-device bandwidth measured in the same run). --markdown writes it. The header above the
+table repeats figures from its rows (never a second timing), and adds the last row's hits,
+misses, bytes moved and prefetch precision/recall; and the peak memory of
+``expertflow-compile`` (a child process) against the model's size on disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,8 @@ import torch
 
 from ..ir.hf_compat import cache_keyword_of
 from . import bench_rows
-from .source import UserError, resolve_model
+from .compile import one_line
+from .source import UserError, cli_terms, resolve_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,20 +56,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _decode_times(step, first_ids: torch.Tensor, tokens: int) -> list[float]:
-    """Per-token wall times of ``tokens`` greedy decode steps after a prefill."""
-    logits = step(first_ids, prefill=True)
-    times = []
-    for _ in range(tokens):
-        nxt = logits[:, -1, :].argmax(-1, keepdim=True)
-        start = time.perf_counter()
-        logits = step(nxt, prefill=False)
-        if first_ids.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def hf_stepper(model: Any, device: torch.device):
     from transformers import DynamicCache
 
@@ -96,20 +80,6 @@ def ef_stepper(model: Any):
         return model(ids, cache=state["cache"]).logits
 
     return step
-
-
-def timed_pair(steps: list, ids: torch.Tensor, tokens: int, repeats: int,
-               after_warmup=lambda: None) -> list[float]:
-    """Median per-token time of each stepper; repeats alternate between them so background load
-    on a shared machine hits both alike (the ratio is what is comparable)."""
-    for step in steps:  # warm-up: first calls allocate and fill caches
-        _decode_times(step, ids, min(tokens, 4))
-    after_warmup()
-    samples: list[list[float]] = [[] for _ in steps]
-    for _ in range(repeats):
-        for i, step in enumerate(steps):
-            samples[i].append(statistics.median(_decode_times(step, ids, tokens)))
-    return [statistics.median(s) for s in samples]
 
 
 _PEAK_CHILD = """
@@ -175,59 +145,79 @@ def _measure(args: argparse.Namespace, source: Path, compiled: Path) -> dict[str
     gen = torch.Generator().manual_seed(0)
     hf = AutoModelForCausalLM.from_pretrained(source).eval().to(device)
     ids = torch.randint(3, hf.config.vocab_size, (args.batch, args.prompt_len), generator=gen)
-    full = runtime.load(compiled, device=args.device)
-    result["hf_eager_s_per_token"], result["resident_s_per_token"] = timed_pair(
-        [hf_stepper(hf, device), ef_stepper(full)], ids, args.tokens, args.repeats)
-    result["resident_over_hf"] = result["resident_s_per_token"] / result["hf_eager_s_per_token"]
-    total = full.stats()["slots"]
-    budget = runtime.budget_argument(args.budget) if args.gpu_memory is None else _slots_for(args, full, compiled)
-    small = runtime.load(compiled, device=args.device, expert_cache=budget,
-                         timeline=args.timeline is not None, batch_size=args.batch,
-                         max_context=args.prompt_len + args.tokens + 1)
-    def after_warmup() -> None:
-        small.reset_stats()
-        if small.timeline is not None:
-            small.timeline.clear()
-
-    (result["offload_s_per_token"],) = timed_pair([ef_stepper(small)], ids, args.tokens, 1, after_warmup)
-    if args.timeline is not None:
-        result["timeline"] = str(small.timeline.write(args.timeline))
-    result["offload_slots"], result["all_slots"] = small.stats()["slots"], total
-    if small.budget is not None:
-        result["auto_budget"] = small.budget.describe()
-    result["offload_stats"] = small.stats()["total"]
     bandwidth = bench_rows.h2d_bandwidth(device)
     result["h2d_bytes_per_s"] = bandwidth
+    # Every figure below, header and table alike, is one row's measurement: one timing per run.
     rows = [bench_rows.timed_row("HF eager, all resident", hf_stepper(hf, device), ids, args.tokens, args.repeats,
                                  device)]
-    del hf, full
-    rows.append(_accelerate_row(source, device, compiled, small.stats()["slots"], ids, args))
-    for name, predictor, policy, prefetch in _offloaded_runs(compiled):
-        model = runtime.load(compiled, device=args.device, expert_cache=small.stats()["slots"], predictor=predictor,
-                             policy=policy, prefetch=prefetch)
+    del hf
+    full = runtime.load(compiled, device=args.device)
+    rows.append(bench_rows.timed_row(RESIDENT, ef_stepper(full), ids, args.tokens, args.repeats, device))
+    total = full.stats()["slots"]
+    budget = runtime.budget_argument(args.budget) if args.gpu_memory is None else _slots_for(args, full, compiled)
+    del full
+    small = runtime.load(compiled, device=args.device, expert_cache=budget, batch_size=args.batch,
+                         max_context=args.prompt_len + args.tokens + 1)
+    slots = small.stats()["slots"]
+    result["offload_slots"], result["all_slots"] = slots, total
+    if small.budget is not None:
+        result["auto_budget"] = small.budget.describe()
+    del small
+    rows.append(_accelerate_row(source, device, compiled, slots, ids, args))
+    runs = _offloaded_runs(compiled)
+    for i, (name, load_kwargs) in enumerate(runs):
+        timeline = args.timeline is not None and i == len(runs) - 1
+        model = runtime.load(compiled, device=args.device, expert_cache=slots, timeline=timeline, **load_kwargs)
         rows.append(bench_rows.timed_row(name, ef_stepper(model), ids, args.tokens, args.repeats, device, model,
                                          bandwidth))
+        if timeline:
+            result["timeline"] = str(model.timeline.write(args.timeline))
         del model
+    _headline(result, rows)
     result["rows"] = bench_rows.as_json(rows)
     result["markdown"] = bench_rows.markdown(rows)
     return result
 
 
-def _offloaded_runs(compiled: Path) -> list[tuple[str, str, str | None, str | None]]:
-    """(row name, predictor, policy, prefetch): on-demand LRU, then ExpertFlow with each predictor
-    it has; with the routing-path predictor also the predictive policy (and its reuse predictor)
-    in both prefetch modes."""
+RESIDENT = "ExpertFlow, all resident"
+
+
+def _headline(result: dict[str, Any], rows: list["bench_rows.Row"]) -> None:
+    """The header's figures, taken from the table's rows (seconds per decode step = batch over
+    decode tok/s), so the two can never disagree."""
+    by_name = {row.name: row for row in rows}
+    step_s = {name: result["batch"] / row.decode_tok_s for name, row in by_name.items() if row.decode_tok_s}
+    result["hf_eager_s_per_token"] = step_s["HF eager, all resident"]
+    result["resident_s_per_token"] = step_s[RESIDENT]
+    result["resident_over_hf"] = result["resident_s_per_token"] / result["hf_eager_s_per_token"]
+    compiled = rows[-1]  # the compiled directory's own predictor, policy and prefetch: the last run
+    result["offload_run"] = compiled.name
+    result["offload_s_per_token"] = step_s[compiled.name]
+    result["offload_stats"] = compiled.cache
+
+
+def _offloaded_runs(compiled: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(row name, runtime.load overrides): on-demand LRU, then ExpertFlow with each predictor it
+    has (with the routing-path predictor also the predictive policy and its reuse predictor in
+    both prefetch modes), then, last, the directory as compiled if no row above is exactly that."""
     from ..runtime.manifest import read_manifest
 
     manifest = read_manifest(compiled)
-    policy = manifest["options"].get("policy", "layer_cycle")
-    runs = [("on-demand LRU (no prefetch)", "none", "lru", None),
-            (f"ExpertFlow cross_layer_gate, {policy}", "cross_layer_gate", None, None)]
+    options = manifest["options"]
+    policy, prefetch = options.get("policy", "layer_cycle"), options.get("prefetch", "copy")
+    runs = [("on-demand LRU (no prefetch)", dict(predictor="none", policy="lru")),
+            (f"ExpertFlow cross_layer_gate, {policy}", dict(predictor="cross_layer_gate"))]
     if "predictor.safetensors" in manifest["files"]:
-        runs.append((f"ExpertFlow routing_path, {policy}", "routing_path", None, None))
+        runs.append((f"ExpertFlow routing_path, {policy}", dict(predictor="routing_path")))
         if "reuse.safetensors" in manifest["files"]:
-            runs += [(f"ExpertFlow routing_path, predictive + reuse, {mode}", "routing_path", "predictive", mode)
-                     for mode in ("copy", "hint")]
+            runs += [(f"ExpertFlow routing_path, predictive + reuse, {mode}",
+                      dict(predictor="routing_path", policy="predictive", prefetch=mode)) for mode in ("copy", "hint")]
+    own = dict(predictor=options["predictor"], policy=policy, prefetch=prefetch)
+    same = [i for i, (_, kw) in enumerate(runs) if {**own, **kw} == own]
+    if same:
+        runs.append(runs.pop(same[-1]))
+    else:
+        runs.append((f"ExpertFlow as compiled: {own['predictor']}, {policy}, {prefetch}", {}))
     return runs
 
 
@@ -269,21 +259,23 @@ def _num(value: float | None) -> str:
 def render(r: dict[str, Any]) -> str:
     s = r["offload_stats"]
     lines = [f"model {r['model']} on {r['device']}, batch {r['batch']}, prompt {r['prompt_len']}, "
-             f"{r['tokens']} decode steps, {r['torch_threads']} torch threads",
-             f"decode s/token: HF eager {r['hf_eager_s_per_token']:.5f}, ExpertFlow all resident "
-             f"{r['resident_s_per_token']:.5f} (ratio {r['resident_over_hf']:.2f}x)",
-             f"budget {r['offload_slots']}/{r['all_slots']} slots: {r['offload_s_per_token']:.5f} s/token, "
+             f"{r['tokens']} decode steps, {r['torch_threads']} torch threads; each figure is the median of "
+             "the table row's timed runs",
+             f"decode tok/s: HF eager {r['batch'] / r['hf_eager_s_per_token']:,.1f}, ExpertFlow all resident "
+             f"{r['batch'] / r['resident_s_per_token']:,.1f} (ExpertFlow takes {r['resident_over_hf']:.2f}x "
+             "HF's time per token)",
+             f"budget {r['offload_slots']}/{r['all_slots']} slots, {r['offload_run']}: "
+             f"{r['batch'] / r['offload_s_per_token']:,.1f} decode tok/s, "
              f"hits {s['hits']}, misses {s['misses']}, hit rate {_num(s['hit_rate'])}, bytes moved "
              f"{s['bytes_moved']}, stall {s['stall_s']:.4f} s, prefetch precision "
-             f"{_num(s['prefetch_precision'])}, recall {_num(s['prefetch_recall'])}"]
+             f"{_num(s['prefetch_precision'])}, recall {_num(s['prefetch_recall'])} (last timed run)"]
     if "auto_budget" in r:
         lines.append(r["auto_budget"])
     if r.get("random_weights"):
         lines.append("(a preset: seeded random weights, so routing is not a trained model's; hit rates and "
                      "prefetch accuracy say little about real models)")
-    if "rows" in r:
-        lines.append(f"host-to-device bandwidth measured: {r['h2d_bytes_per_s'] / 1e9:.1f} GB/s")
-        lines.append(r["markdown"].rstrip())
+    lines.append(f"host-to-device bandwidth measured: {r['h2d_bytes_per_s'] / 1e9:.1f} GB/s")
+    lines.append(r["markdown"].rstrip())
     if "compile_peak_rss" in r:
         lines.append(f"compile peak RSS {r['compile_peak_rss'] / 2**20:.1f} MiB for "
                      f"{r['model_bytes_on_disk'] / 2**20:.1f} MiB of weights on disk")
@@ -295,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
     except (UserError, ValueError, OSError, subprocess.CalledProcessError) as exc:
-        print(f"expertflow-bench: error: {exc}", file=sys.stderr)
+        print(f"expertflow-bench: error: {cli_terms(one_line(exc))}", file=sys.stderr)
         return 2
     print(render(result))
     if args.json:

@@ -34,6 +34,7 @@ class Row:
     bytes_per_token: float | None = None
     bound_s_per_token: float | None = None  # bytes_per_token / measured bandwidth
     over_bound: float | None = None         # decode s/token over the bound
+    cache: dict[str, Any] | None = None     # model.stats()["total"] of the last timed decode run
 
 
 def h2d_bandwidth(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
@@ -108,14 +109,18 @@ def timed_row(name: str, step: Stepper, ids: torch.Tensor, tokens: int, repeats:
               model: Any = None, bandwidth: float | None = None) -> Row:
     """One row; ``model`` (an ExpertFlow model) adds its cache counters for the last decode run."""
     reset_peaks(device)
-    before = (lambda: model.reset_stats()) if model is not None else (lambda: None)
+    def before() -> None:  # the counters and the timeline then cover the last decode run alone
+        if model is not None:
+            model.reset_stats()
+            if model.timeline is not None:
+                model.timeline.clear()
     prefill_s, decode_s = measure(step, ids, tokens, repeats, before)
     row = Row(name, prefill_tok_s=ids.numel() / prefill_s, decode_tok_s=ids.shape[0] / decode_s)
     row.peak_device_bytes, row.peak_host_bytes = read_peaks(device)
     if model is not None:
         stats = model.stats()
         total = stats["total"]
-        row.slots, row.hit_rate = stats["slots"], total["hit_rate"]
+        row.slots, row.hit_rate, row.cache = stats["slots"], total["hit_rate"], total
         row.stall_s_per_token = total["stall_s"] / tokens
         row.bytes_per_token = total["bytes_moved"] / tokens
         if bandwidth:

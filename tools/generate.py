@@ -1,9 +1,9 @@
 """expertflow-generate: text in, text out, with a fixed budget of expert slots.
 
-Streams the new text to the terminal as it is generated. MODEL is a compiled directory, or
-anything expertflow-compile takes (a save_pretrained directory, a hub id already in the local
-Hugging Face cache, a built-in preset): that is compiled once into --cache-dir and reused while
-the source is unchanged. Generation is transformers' own (greedy by default; --sample draws with
+Streams the new text to the terminal (stdout) as it is generated; notes and --stats go to
+stderr. MODEL is a compiled directory, or anything expertflow-compile takes (a save_pretrained
+directory, a hub id already in the local Hugging Face cache, a built-in preset): that is compiled
+once into --cache-dir and reused while the source is unchanged (--list-cache, --clean-cache). Generation is transformers' own (greedy by default; --sample draws with
 --temperature, --top-k, --top-p); --chat wraps the prompt in the model's chat template.
 --prompts-file runs many prompts at once (``tools/generate_batch.py``): one JSON line each.
 """
@@ -11,9 +11,6 @@ the source is unchanged. Generation is transformers' own (greedy by default; --s
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -21,7 +18,7 @@ from typing import Any
 
 from ..runtime.chat import render_chat
 from ..runtime.tokenizer import encode_text
-from .source import UserError
+from .source import UserError, cli_terms
 
 EXAMPLES = """
 examples:
@@ -29,13 +26,14 @@ examples:
   expertflow-generate compiled/ "Explain MoE offloading." --chat --budget 4GiB --device cuda
   expertflow-generate ./my-model "Once upon a time" --sample --temperature 0.7 --top-p 0.9 --seed 1
   expertflow-generate tiny-trained-moe --prompts-file prompts.jsonl --batch-size 16 --max-new-tokens 32
+  expertflow-generate --list-cache       (and --clean-cache: remove what --cache-dir holds)
 """
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="expertflow-generate", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="compiled directory, model directory, cached hub id, or preset name")
+    p.add_argument("model", nargs="?", help="compiled directory, model directory, cached hub id, or preset name")
     p.add_argument("prompt", nargs="?", help="the text to continue (with --chat: the user's message); or give "
                    "--prompts-file")
     p.add_argument("--prompts-file", type=Path, metavar="FILE", help="many prompts instead of PROMPT: one per line "
@@ -62,10 +60,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt as a user "
                    "message and generate the assistant's reply")
     p.add_argument("--stats", action="store_true", help="after the text, print the expert cache's statistics per "
-                   "MoE layer (hits, misses, prefetch precision and recall, bytes moved, stall) as a table")
+                   "MoE layer (hits, misses, prefetch precision and recall, wasted, cancelled and dropped "
+                   "prefetches, split steps, bytes moved, stall) as a table with a legend, on stderr")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "expertflow",
                    help="where models given by name or directory are compiled once and reused "
                         "(default ~/.cache/expertflow)")
+    p.add_argument("--list-cache", action="store_true", help="list the models compiled into --cache-dir (size, "
+                   "date, source) and exit")
+    p.add_argument("--clean-cache", action="store_true", help="remove the models compiled into --cache-dir and "
+                   "exit")
     p.add_argument("--timeline", type=Path, metavar="PATH", help="write a Chrome/Perfetto trace of the copy and "
                    "compute streams (a span per expert copy, per layer's wait and expert compute, per step) to "
                    "PATH; open it in ui.perfetto.dev or chrome://tracing")
@@ -73,6 +76,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "sequence, token and MoE layer: its top-k experts) to PATH, for expertflow-simulate --trace")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes; only the generated text")
     args = p.parse_args(argv)
+    if args.list_cache or args.clean_cache:
+        if args.model is not None or args.prompts_file is not None or (args.list_cache and args.clean_cache):
+            p.error("--list-cache and --clean-cache take no MODEL or prompt, and go alone")
+        return args
+    if args.model is None:
+        p.error("give a MODEL (a compiled directory, model directory, cached hub id or preset), or --list-cache")
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if (args.prompt is None) == (args.prompts_file is None):
@@ -80,45 +89,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     return args
-
-
-def compiled_path(model: str, cache_dir: Path, quiet: bool) -> Path:
-    """``model`` itself when it is a compiled directory; else its compiled copy under
-    ``cache_dir``, compiled now if there is none for this source, ExpertFlow and transformers."""
-    path = Path(model).expanduser()
-    if (path / "manifest.json").is_file():
-        return path
-    from ..passes.options import CompileOptions
-    from .compile import compile_model
-    from .source import resolve_model
-
-    source = resolve_model(model)
-    out = cache_dir / "compiled" / f"{_safe(model)}-{_fingerprint(model, source)}"
-    if (out / "manifest.json").is_file():
-        return out
-    if not quiet:
-        print(f"compiling {model} once into {out}", file=sys.stderr)
-    return compile_model(model, out, CompileOptions(), dumps=False, quiet=quiet)
-
-
-def _safe(model: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", model.strip("/"))[-64:] or "model"
-
-
-def _fingerprint(model: str, source: Path) -> str:
-    """What the compiled copy depends on: the source's files (names, sizes, times) and the versions."""
-    import transformers
-
-    from .. import __version__
-    from ..runtime.manifest import SCHEMA_VERSION
-
-    digest = hashlib.sha256(json.dumps([model, str(source.resolve()), __version__, SCHEMA_VERSION,
-                                        transformers.__version__]).encode())
-    for file in sorted(source.iterdir()):
-        if file.is_file():
-            stat = file.stat()
-            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:12]
 
 
 def encode(tokenizer: Any, prompt: str, chat: bool) -> dict[str, Any]:
@@ -131,22 +101,38 @@ def encode(tokenizer: Any, prompt: str, chat: bool) -> dict[str, Any]:
     return encode_text(tokenizer, text, return_tensors="pt", add_special_tokens=False)
 
 
+STATS_LEGEND = """\
+hits: experts a step needed that were in a slot (or on their way) when its layer's wait began;
+  misses: loaded on demand there; hit rate = hits / (hits + misses)
+precision: predicted experts the router then chose / experts predicted (prefetched or hinted);
+  recall: predicted experts the router chose / experts the router chose
+wasted: prefetches copied and then not used; cancelled: unneeded prefetches stopped before their
+  copy began (no bytes moved); dropped: predictions with no free slot to copy into
+split: steps needing more experts than there are slots, computed in several waves"""
+
+
 def stats_table(stats: dict[str, Any]) -> str:
-    """The cache statistics as an aligned table: one row per MoE layer and a total."""
+    """The cache statistics as an aligned table, one row per MoE layer and a total, with a legend."""
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f}%"
 
-    head = ("layer", "hits", "misses", "hit rate", "precision", "recall", "waves", "MiB moved", "stall ms")
+    head = ("layer", "hits", "misses", "hit rate", "precision", "recall", "wasted", "cancelled", "dropped", "split",
+            "MiB moved", "stall ms")
     rows = [head]
     for name, s in [*((str(k), v) for k, v in stats["layers"].items()), ("total", stats["total"])]:
         rows.append((name, str(s["hits"]), str(s["misses"]), pct(s["hit_rate"]), pct(s["prefetch_precision"]),
-                     pct(s["prefetch_recall"]), str(s["waves"]), f"{s['bytes_moved'] / 2**20:.2f}",
+                     pct(s["prefetch_recall"]), str(s["prefetch_wasted"]), str(s["prefetch_cancelled"]),
+                     str(s["prefetch_dropped"]), str(s["split_steps"]), f"{s['bytes_moved'] / 2**20:.2f}",
                      f"{1000 * s['stall_s']:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.insert(len(lines) - 1, lines[1])
-    return f"expert cache: {stats['slots']} slots per pool\n" + "\n".join(lines)
+    pools = stats["pools"]
+    where = "one pool shared by every MoE layer" if pools == 1 else \
+        f"{pools} pools, one per expert shape, each shared by the MoE layers of that shape"
+    return (f"expert cache: {stats['slots']} slots (each holds one expert) in {where}\n" + "\n".join(lines)
+            + "\n" + STATS_LEGEND)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -154,27 +140,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import TextStreamer
 
     from .. import runtime
-    from ..runtime.manifest import read_manifest
+    from ..runtime.manifest import TOKENIZER_VOCAB, read_manifest
     from . import presets
+    from .compile_cache import compiled_path
     from .generate_batch import generate_batch, read_prompts
 
     budget = runtime.budget_argument(args.budget)
-    runtime.check_budget(budget)  # a bad budget or device fails now, not after a compile
-    runtime.check_device(args.device)
+    runtime.check_budget(budget)  # a bad budget fails now, not after a compile
     texts = read_prompts(args.prompts_file) if args.prompts_file is not None else [args.prompt]
-    path = compiled_path(args.model, args.cache_dir, args.quiet)
+    path = compiled_path(args.model, args.cache_dir, args.quiet, needs_tokenizer=True)
     manifest = read_manifest(path)  # checked as runtime.load checks it: the directory may be a stranger's
+    if not any(name in manifest["files"] for name in TOKENIZER_VOCAB):
+        raise UserError(f"{path} has no tokenizer: its source model shipped none, so text cannot become tokens; "
+                        "compile it from a directory that holds the model's tokenizer (tokenizer.save_pretrained)")
     if not args.quiet and presets.is_random(manifest.get("source") or ""):
         print(f"note: {manifest['source']} is a preset with seeded random weights: its text is gibberish, "
               "but exactly the text transformers would give", file=sys.stderr)
     tokenizer = runtime.load_tokenizer(path)
     prompts = [encode(tokenizer, text, args.chat)["input_ids"][0].tolist() for text in texts]
+    context = max(len(p) for p in prompts) + args.max_new_tokens
+    limit = manifest["config"].get("max_position_embeddings")
+    if isinstance(limit, int) and context > limit:
+        print(f"warning: {context - args.max_new_tokens} prompt tokens + --max-new-tokens {args.max_new_tokens} "
+              f"exceed the model's context of {limit} positions; text past it is unreliable", file=sys.stderr)
     model = runtime.load(path, device=args.device, expert_cache=budget, timeline=args.timeline is not None,
-                         record_routing=args.trace_out is not None,
-                         max_context=max(len(p) for p in prompts) + args.max_new_tokens,
+                         record_routing=args.trace_out is not None, max_context=context,
                          batch_size=args.batch_size if args.prompts_file is not None else 1)
     if model.budget is not None and not args.quiet:
-        print(model.budget.describe(), file=sys.stderr)
+        print(cli_terms(model.budget.describe()), file=sys.stderr)
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
         if args.sample else dict(do_sample=False)
     if args.sample and args.seed is not None:
@@ -200,21 +193,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ..runtime import LoadError
+    from ..runtime.device import check_device
+    from ..runtime.manifest import LoadError
     from .compile import one_line
 
     try:
+        if args.list_cache or args.clean_cache:
+            return _cache_command(args)
+        check_device(args.device)  # with the arguments: before transformers is imported or a compile starts
         result = run(args)
     except (UserError, LoadError, ValueError, OSError, ImportError) as exc:
-        print(f"expertflow-generate: error: {one_line(exc)}", file=sys.stderr)
+        print(f"expertflow-generate: error: {cli_terms(one_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nexpertflow-generate: interrupted", file=sys.stderr)
         return 130
-    if args.stats:
+    if args.stats:  # on stderr: stdout holds the generated text alone
         print(f"\n{result['new_tokens']} tokens in {result['seconds']:.2f} s "
-              f"({result['new_tokens'] / result['seconds']:.1f} tokens/s), compiled model {result['path']}")
-        print(stats_table(result["stats"]))
+              f"({result['new_tokens'] / result['seconds']:.1f} tokens/s), compiled model {result['path']}",
+              file=sys.stderr)
+        print(stats_table(result["stats"]), file=sys.stderr)
+    return 0
+
+
+def _cache_command(args: argparse.Namespace) -> int:
+    from . import compile_cache
+
+    if args.list_cache:
+        print(compile_cache.render_entries(compile_cache.list_entries(args.cache_dir), args.cache_dir))
+        return 0
+    removed = compile_cache.clean(args.cache_dir)
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} removed from {compile_cache.entries_dir(args.cache_dir)}")
     return 0
 
 

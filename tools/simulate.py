@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from tqdm import tqdm
 
 from ..runtime.policy import POLICIES as RUNTIME_POLICIES
+from .artefact import current_umask
 from .cache_sim import POLICIES, Access, SimResult, TimeModel, next_uses, predict_time, simulate
 from .trace_file import parse_trace
 
@@ -193,7 +194,9 @@ def _compiled(args: argparse.Namespace) -> int:
         if args.bandwidth is not None:
             blob = blob or sc.read_manifest(args.compiled)["memory_plan"]["expert_blob_bytes"]
             time_model = TimeModel(args.bandwidth, args.layer_ms, blob)
-        rows, recall = sc.evaluate(args.compiled, args.cache, args.policies, args.group, time_model, blob)
+        with tqdm(desc="replaying", unit="replay", disable=True if args.quiet else None, file=sys.stderr) as bar:
+            rows, recall = sc.evaluate(args.compiled, args.cache, args.policies, args.group, time_model, blob,
+                                       progress=bar.update, start=bar.reset)
         if args.plot is not None:
             write_plot([dict(r, policy=f"{r['policy']}+{r['predictor']}") for r in rows], args.plot)
     except (LoadError, ValueError, OSError) as exc:
@@ -291,6 +294,7 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.legend()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
         try:
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it private; a plot is an ordinary file
             with os.fdopen(fd, "wb") as f:
                 fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
             os.replace(tmp, path)

@@ -18,6 +18,7 @@ estimates (``reuse_logits``), as the runtime does with that predictor and policy
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,11 @@ import torch
 from safetensors.torch import load_file
 
 from ..runtime.manifest import check_files, read_manifest, regular_file
+from ..runtime.policy import POLICIES as RUNTIME_POLICIES, Policy
 from ..runtime.prior import as_prior, prior_tensors
 from . import predictors as P
 from .cache_sim import TimeModel, simulate
-from .prefetch_sim import Issue, replay
+from .prefetch_sim import Issue, Replay, replay
 
 FILE = "calibration.safetensors"
 
@@ -107,9 +109,26 @@ def recall_table(rec: dict[str, torch.Tensor], preds: dict[str, P.Prediction], n
     return out
 
 
+def reads(policy: str, method: str) -> bool:
+    """Whether ``policy`` reads what ``Policy.<method>`` (hint, expect) hands it: a policy class
+    that keeps the base class's do-nothing method ignores it."""
+    return getattr(RUNTIME_POLICIES[policy], method) is not getattr(Policy, method)
+
+
+def same_as_none(policy: str, issues: list[list[Issue]], reuse: dict[int, list[int]] | None) -> bool:
+    """True when replaying ``issues`` under ``policy`` must give the ``none`` row: they copy
+    nothing (hints only) and the policy reads neither hints nor, where given, reuse estimates."""
+    return (all(not i.load for step in issues for i in step) and not reads(policy, "hint")
+            and (reuse is None or not reads(policy, "expect")))
+
+
 def evaluate(compiled: Path, caches: list[int], policies: list[str], group: str,
-             time: TimeModel | None, expert_bytes: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows per (policy, predictor, cache) and the predictors' recall, on the held-out tokens."""
+             time: TimeModel | None, expert_bytes: int | None = None,
+             progress: Callable[[int], Any] = lambda n: None,
+             start: Callable[[int], Any] = lambda total: None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows per (policy, predictor, cache) and the predictors' recall, on the held-out tokens.
+    A row that would repeat the ``none`` row by construction (``same_as_none``) is left out.
+    ``start(total)`` is told the number of replays once known, ``progress(1)`` after each."""
     rec, manifest = load_calibration(compiled)
     layers = rec["layers"].tolist()
     n = int(rec["experts_per_layer"][0]) if "experts_per_layer" in rec else int(rec["experts"].max()) + 1
@@ -128,19 +147,25 @@ def evaluate(compiled: Path, caches: list[int], policies: list[str], group: str,
     train = rec["split"] == 0
     prior = as_prior(prior_tensors(rec["experts"][train], rec["seq"][train]), layers)
     reuse = reuse_steps(rec, grouped, len(layers)) if "reuse_logits" in rec else None
+    start(len(caches) * len(policies) * len(issues))
     rows = []
     for cache in caches:
         best = simulate(trace, "belady", cache, blob).loads
         causal = None
         results = []
         for policy in policies:
-            for name in issues:
+            done: dict[str, Replay] = {}
+            for name in sorted(issues, key=lambda name: name != "none"):  # none first: rows equal to it reuse it
                 # the runtime has the reuse predictor with the routing-path predictor and this policy
                 learned = reuse if policy == "predictive" and name.startswith("routing_path") else None
-                r = replay(trace, issues[name], policy, cache, name, blob, prior, time, learned)
-                results.append(r)
+                if name != "none" and same_as_none(policy, issues[name], learned):
+                    r = done["none"]  # not a row of its own: it would repeat none's
+                else:
+                    r = done[name] = replay(trace, issues[name], policy, cache, name, blob, prior, time, learned)
                 if name in ("oracle", "oracle:hint"):
                     causal = r.loads if causal is None else min(causal, r.loads)
+                progress(1)
+            results += [done[name] for name in issues if name in done]
         for r in results:
             row = {"policy": r.policy, "predictor": r.predictor, "cache": cache, "accesses": r.accesses,
                    "hits": r.hits, "hit_rate": r.hit_rate, "loads": r.loads, "bytes": r.bytes,
@@ -156,25 +181,40 @@ def evaluate(compiled: Path, caches: list[int], policies: list[str], group: str,
     return rows, recall_table(rec, preds, n)
 
 
+LEGEND = """\
+ready: share of needed experts resident{flight} when their layer's wait began; missed: loaded on
+  demand at the wait; loads: copies made (demand + prefetch); wasted: prefetched, then not used
+loads/MIN: loads over Belady's MIN, the fewest a demand-loading cache that knows the whole future makes
+causal/MIN: the fewest loads with the oracle (each step's true route, known at the step's start:
+  prefetched, or as :hint) under any policy, over MIN; what predicting the current step can give.
+  A row below it uses more than the current step: +next tells the next step's true route, and
+  predictive with routing_path reads the reuse predictor's estimates of later tokens
+:hint rows (predictions only steer eviction, nothing copies early) are shown for the policies
+  that read hints ({readers}); under the others they repeat the none row"""
+
+
 def render(rows: list[dict[str, Any]], recall: dict[str, Any], compiled: Path) -> str:
-    lines = [f"{compiled}: held-out calibration tokens, steps grouped by {rows[0]['group']}; "
-             f"{rows[0]['tokens']} steps of tokens. ready = resident or in flight at the wait"]
-    header = ["policy", "predictor", "cache", "ready", "resident", "in flight", "missed", "loads", "loads/MIN",
-              "wasted", "causal/MIN"]
     timed = "ms_per_token" in rows[0]
+    lines = [f"{compiled}: held-out calibration tokens, steps grouped by {rows[0]['group']}; "
+             f"{rows[0]['tokens']} steps of tokens"]
+    # Without a time model every copy lands before its wait: "in flight" would be 0 by construction.
+    header = ["policy", "predictor", "cache", "ready", "resident", *(["in flight"] if timed else []), "missed",
+              "loads", "loads/MIN", "wasted", "causal/MIN"]
     header += ["ms/token", "/bound"] if timed else []
     table = [header]
     for r in rows:
         causal = r["causal_bound_loads"] / r["min_loads"] if r["min_loads"] and r["causal_bound_loads"] else 1.0
         cells = [r["policy"], r["predictor"], str(r["cache"]), f"{r['ready_at_wait']:.3f}", str(r["resident"]),
-                 str(r["in_flight"]), str(r["missed"]), str(r["loads"]), f"{r['loads_over_min']:.2f}",
-                 str(r["wasted_prefetches"]), f"{causal:.2f}"]
+                 *([str(r["in_flight"])] if timed else []), str(r["missed"]), str(r["loads"]),
+                 f"{r['loads_over_min']:.2f}", str(r["wasted_prefetches"]), f"{causal:.2f}"]
         if timed:
             cells += [f"{r['ms_per_token']:.4f}", "-" if r["over_bound"] is None else f"{r['over_bound']:.2f}"]
         table.append(cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    readers = [name for name in RUNTIME_POLICIES if reads(name, "hint")]
+    lines.append(LEGEND.format(flight=" (or its copy in flight)" if timed else "", readers=", ".join(readers)))
     lines.append("predictor recall@k / precision on held-out tokens (per MoE layer):")
     for name, r in recall.items():
         per = " ".join(f"{x:.2f}" for x in r["per_layer_recall"])

@@ -3,11 +3,49 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
+
+
+#: The Python API's argument names in runtime errors, and the command-line flags that set them.
+_CLI_TERMS = ((re.compile(r"\bexpert_cache=(['\"]?)([^'\"\s:;,]*)\1"), r"--budget \2"),
+              (re.compile(r"\bdevice=(['\"]?)([^'\"\s:;,]*)\1"), r"--device \2"))
+
+
+def cli_terms(message: str) -> str:
+    """A runtime error as a command-line user reads it: ``expert_cache=0`` becomes ``--budget 0``."""
+    for pattern, flag in _CLI_TERMS:
+        message = pattern.sub(flag, message)
+    return message
+
+
+def check_source(model: str, source: Path, needs_tokenizer: bool) -> None:
+    """Refuses, from ``source``'s config and file names alone, a model ExpertFlow cannot run:
+    a dense one (no module uses transformers' experts interface: the rule the compiler traces
+    by, ``passes.driver.is_experts_module``, on a meta skeleton) or, when ``needs_tokenizer``, one
+    that ships no tokenizer."""
+    from ..runtime.manifest import TOKENIZER_VOCAB
+
+    if needs_tokenizer and not any((source / name).is_file() for name in TOKENIZER_VOCAB):
+        raise UserError(f"{model} ships no tokenizer ({', '.join(TOKENIZER_VOCAB)}), so text cannot become "
+                        "tokens: save the model's tokenizer next to its config (tokenizer.save_pretrained(DIR))")
+    from transformers import AutoConfig
+
+    from ..ir.skeleton import build_skeleton, config_dtype
+    from ..passes.driver import is_experts_module
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+        skeleton = build_skeleton(config, config_dtype(config))
+    except Exception:  # noqa: BLE001 - the compile that follows reports a config it cannot read, in full
+        return
+    if not any(is_experts_module(m) for m in skeleton.modules()):
+        raise UserError(f"{model} is a dense model ({type(skeleton).__name__}: no module uses transformers' experts "
+                        "interface); ExpertFlow runs mixture-of-experts models, e.g. tiny-trained-moe")
 
 
 def resolve_model(model: str, presets_dir: Path | None = None) -> Path:
