@@ -335,6 +335,53 @@ TAMPERING = {
 }
 
 
+def _config(**fields) -> object:
+    return lambda d: edit_manifest(d, lambda m: m["config"].update(fields))
+
+
+def _raw_manifest(d: Path, text: str) -> None:
+    """A manifest as text: what a forger writes when json.dumps would not (1e400)."""
+    (d / "manifest.json").write_text(text)
+
+
+# A stranger's config and manifest, re-signed: each costs time or memory before any check unless
+# refused first (issue 20: num_labels 10**9 cost 3 GiB and 22 s, 512 layers 120 s of compiling).
+COSTLY = {
+    "num_labels": (_config(num_labels=10**9), "config.num_labels is 1000000000, expected 0 to 65536"),
+    "deep": (_config(num_hidden_layers=512), "config.num_hidden_layers is 512, expected an integer from 1 to 192"),
+    "layers_without_layouts": (_config(num_hidden_layers=40), "config.num_hidden_layers is 40 for 4 MoE layer layouts"),
+    "zero_heads": (_config(num_attention_heads=0), "config.num_attention_heads is 0, expected an integer from 1"),
+    "vast_vocabulary": (_config(vocab_size=2**30), "config.vocab_size is 1073741824, expected an integer from 1"),
+    "huge_number": (_config(max_position_embeddings=10**40), "config.max_position_embeddings is 1000000000000000"),
+    "infinite_rope": (lambda d: _raw_manifest(d, (d / "manifest.json").read_text().replace(
+        '"rope_theta": 1000000.0', '"rope_theta": 1e400')), "holds the non-finite number 1e400"),
+    "nan": (lambda d: _raw_manifest(d, (d / "manifest.json").read_text().replace(
+        '"rms_norm_eps": 1e-05', '"rms_norm_eps": NaN')), "holds the non-finite number NaN"),
+    "huge_manifest": (lambda d: _raw_manifest(d, '{"x": [' + "{}," * (40 * 2**20) + "{}]}"),
+                      "bytes, more than the 1048576 a real model needs"),
+    "beams": (lambda d: forge(d, "generation_config.json", json.dumps({"num_beams": 10**6}).encode()),
+              "generation_config.json: num_beams is 1000000, expected an integer from 1 to 64"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COSTLY))
+def test_load_refuses_a_costly_config_in_bounded_time_and_memory(case: str, copy_of: Path) -> None:
+    import tracemalloc
+
+    tamper, expected = COSTLY[case]
+    tamper(copy_of)
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        message = load_error(copy_of)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert expected in message, message
+    assert time.monotonic() - start < 20, f"took {time.monotonic() - start:.0f} s"
+    assert peak < 256 * 2**20, f"Python allocated {peak >> 20} MiB before the error"
+
+
 @pytest.mark.parametrize("case", sorted(TAMPERING))
 def test_load_refuses_a_tampered_directory(case: str, copy_of: Path) -> None:
     tamper, expected = TAMPERING[case]

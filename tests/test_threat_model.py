@@ -9,11 +9,17 @@ original logits or is refused with LoadError.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import random
+import resource
 import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +248,283 @@ def test_fuzzed_graph_and_manifest_load_exactly_or_are_refused(victim, hf_refere
     print(f"fuzz: {cases} cases, {outcomes}")
     assert cases >= 1000, f"only {cases} cases ran in the time budget"
     assert outcomes["refused"] > 0 and outcomes["exact"] > 0, outcomes
+
+
+# --- the stranger's tokenizer, chat template and read-once files ------------------------------
+
+_OPENED: list[str] | None = None
+_ON_OPEN: list[Any] = [None]
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.path.realpath(os.fsdecode(args[0])))
+        callback, _ON_OPEN[0] = _ON_OPEN[0], None  # what it opens itself is not reported to it
+        try:
+            if callback is not None:
+                callback(_OPENED[-1])
+        finally:
+            _ON_OPEN[0] = callback
+
+
+@contextlib.contextmanager
+def opens(on_open: Any = None) -> Iterator[list[str]]:
+    """Every file Python opens inside the block (an audit hook, called before the open happens:
+    open(), os.open, numpy's memmap); ``on_open(path)`` runs then."""
+    global _OPENED
+    if not getattr(opens, "hooked", False):
+        sys.addaudithook(_audit)
+        opens.hooked = True  # type: ignore[attr-defined]
+    _OPENED, _ON_OPEN[0] = (seen := []), on_open
+    try:
+        yield seen
+    finally:
+        _OPENED, _ON_OPEN[0] = None, None
+
+
+def ship(path: Path, files: dict[str, bytes | None]) -> None:
+    """Writes (or, for None, removes) files and re-signs the manifest, as a stranger can."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name, data in files.items():
+        if data is None:
+            (path / name).unlink(missing_ok=True)
+            manifest["files"].pop(name, None)
+        else:
+            (path / name).write_bytes(data)
+            manifest["files"][name] = sha256(path / name)
+    write(path, manifest=manifest)
+
+
+def _one_line_load_error(call) -> str:
+    start = time.monotonic()
+    with pytest.raises(runtime.LoadError) as err:
+        call()
+    assert time.monotonic() - start < 20, "the error took too long"
+    message = str(err.value)
+    assert message and "\n" not in message
+    return message
+
+
+def _bpe_as_vocab_files(path: Path, **config: Any) -> dict[str, bytes | None]:
+    """The directory's tokenizer as GPT-2's vocab.json + merges.txt instead of tokenizer.json."""
+    model = json.loads((path / "tokenizer.json").read_text())["model"]
+    merges = "\n".join(m if isinstance(m, str) else " ".join(m) for m in model["merges"])
+    config = {**json.loads((path / "tokenizer_config.json").read_text()), "tokenizer_class": "GPT2Tokenizer", **config}
+    return {"tokenizer.json": None, "vocab.json": json.dumps(model["vocab"]).encode(),
+            "merges.txt": f"#version: 0.2\n{merges}\n".encode(), "tokenizer_config.json": json.dumps(config).encode()}
+
+
+@pytest.mark.parametrize("key", ["gguf_file", "vocab_file", "merges_file", "tokenizer_file"])
+def test_tokenizer_config_cannot_name_a_file_outside_the_directory(key, victim, tmp_path):
+    path, _, _, _ = victim
+    secret = tmp_path / "secret.gguf"
+    secret.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)
+    ship(path, _bpe_as_vocab_files(path, **{key: str(secret) if key != "merges_file" else "../secret.gguf"}))
+    with opens() as seen:
+        message = _one_line_load_error(lambda: runtime.load_tokenizer(path))
+    assert f"{key} " in message and "names a file outside the tokenizer files the manifest lists" in message
+    assert str(secret.resolve()) not in seen, "the tokenizer read a file outside the directory"
+    assert {p for p in seen if p.startswith(str(path.resolve()))} <= {
+        str((path / n).resolve()) for n in ("manifest.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                                            "chat_template.jinja")}
+
+
+def test_vocab_files_the_manifest_lists_still_load(victim):
+    path, _, _, _ = victim
+    ship(path, _bpe_as_vocab_files(path))
+    assert runtime.load_tokenizer(path)("hello world")["input_ids"]
+
+
+@pytest.mark.parametrize("name", ["AutoModelForCausalLM", "os.system", "../evil", "NoSuchTokenizer", ["x"]])
+def test_tokenizer_class_must_be_one_of_transformers_tokenizers(name, victim):
+    path, _, _, canary = victim
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    ship(path, {"tokenizer_config.json": json.dumps(dict(config, tokenizer_class=name)).encode()})
+    message = _one_line_load_error(lambda: runtime.load_tokenizer(path))
+    assert "is not one of transformers' tokenizer classes" in message, message
+    assert not canary.exists()
+
+
+def _with_pipeline(path: Path, **parts: Any) -> dict[str, bytes]:
+    spec = json.loads((path / "tokenizer.json").read_text())
+    spec.update(parts)
+    return {"tokenizer.json": json.dumps(spec).encode()}
+
+
+EXPLODING = {"type": "Sequence", "normalizers": [
+    {"type": "Replace", "pattern": {"String": "l"}, "content": "l" * 10} for _ in range(8)]}  # "hello": 2*10**8 l's
+
+
+@pytest.mark.parametrize("parts, expected", [
+    (dict(normalizer=EXPLODING), "its Replace steps can grow a text more than 16 times"),
+    (dict(normalizer={"type": "Replace", "pattern": {"Regex": ""}, "content": "x" * 20}), "grow a text"),
+    (dict(decoder={"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "a"},
+                                                     "content": "a" * 5}] * 3}), "grow a text"),
+    (dict(pre_tokenizer={"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}),
+     "nests quantifiers and can backtrack without end"),
+    (dict(normalizer={"type": "Sequence", "normalizers": [{"type": "Lowercase"}] * 300}), "chains more than 256"),
+])
+def test_tokenizer_json_that_would_explode_is_refused(parts, expected, victim):
+    path, _, _, _ = victim
+    ship(path, _with_pipeline(path, **parts))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    message = _one_line_load_error(lambda: runtime.load_tokenizer(path))
+    assert expected in message, message
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 512 * 1024, "the load grew memory"
+
+
+def test_real_tokenizer_pipelines_pass_the_checks(victim):
+    """GPT-2's, Llama 3's and DeepSeek-V3's split patterns, SentencePiece's normalizers."""
+    path, _, _, _ = victim
+    patterns = [r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+",
+                r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+|"
+                r" ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"]
+    split = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False} for p in patterns]
+    normalizer = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}, {"type": "NFKC"}]}
+    ship(path, _with_pipeline(path, normalizer=normalizer, pre_tokenizer={
+        "type": "Sequence", "pretokenizers": [*split, {"type": "ByteLevel", "add_prefix_space": False,
+                                                       "trim_offsets": True, "use_regex": False}]}))
+    assert runtime.load_tokenizer(path)("hello  world")["input_ids"]
+
+
+def test_a_tokenizers_panic_is_one_line(victim):
+    """A regex past Oniguruma's backtracking limit makes tokenizers panic (a BaseException)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from expertflow.runtime.tokenizer import encode_text
+
+    path, _, _, _ = victim
+    spec = json.loads((path / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+b"}, "behavior": "Isolated",
+                             "invert": False}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
+    message = _one_line_load_error(lambda: encode_text(tokenizer, "a" * 40))
+    assert "the tokenizer failed on this text (tokenizers panicked: " in message, message
+
+
+CHAT_ATTACKS = {
+    "repeat": ("{{ 'x' * 10**10 }}", "repeats 1 characters 10000000000 times"),
+    "nested_ranges": ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+                      "ran more than 1000000 steps"),
+    "doubling_macro": ("{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ f('ab', 60) }}",
+                       "more than 1048576"),
+    "doubling_namespace": ("{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
+                           "{% endfor %}{{ ns.s }}", "joins 2097152 characters"),
+    "wide_filter": ("{{ 'a'|center(10**9) }}", "passes 1000000000 to the center filter"),
+    "wide_format": ("{{ '{:>999999999}'.format(1) }}", "formats a field of a million characters"),
+    "printf_width": ("{{ '%999999999d' % 1 }}", "formats a field of a million characters"),
+    "power": ("{% set ns = namespace(x=3) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}"
+              "{{ ns.x }}", "built a number of"),
+    "sandbox": ("{{ ''.__class__.__mro__ }}", "the chat template fails (SecurityError: access to attribute"),
+    "renders_nothing": ("{% if false %}x{% endif %}", "the chat template rendered no text for this conversation"),
+    "raises": ("{{ raise_exception('roles must alternate') }}", "(TemplateError: roles must alternate)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHAT_ATTACKS))
+def test_chat_templates_run_bounded(case, victim):
+    from expertflow.runtime.chat import render_chat
+
+    path, _, _, canary = victim
+    template, expected = CHAT_ATTACKS[case]
+    ship(path, {"chat_template.jinja": template.encode()})
+    tokenizer = runtime.load_tokenizer(path)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    message = _one_line_load_error(lambda: render_chat(tokenizer, [{"role": "user", "content": "hello"}]))
+    assert expected in message, message
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 512 * 1024, "the template grew memory"
+    assert not canary.exists()
+
+
+REAL_TEMPLATES = {  # shapes of released models' templates: loops, slicing, raise_exception, filters
+    "mistral": "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}{%- set loop_messages"
+               " = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}{{- bos_token }}{%- for m in "
+               "loop_messages %}{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{- raise_exception('roles "
+               "must alternate') }}{%- endif %}{%- if m['role'] == 'user' %}{%- if loop.first and system is defined %}"
+               "{{- ' [INST] ' + system + '\\n\\n' + m['content'] + ' [/INST]' }}{%- else %}{{- ' [INST] ' + "
+               "m['content'] + ' [/INST]' }}{%- endif %}{%- else %}{{- ' ' + m['content'] + eos_token }}{%- endif %}"
+               "{%- endfor %}",
+    "llama3": "{{- bos_token }}{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+              " + m['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}{{- "
+              "'<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}",
+    "generation_tag": "{% for m in messages %}{% generation %}{{ m.content ~ '|' ~ (m|tojson) }}{% endgeneration %}"
+                      "{% endfor %}{{ '%5d' % 3 }}{{ '{:>4}'.format('a') }}{{ messages|map(attribute='role')|join(',') }}"
+                      "{% set ns = namespace(x=0) %}{% for i in range(10) %}{% set ns.x = ns.x + i %}{% endfor %}"
+                      "{{ ns.x }}",
+}
+
+
+@pytest.mark.parametrize("name", ["directory's", *sorted(REAL_TEMPLATES)])
+def test_bounded_chat_rendering_is_transformers_text(name, victim):
+    from expertflow.runtime.chat import render_chat
+
+    path, _, _, _ = victim
+    if name in REAL_TEMPLATES:
+        ship(path, {"chat_template.jinja": REAL_TEMPLATES[name].encode()})
+    tokenizer = runtime.load_tokenizer(path)
+    for chat in ([{"role": "user", "content": "hello"}],
+                 [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": "hello"}, {"role": "user", "content": "x" * 50_000}]):
+        assert render_chat(tokenizer, chat) == tokenizer.apply_chat_template(chat, add_generation_prompt=True,
+                                                                              tokenize=False)
+
+
+def test_the_cli_reports_a_costly_chat_template_in_one_line(victim):
+    path, _, _, _ = victim
+    ship(path, {"chat_template.jinja": CHAT_ATTACKS["repeat"][0].encode()})
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "expertflow.tools.generate", str(path), "hello", "--chat", "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("expertflow-generate: error: the chat template repeats"), lines
+    assert time.monotonic() - start < 60
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 3 * 2**20, "the CLI grew past 3 GiB"
+
+
+def test_weights_changed_after_their_check_are_never_used(victim, hf_reference):
+    """dense.safetensors swapped for other weights (same size, same header) as soon as it has been
+    opened once: the load refuses them or computes with the checked ones, never the swapped ones."""
+    path, _, _, _ = victim
+    dense = path / "dense.safetensors"
+    original = dense.read_bytes()
+    forged = original[:-4096] + bytes(4096)  # the last weights zeroed
+    opened = []
+
+    def swap(name: str) -> None:
+        if name == str(dense.resolve()):
+            opened.append(name)
+            if len(opened) > 1:
+                dense.write_bytes(forged)
+
+    with opens(swap):
+        try:
+            model = runtime.load(path, expert_cache=3)
+        except runtime.LoadError as exc:
+            assert "dense.safetensors does not match its checksum" in str(exc), str(exc)
+            return
+    assert opened, "dense.safetensors was never opened"
+    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, hf_reference("tiny-mixtral")[1],
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["graph.json", "generation_config.json", "manifest.json"])
+def test_load_reads_each_file_once(name, victim):
+    """The file whose checksum is checked is the file parsed: one open, so no swap in between."""
+    path, _, _, _ = victim
+    with opens() as seen:
+        runtime.load(path, expert_cache=3)
+    assert seen.count(str((path / name).resolve())) == 1, seen
+
+
+def test_tokenizer_files_are_read_once(victim):
+    path, _, _, _ = victim
+    with opens() as seen:
+        runtime.load_tokenizer(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert seen.count(str((path / name).resolve())) == 1, (name, seen)
