@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .routing import RoutingTrace
+from .tokenizer import encode_text
 from .scheduler import SCHEDULES, Picker, distinct_experts, expert_sets, plan_batches
 
 
@@ -142,7 +143,7 @@ def _prepare(model: Any, prompts: Any, tokenizer: Any, batch_size: Any, schedule
     if strings and tokenizer is None and model.directory is not None:
         tokenizer = load_tokenizer(model.directory)
     check_request(prompts, batch_size, schedule, tokenizer is not None, continuous)
-    ids = [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+    ids = [encode_text(tokenizer, p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
     gc = model.generation_config
     limits = _limits(generation_kwargs, len(ids))
     context = getattr(model.config, "max_position_embeddings", None)

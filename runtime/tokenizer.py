@@ -26,8 +26,12 @@ except ImportError:  # Python 3.10
 
 from .manifest import TEXT_FILES, TOKENIZER_VOCAB, LoadError, parse_json, read_bytes, read_manifest
 
-#: The largest tokenizer files of released models are ~33 MiB (Gemma 3's tokenizer.json).
-TEXT_LIMIT = 64 * 2**20
+#: Bytes per tokenizer file, twice the largest a released model ships (Gemma 3's tokenizer.json:
+#: 33 MiB); the JSON files transformers parses in Python (~25 bytes of memory per byte) at 16 MiB,
+#: the chat template at 1 MiB (real ones: under 20 KiB).
+TEXT_LIMITS = {"tokenizer.json": 64 * 2**20, "tokenizer.model": 64 * 2**20, "spiece.model": 64 * 2**20,
+               "chat_template.jinja": 2**20, "chat_template.json": 2**20}
+TEXT_LIMIT = 16 * 2**20
 #: How much a tokenizer.json's Replace normalizers and decoders may multiply a text's length, all
 #: chained: real ones replace a character by one (" " -> "▁") or shrink (" {2,}" -> " ").
 MAX_EXPANSION = 16
@@ -54,7 +58,8 @@ def load_tokenizer(path: str | Path) -> Any:
     if not any(n in present for n in TOKENIZER_VOCAB):
         raise LoadError(f"{path} has no tokenizer: its source model shipped none; tokenize with the source "
                         "model's tokenizer and pass input_ids")
-    files = {name: read_bytes(path, name, TEXT_LIMIT, manifest["files"][name]) for name in present}
+    files = {name: read_bytes(path, name, TEXT_LIMITS.get(name, TEXT_LIMIT), manifest["files"][name])
+             for name in present}
     check_tokenizer_files(path, files)
     with tempfile.TemporaryDirectory(prefix="expertflow-tokenizer-") as tmp:
         for name, data in files.items():

@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from ..ir import ops
+from ..runtime.tokenizer import encode_text
 from ..passes.insert_prefetch import layer_output, router_slice
 
 FILE = "calibration.safetensors"
@@ -225,7 +226,7 @@ def run(directory: Path, source: str, tokens: int, probe: Probe, budget: str | i
                                f"(two windows of {window} tokens)")
     text, held, label = texts(source)
     # the text is cut into windows after encoding, so its length past the context is expected (verbose=False)
-    encode = lambda t: tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
+    encode = lambda t: encode_text(tokenizer, t, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
     ids = encode(text)
     if held is None:  # a user's file: its last fifth is held out
         cut = min(len(ids), tokens) * 4 // 5
