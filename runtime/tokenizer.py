@@ -32,9 +32,10 @@ from .manifest import TEXT_FILES, TOKENIZER_VOCAB, LoadError, parse_json, read_b
 TEXT_LIMITS = {"tokenizer.json": 64 * 2**20, "tokenizer.model": 64 * 2**20, "spiece.model": 64 * 2**20,
                "chat_template.jinja": 2**20, "chat_template.json": 2**20}
 TEXT_LIMIT = 16 * 2**20
-#: How much a tokenizer.json's Replace normalizers and decoders may multiply a text's length, all
-#: chained: real ones replace a character by one (" " -> "▁") or shrink (" {2,}" -> " ").
-MAX_EXPANSION = 16
+#: How much a tokenizer.json's Replace and Precompiled steps may multiply a text's length, all
+#: chained: real Replace steps map a character to one (" " -> "▁") or shrink (" {2,}" -> " "), and
+#: SentencePiece's precompiled NFKC map grows a character at most 18 times (U+FDFA).
+MAX_EXPANSION = 64
 MAX_COMPONENTS = 256  # normalizers, pre-tokenizers, decoders and processors, all nested
 MAX_PATTERN = 4096  # characters of one regex (GPT-4o's split pattern has ~250)
 #: Keys of tokenizer_config.json that name a file: only a file of the private copy, by bare name.
@@ -151,11 +152,12 @@ def _check_pipeline(file: Path, spec: Any) -> None:
         regex = pattern.get("Regex") if isinstance(pattern, dict) else None
         if regex is not None:
             _check_regex(file, regex)
-        if node.get("type") == "Replace":
-            expansion *= _growth(file, pattern, node.get("content"))
+        if node.get("type") in ("Replace", "Precompiled"):
+            expansion *= _growth(file, pattern, node.get("content")) if node["type"] == "Replace" else \
+                _charsmap_growth(file, node.get("precompiled_charsmap"))
             if expansion > MAX_EXPANSION:
-                raise LoadError(f"{file}: its Replace steps can grow a text more than {MAX_EXPANSION} times; "
-                                "no real tokenizer does")
+                raise LoadError(f"{file}: its Replace and Precompiled steps can grow a text more than "
+                                f"{MAX_EXPANSION} times; no real tokenizer does")
         stack.extend(v for k, v in node.items() if isinstance(v, (dict, list)) and k != "pattern")
 
 
@@ -169,6 +171,24 @@ def _growth(file: Path, pattern: Any, content: Any) -> float:
         shortest = _parse(file, pattern.get("Regex")).getwidth()[0]
     # an empty match inserts the content between every two characters
     return max(1.0, len(content) / shortest) if shortest else 1.0 + len(content)
+
+
+def _charsmap_growth(file: Path, charsmap: Any) -> float:
+    """The longest replacement in a SentencePiece precompiled map (a little-endian uint32 trie size,
+    the trie, then the NUL-separated replacement strings), in characters."""
+    import base64
+    import binascii
+
+    try:
+        blob = base64.b64decode(charsmap or "", validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise LoadError(f"{file}: a Precompiled normalizer's charsmap is not base64; recompile the model") from None
+    if not blob:
+        return 1.0
+    trie = int.from_bytes(blob[:4], "little")
+    if len(blob) < 4 or trie > len(blob) - 4:
+        raise LoadError(f"{file}: a Precompiled normalizer's charsmap is malformed; recompile the model")
+    return max(1.0, *(len(s.decode("utf-8", "replace")) for s in blob[4 + trie:].split(b"\0")))
 
 
 def _check_regex(file: Path, regex: Any) -> None:

@@ -9,6 +9,7 @@ original logits or is refused with LoadError.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -16,6 +17,7 @@ import os
 import random
 import resource
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -351,13 +353,16 @@ def _with_pipeline(path: Path, **parts: Any) -> dict[str, bytes]:
     return {"tokenizer.json": json.dumps(spec).encode()}
 
 
+CHARSMAP = base64.b64encode(struct.pack("<I", 8) + bytes(8) + b"l" * 100 + b"\0").decode()  # a char -> 100 l's
 EXPLODING = {"type": "Sequence", "normalizers": [
     {"type": "Replace", "pattern": {"String": "l"}, "content": "l" * 10} for _ in range(8)]}  # "hello": 2*10**8 l's
 
 
 @pytest.mark.parametrize("parts, expected", [
-    (dict(normalizer=EXPLODING), "its Replace steps can grow a text more than 16 times"),
-    (dict(normalizer={"type": "Replace", "pattern": {"Regex": ""}, "content": "x" * 20}), "grow a text"),
+    (dict(normalizer=EXPLODING), "its Replace and Precompiled steps can grow a text more than 64 times"),
+    (dict(normalizer={"type": "Replace", "pattern": {"Regex": ""}, "content": "x" * 100}), "grow a text"),
+    (dict(normalizer={"type": "Sequence", "normalizers": [{"type": "Precompiled",
+                                                           "precompiled_charsmap": CHARSMAP}] * 2}), "grow a text"),
     (dict(decoder={"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "a"},
                                                      "content": "a" * 5}] * 3}), "grow a text"),
     (dict(pre_tokenizer={"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}),
@@ -442,18 +447,21 @@ def test_chat_templates_run_bounded(case, victim):
 
 
 REAL_TEMPLATES = {  # shapes of released models' templates: loops, slicing, raise_exception, filters
-    "mistral": "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}{%- set loop_messages"
-               " = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}{{- bos_token }}{%- for m in "
-               "loop_messages %}{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{- raise_exception('roles "
-               "must alternate') }}{%- endif %}{%- if m['role'] == 'user' %}{%- if loop.first and system is defined %}"
+    "mistral": "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+               "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+               "{{- bos_token }}{%- for m in loop_messages %}{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{- raise_exception('roles must alternate') }}{%- endif %}{%- if m['role'] == 'user' %}"
+               "{%- if loop.first and system is defined %}"
                "{{- ' [INST] ' + system + '\\n\\n' + m['content'] + ' [/INST]' }}{%- else %}{{- ' [INST] ' + "
                "m['content'] + ' [/INST]' }}{%- endif %}{%- else %}{{- ' ' + m['content'] + eos_token }}{%- endif %}"
                "{%- endfor %}",
-    "llama3": "{{- bos_token }}{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+    "llama3": "{{- bos_token }}{%- for m in messages %}"
+              "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
               " + m['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}{{- "
               "'<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}",
     "generation_tag": "{% for m in messages %}{% generation %}{{ m.content ~ '|' ~ (m|tojson) }}{% endgeneration %}"
-                      "{% endfor %}{{ '%5d' % 3 }}{{ '{:>4}'.format('a') }}{{ messages|map(attribute='role')|join(',') }}"
+                      "{% endfor %}{{ '%5d' % 3 }}{{ '{:>4}'.format('a') }}"
+                      "{{ messages|map(attribute='role')|join(',') }}"
                       "{% set ns = namespace(x=0) %}{% for i in range(10) %}{% set ns.x = ns.x + i %}{% endfor %}"
                       "{{ ns.x }}",
 }
