@@ -108,13 +108,15 @@ class PathPredictor(nn.Module):
         return out.eval()
 
 
-def load_predictor(path: Path, hidden: int, layers: int, experts: int, device: torch.device) -> PathPredictor:
-    tensors, file = read_tensors(path, FILE)
+def load_predictor(path: Path, hidden: int, layers: int, experts: int, device: torch.device,
+                   digest: str | None = None) -> PathPredictor:
+    tensors, file = read_tensors(path, FILE, digest)
     return PathPredictor.from_tensors(tensors, hidden, layers, experts, str(file)).to(device)
 
 
-def load_refiner(path: Path, hidden: int, layers: int, experts: int, device: torch.device) -> PathPredictor:
+def load_refiner(path: Path, hidden: int, layers: int, experts: int, device: torch.device,
+                 digest: str | None = None) -> PathPredictor:
     """The second stage: inputs [embedding, first MoE layer's output] (2 x ``hidden``), context of
     ``hidden``, scores for the ``layers`` - 1 MoE layers after the first."""
-    tensors, file = read_tensors(path, REFINER_FILE)
+    tensors, file = read_tensors(path, REFINER_FILE, digest)
     return PathPredictor.from_tensors(tensors, 2 * hidden, layers - 1, experts, str(file), context=hidden).to(device)

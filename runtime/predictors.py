@@ -13,7 +13,7 @@ from ..ir import ops
 from .manifest import LoadError
 from .path_predictor import FILE as PREDICTOR_FILE, REFINER_FILE, load_predictor, load_refiner
 from .reuse import FILE as REUSE_FILE, load_reuse
-from .route_tables import load_tables
+from .route_tables import FILE as TABLES_FILE, load_tables
 
 #: graph op -> (the context's attribute, the file, its loader)
 _NETWORKS = {
@@ -36,6 +36,6 @@ def attach_predictors(context: Any, gm: fx.GraphModule, path: Path, manifest: di
         if file not in manifest["files"]:
             raise LoadError(f"{path} has no {file} (a part of the routing-path predictor); recompile the model "
                             "with --calibration")
-        setattr(context, attr, load(path, hidden, len(layouts), experts.pop(), dev))
-    if called & {ops.predict_frequency, ops.predict_transition}:
-        context.route_tables = load_tables(path, layouts, dev)
+        setattr(context, attr, load(path, hidden, len(layouts), experts.pop(), dev, manifest["files"][file]))
+    if called & {ops.predict_frequency, ops.predict_transition}:  # each file checked as read: no second open
+        context.route_tables = load_tables(path, layouts, dev, manifest["files"].get(TABLES_FILE))

@@ -44,7 +44,7 @@ def prior_tensors(experts: torch.Tensor, seq: torch.Tensor | None = None) -> dic
 def load_prior(path: Path, manifest: dict[str, Any], layouts: dict[int, Any]) -> RoutingPrior | None:
     if FILE not in manifest["files"]:
         return None
-    t, file = read_tensors(path, FILE)
+    t, file = read_tensors(path, FILE, manifest["files"][FILE])
     layers = sorted(layouts)
     width = max(lay.num_experts for lay in layouts.values())
     for name in ("reuse", "fresh"):

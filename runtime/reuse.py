@@ -49,7 +49,8 @@ def decode(values: list[int]) -> list[float]:
     return [min(max(v / SCALE, 1.0), float(CAP)) for v in values]
 
 
-def load_reuse(path: Path, hidden: int, layers: int, experts: int, device: torch.device) -> PathPredictor:
+def load_reuse(path: Path, hidden: int, layers: int, experts: int, device: torch.device,
+               digest: str | None = None) -> PathPredictor:
     """The reuse predictor: inputs [embedding, context], one score per (layer, horizon, expert)."""
-    tensors, file = read_tensors(path, FILE)
+    tensors, file = read_tensors(path, FILE, digest)
     return PathPredictor.from_tensors(tensors, hidden, layers * len(HORIZONS), experts, str(file)).to(device)

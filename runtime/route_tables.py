@@ -84,9 +84,9 @@ class RouteTables:
         return transition_ids(self.transition[j], self.frequency[j], flat, self.top_k)
 
 
-def load_tables(path: Path, layouts: dict[int, Any], device: torch.device) -> RouteTables:
+def load_tables(path: Path, layouts: dict[int, Any], device: torch.device, digest: str | None = None) -> RouteTables:
     """The tables in ``path``'s tables.safetensors, every shape and value checked (LoadError)."""
-    t, file = read_tensors(path, FILE)
+    t, file = read_tensors(path, FILE, digest)
     layers = sorted(layouts)
     experts = {lay.num_experts for lay in layouts.values()}
     if len(experts) != 1:

@@ -20,6 +20,7 @@ import torch
 
 from .arena import read_arena
 from .manifest import LoadError
+from .tensor_file import read_tensor_file
 
 ALIGN = 64
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -137,19 +138,13 @@ def _int(d: dict[str, Any], field: str, label: str, low: int, high: int) -> int:
     return value
 
 
-def read_tensors(directory: Path, name: str) -> tuple[dict[str, torch.Tensor], Path]:
-    """A small safetensors file of the compiled directory, read whole on the CPU (LoadError if bad)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_tensors(directory: Path, name: str, digest: str | None) -> tuple[dict[str, torch.Tensor], Path]:
+    """A small safetensors file of the compiled directory, read once on the CPU and checked against
+    ``digest`` as read (LoadError if bad)."""
+    return read_tensor_file(directory, name, SMALL_FILE_LIMIT, digest), directory / name
 
-    from .manifest import regular_file
 
-    file = regular_file(directory, name)
-    try:
-        return load_file(str(file)), file
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise LoadError(f"{file} is not a valid safetensors file ({str(exc).splitlines()[0][:200]}); "
-                        "recompile the model") from None
+SMALL_FILE_LIMIT = 2**32  # a predictor or table file: megabytes for a 61-layer, 256-expert model
 
 
 def blob_key(layer: int, expert: int) -> str:
