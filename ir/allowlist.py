@@ -5,8 +5,11 @@ against whole modules), so no reflective or higher-order callable (``operator.at
 ``operator.call``, ``getattr`` on any name, a builtin with a ``key=`` callable, ``torch.vmap``,
 ``Tensor.register_hook``, ``Tensor.set_``/``as_strided`` that alias arbitrary memory, anything
 that touches files or global state) can be named. The lists hold what the routers of every
-architecture in the sweep compile to, plus the tensor operations routers are made of; a model that
-needs another one fails at compile time, naming it.
+architecture in the sweep compile to (under every routing option their config classes offer), plus
+the tensor operations routers are made of; a model that needs another one fails at compile time,
+naming it (compile runs the loader's own checks on what it wrote). ``getattr`` reads a closed set
+of value attributes, and the fields of the named tuples torch's own calls on these lists return
+(``.values``/``.indices`` of ``max``, ``topk``...), only from such a call's node.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ FUNCTIONS: dict[str, Any] = {
     **{f"torch.nn.functional.{name}": getattr(F, name) for name in _FUNCTIONAL},
     "torch._C._nn.linear": torch._C._nn.linear,
     "torch._C._nn.gelu": torch._C._nn.gelu,
+    "torch._C._nn.softplus": torch._C._nn.softplus,  # F.softplus's own name (Ergo's residual gates)
     "math.sqrt": math.sqrt,
     **_BUILTINS,
     **{f"expertflow.ir.ops.{name}": fn for name, fn in ops.OPS.items()},
@@ -56,8 +60,35 @@ METHODS = frozenset({
     "view", "view_as", "where",
 })
 
-#: What ``getattr`` may read: values, never methods or anything that leads to code.
+#: What ``getattr`` may read of any value: values, never methods or anything that leads to code.
 ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT"})
+
+
+def _fields(name: str) -> tuple[str, ...]:
+    """The fields of the named tuple torch returns from ``name`` (``torch.return_types.max``:
+    values, indices), read from torch; () where it returns no named tuple."""
+    kind = getattr(torch.return_types, name, None)
+    return tuple(getattr(kind, "__match_args__", ())) if isinstance(kind, type) else ()
+
+
+#: (node op, target) of the calls on these lists that return one of torch's named tuples, and the
+#: fields ``getattr`` may read from their result (``x.max(dim=-1).values``, DeepSeek-V2's
+#: group-limited routing): tensors, read from that node only, so no other value's ``values``.
+RETURN_FIELDS: dict[tuple[str, Any], frozenset[str]] = {
+    **{("call_function", getattr(torch, n)): frozenset(_fields(n)) for n in _TORCH if _fields(n)},
+    **{("call_method", n): frozenset(_fields(n)) for n in METHODS if _fields(n)},
+}
+
+
+def readable(source: Any, attribute: Any) -> bool:
+    """Whether a graph may read ``attribute`` of ``source`` (an fx node, or a constant) with getattr."""
+    if attribute in ATTRIBUTES:
+        return True
+    op, target = getattr(source, "op", None), getattr(source, "target", None)
+    try:
+        return attribute in RETURN_FIELDS.get((op, target), ())
+    except TypeError:  # an unhashable target: no call on these lists
+        return False
 
 
 def function(name: str) -> Any:

@@ -146,8 +146,11 @@ def _check_call(op: str, target: Any, args: Any, kwargs: Any, name: str) -> None
     for key in kwargs:  # pasted into generated code as ``f(x, key=...)``
         if not isinstance(key, str) or not key.isidentifier() or keyword.iskeyword(key) or key.startswith("__"):
             raise GraphFormatError(f"node {name!r}: keyword {str(key)[:60]!r} is not an identifier")
-    if target is getattr and not (len(args) == 2 and args[1] in allowlist.ATTRIBUTES and not kwargs):
-        raise GraphFormatError(f"node {name!r}: getattr of {args[1:]!r}: only {sorted(allowlist.ATTRIBUTES)}")
+    if target is getattr and not (len(args) == 2 and not kwargs and allowlist.readable(*args)):
+        calls = sorted({getattr(t, "__name__", t) for _, t in allowlist.RETURN_FIELDS})
+        raise GraphFormatError(f"node {name!r}: getattr of {str(args[1:])[:60]} from {str(args[:1])[:60]}: only "
+                               f"{sorted(allowlist.ATTRIBUTES)} of any value, or a field of the named tuple one of "
+                               f"{calls} returns, read from that call's node")
     if target in (len, int, float) and kwargs:
         raise GraphFormatError(f"node {name!r}: {target.__name__} takes no keywords")
 

@@ -13,8 +13,9 @@ release), weights are safetensors, the rest is JSON.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from .derive import Derived, check_generation, derive, make_config
 from .device import check_device
 from .manifest import (VERIFIED_AS_READ, LoadError, check_files, memory_plan, read_json, read_manifest,
                        regular_file)
-from .tensor_file import HEADER_LIMIT, read_tensor_file
+from .tensor_file import HEADER_LIMIT, read_header, read_tensor_file
 from .model import CompiledModel, model_class
 from .store import ExpertLayout, HostStore
 from ..ir import ops
@@ -47,6 +48,7 @@ from .streams import CopyEngine
 from .timeline import Timeline
 
 EXPERTS = "experts.safetensors"
+DENSE = "dense.safetensors"
 GENERATION_CONFIG_LIMIT = 2**20  # bytes: real ones are under 2 KiB
 
 
@@ -130,30 +132,39 @@ def _dense(path: Path, lm: nn.Module, layouts: dict[int, ExpertLayout], dev: tor
            digest: str | None) -> dict[str, torch.Tensor]:
     """dense.safetensors, whose tensors must be exactly the skeleton's (experts aside), shape and dtype:
     read once (no larger than those tensors and a header), checked against ``digest`` as read."""
-    file = path / "dense.safetensors"
-    experts = {f"{lay.module.removeprefix('lm.')}.{p.name}" for lay in layouts.values() for p in lay.parts}
-    expected = {k: v for k, v in lm.state_dict().items() if k not in experts}
+    expected = _expected_dense(lm, layouts)
     limit = sum(v.numel() * v.element_size() for v in expected.values()) + HEADER_LIMIT
-    tensors = {k: v.to(dev) for k, v in read_tensor_file(path, "dense.safetensors", limit, digest).items()}
-    extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
-    if extra or missing:
-        raise LoadError(f"{file} does not hold the model's dense weights (unexpected {extra[:3]}, missing "
-                        f"{missing[:3]}); recompile the model")
-    for name, value in tensors.items():
-        want = expected[name]
-        if value.shape != want.shape or value.dtype != want.dtype:
-            raise LoadError(f"{file}: {name} is {value.dtype} {tuple(value.shape)}, the model needs {want.dtype} "
-                            f"{tuple(want.shape)}; recompile the model")
+    tensors = {k: v.to(dev) for k, v in read_tensor_file(path, DENSE, limit, digest).items()}
+    _check_dense(path / DENSE, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, expected)
     return tensors
 
 
-def copy_streams(gm: fx.GraphModule, where: str) -> dict[tuple[str, int], str]:
+def _expected_dense(lm: nn.Module, layouts: dict[int, ExpertLayout]) -> dict[str, torch.Tensor]:
+    experts = {f"{lay.module.removeprefix('lm.')}.{p.name}" for lay in layouts.values() for p in lay.parts}
+    return {k: v for k, v in lm.state_dict().items() if k not in experts}
+
+
+def _check_dense(file: Path, found: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 expected: dict[str, torch.Tensor]) -> None:
+    """The dense file's tensors (name -> dtype, shape) are exactly the skeleton's."""
+    extra, missing = sorted(set(found) - set(expected)), sorted(set(expected) - set(found))
+    if extra or missing:
+        raise LoadError(f"{file} does not hold the model's dense weights (unexpected {extra[:3]}, missing "
+                        f"{missing[:3]}); recompile the model")
+    for name, (dtype, shape) in found.items():
+        want = expected[name]
+        if shape != tuple(want.shape) or dtype != want.dtype:
+            raise LoadError(f"{file}: {name} is {dtype} {shape}, the model needs {want.dtype} "
+                            f"{tuple(want.shape)}; recompile the model")
+
+
+def copy_streams(graph: fx.Graph, where: str) -> dict[tuple[str, int], str]:
     """Which copy stream each layer's prefetch and wait copies on, as the schedule pass decided
     (``ef.stream``): "copy" (speculative, in issue order) or "demand" (ahead of every prefetch)."""
     from ..ir import ops
 
     streams = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         name = ops.op_name(node.target) if node.op == "call_function" else None
         if name in ("prefetch", "wait"):
             stream = node.meta.get("ef.stream")
@@ -180,6 +191,66 @@ def _drop_prefetch(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A directory that passed every check ``load`` makes before it allocates weights or experts."""
+
+    manifest: dict[str, Any]
+    layouts: dict[int, ExpertLayout]
+    config: Any
+    dtype: torch.dtype
+    derived: Derived  # under the options in effect
+    graph: fx.Graph  # the graph to run, validated (fresh: load's GraphModule takes it)
+    options: dict[str, Any]
+    generation_config: Any
+
+
+def check(path: str | Path, verify: bool = True, predictor: str | None = None, lookahead: int | None = None,
+          policy: str | None = None, prefetch: str | None = None) -> Checked:
+    """Every check :func:`load` makes (its own code, in its order), without reading the weights
+    or allocating the expert arena: the manifest, the checksums, the config, what it derives
+    (graph, layouts, mask kinds), graph.json validated against the closed lists, the dense and
+    experts files' headers against the skeleton and the layouts, the graph's streams, the
+    predictor files the graph calls and the generation config. expertflow-compile runs it on what
+    it wrote before the directory appears, so what compiles loads. Raises LoadError."""
+    path = Path(path)
+    manifest, layouts = _manifest(path)
+    return _checked(path, manifest, layouts, verify, (predictor, lookahead, policy, prefetch))
+
+
+def _manifest(path: Path) -> tuple[dict[str, Any], dict[int, ExpertLayout]]:
+    manifest = read_manifest(path)
+    return manifest, _layouts(manifest, f"{path}/manifest.json")
+
+
+def _checked(path: Path, manifest: dict[str, Any], layouts: dict[int, ExpertLayout], verify: bool,
+             overrides: tuple[Any, ...]) -> Checked:
+    where = f"{path}/manifest.json"
+    digests = manifest["files"] if verify else {}  # checked as each file is read
+    if verify:
+        check_files(path, manifest, skip=(*VERIFIED_AS_READ, *_unread(manifest)))  # those: during their one read
+    config = make_config(manifest, where)
+    dtype = getattr(torch, manifest["dtype"])
+    derived = derive(manifest, config, dtype, where)
+    _check_derived(path, manifest, layouts, derived)
+    graph = _graph(path, manifest, derived, digests)  # validated before any code is generated from it
+    options = _options(manifest, where, *overrides)
+    if options != {**DEFAULT_OPTIONS, **manifest["options"]}:
+        derived = derive({**manifest, "options": options}, config, dtype, where)
+        graph = derived.graph
+    header = read_header(path, DENSE)
+    _check_dense(path / DENSE, {k: (dtype_, tuple(shape)) for k, (dtype_, shape, _, _) in header.items()},
+                 _expected_dense(derived.driver.lm, layouts))
+    HostStore.check(regular_file(path, EXPERTS), layouts)
+    run = graph_from_json(graph, derived.driver)  # the skeleton's names are the loaded model's
+    copy_streams(run, where)
+    attach_predictors(SimpleNamespace(), run, path, manifest, config.hidden_size, layouts, torch.device("cpu"))
+    if options["policy"] == "predictive":
+        load_prior(path, manifest, layouts)
+    generation = _generation_config(path, manifest, config, digests)
+    return Checked(manifest, layouts, config, dtype, derived, run, options, generation)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int | str | None = None,
          verify: bool = True, preload: bool | None = None, timeline: bool = False,
          record_routing: bool = False, predictor: str | None = None, lookahead: int | None = None,
@@ -203,36 +274,25 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     model's context, at most 4096) and a margin; ``model.budget`` says what it chose.
     """
     path = Path(path)
-    where = f"{path}/manifest.json"
-    manifest = read_manifest(path)
-    digests = manifest["files"] if verify else {}  # checked as each file is read
+    manifest, layouts = _manifest(path)
     dev = check_device(device)
-    layouts = _layouts(manifest, where)
     # before the checksums: a bad budget fails at once
     slots = 0 if check_budget(expert_cache).auto else parse_budget(expert_cache, layouts)
-    if verify:
-        check_files(path, manifest, skip=(*VERIFIED_AS_READ, *_unread(manifest)))  # those: during their one read
-    config = make_config(manifest, where)
-    dtype = getattr(torch, manifest["dtype"])
+    ok = _checked(path, manifest, layouts, verify, (predictor, lookahead, policy, prefetch))
+    config, dtype, derived, options = ok.config, ok.dtype, ok.derived, ok.options
+    where, digests = f"{path}/manifest.json", manifest["files"] if verify else {}
     auto = None
     if check_budget(expert_cache).auto:
         auto = _auto(manifest, layouts, config, dtype, dev, batch_size, max_context)
         slots = auto.slots
-    derived = derive(manifest, config, dtype, where)
-    _check_derived(path, manifest, layouts, derived)
-    graph = _graph(path, manifest, derived, digests)  # validated before any code is generated from it
-    options = _options(manifest, where, predictor, lookahead, policy, prefetch)
-    if options != {**DEFAULT_OPTIONS, **manifest["options"]}:
-        derived = derive({**manifest, "options": options}, config, dtype, where)
-        graph = derived.graph
     lm = build_skeleton(config, dtype)
     driver = Driver(lm)
-    assign_weights(lm, _dense(path, lm, layouts, dev, digests.get("dense.safetensors")))
+    assign_weights(lm, _dense(path, lm, layouts, dev, digests.get(DENSE)))
     for module in lm.modules():
         for name, buf in list(module._buffers.items()):
             if buf is not None and buf.device != dev and buf.device.type != "meta":
                 module._buffers[name] = buf.to(dev)
-    gm = fx.GraphModule(driver, graph_from_json(graph, driver))
+    gm = fx.GraphModule(driver, ok.graph)
     everything = slots == parse_budget(None, layouts)
     if everything:
         _drop_prefetch(gm)
@@ -243,10 +303,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     if preload or (preload is None and everything):
         cache.preload()
     modules = {layer: driver.get_submodule(lay.module) for layer, lay in layouts.items()}
-    context = RuntimeContext(cache, modules, copy_streams(gm, where))
-    attach_predictors(context, gm, path, manifest, config.hidden_size, layouts, dev)
+    context = RuntimeContext(cache, modules, copy_streams(gm.graph, where))
+    attach_predictors(context, gm.graph, path, manifest, config.hidden_size, layouts, dev)
     cls = model_class(manifest["architecture"])
-    model = cls(gm, config, context, list(derived.mask_kinds), _generation_config(path, manifest, config, digests))
+    model = cls(gm, config, context, list(derived.mask_kinds), ok.generation_config)
     model.budget, model.directory = auto, path
     if timeline:
         model.timeline = context.timeline = cache.engine.timeline = Timeline(dev)

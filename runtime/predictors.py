@@ -23,10 +23,10 @@ _NETWORKS = {
 }
 
 
-def attach_predictors(context: Any, gm: fx.GraphModule, path: Path, manifest: dict[str, Any], hidden: int,
+def attach_predictors(context: Any, graph: fx.Graph, path: Path, manifest: dict[str, Any], hidden: int,
                       layouts: dict[int, Any], dev: torch.device) -> None:
-    """Sets on ``context`` each network or table ``gm`` calls, checked (LoadError)."""
-    called = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    """Sets on ``context`` each network or table ``graph`` calls, checked (LoadError)."""
+    called = {n.target for n in graph.nodes if n.op == "call_function"}
     for op, (attr, file, load) in _NETWORKS.items():
         if op not in called:
             continue

@@ -165,19 +165,28 @@ class HostStore:
 
     def __init__(self, path: Path, layouts: dict[int, ExpertLayout], pin: bool = False,
                  digest: str | None = None, progress: Callable[[int], None] | None = None):
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            spans, base = self._spans(path, f, size, layouts)
+        spans, base, size = self.check(path, layouts)
         need = sum(end - start for start, end in spans.values())
-        if size - base > need * self.SLACK:
-            raise LoadError(f"{path}: its data section holds {size - base} bytes for {need} bytes of blobs; "
-                            "recompile the model")
         self.arena = read_arena(path, base, size - base, digest, pin, progress)
         self.nbytes = need
         self.blobs: dict[str, torch.Tensor] = {key: self.arena.data[start - base:end - base]
                                                for key, (start, end) in spans.items()}
 
-    def _spans(self, path: Path, f: BinaryIO, size: int,
+    @classmethod
+    def check(cls, path: Path, layouts: dict[int, ExpertLayout]) -> tuple[dict[str, tuple[int, int]], int, int]:
+        """The header's checks alone, nothing allocated (``runtime.loader.check``): each blob's
+        (start, end) in the file, where the data section starts, and the file's size."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            spans, base = cls._spans(path, f, size, layouts)
+        need = sum(end - start for start, end in spans.values())
+        if size - base > need * cls.SLACK:
+            raise LoadError(f"{path}: its data section holds {size - base} bytes for {need} bytes of blobs; "
+                            "recompile the model")
+        return spans, base, size
+
+    @classmethod
+    def _spans(cls, path: Path, f: BinaryIO, size: int,
                layouts: dict[int, ExpertLayout]) -> tuple[dict[str, tuple[int, int]], int]:
         def bad(why: str) -> LoadError:
             return LoadError(f"{path}: {why}; recompile the model")
@@ -185,7 +194,7 @@ class HostStore:
         if size < 8:
             raise bad("too short for a safetensors header")
         (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > min(size - 8, self.HEADER_LIMIT):
+        if header_len > min(size - 8, cls.HEADER_LIMIT):
             raise bad(f"its header claims {header_len} bytes, more than the file holds")
         try:
             header = json.loads(f.read(header_len))

@@ -537,7 +537,7 @@ def test_the_runtime_copies_on_the_streams_the_schedule_names(compiled_dir, monk
             node.meta["ef.stream"] = {"copy": "demand", "demand": "copy"}[node.meta["ef.stream"]]
     from expertflow.runtime.loader import copy_streams
 
-    model.context.demand = {k: v == "demand" for k, v in copy_streams(model.graph_module, "test").items()}
+    model.context.demand = {k: v == "demand" for k, v in copy_streams(model.graph_module.graph, "test").items()}
     model.reset_stats()
     seen.clear()
     model.generate(PROMPTS[:1], max_new_tokens=6)
@@ -547,7 +547,7 @@ def test_the_runtime_copies_on_the_streams_the_schedule_names(compiled_dir, monk
     node.meta["ef.stream"] = "compute"
     with pytest.raises(runtime.LoadError, match="copies on stream 'compute'; the runtime has the 'copy' and "
                        "'demand' streams; recompile the model"):
-        copy_streams(model.graph_module, "test")
+        copy_streams(model.graph_module.graph, "test")
 
 
 # --- verify_graph and the manager ---------------------------------------------------------------

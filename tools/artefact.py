@@ -154,11 +154,14 @@ class OutputExists(FileExistsError):
 
 
 def write_compiled(out_dir: Path, force: bool, build: Callable[[Path], dict[str, Any]],
-                   finish: Callable[[Path], dict[str, Any]] | None = None) -> Path:
+                   finish: Callable[[Path], dict[str, Any]] | None = None,
+                   check: Callable[[Path], Any] | None = None) -> Path:
     """Runs ``build(tmp)`` in a temporary sibling of ``out_dir`` and renames it into place.
 
     ``finish(tmp)``, if given, runs once the manifest is written (it may load the directory) and
     returns fields to add to it; the files it wrote are checksummed and the manifest rewritten.
+    ``check(tmp)``, if given, runs last, on the finished directory (the loader's checks): what it
+    raises fails the write.
 
     On any failure, Ctrl-C included, the temporary directory and any parent directories made
     for it are removed, and an existing ``out_dir`` is left as it was.
@@ -177,6 +180,8 @@ def write_compiled(out_dir: Path, force: bool, build: Callable[[Path], dict[str,
         if finish is not None:
             manifest.update(finish(tmp))
             _seal(tmp, manifest)
+        if check is not None:
+            check(tmp)
         _move_into_place(tmp, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -116,7 +116,8 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
     from ..passes.manager import PassError
     from ..passes.pipeline import PIPELINE, compile_graph
     from ..passes.trace import TraceFailure
-    from ..runtime.manifest import SCHEMA_VERSION, memory_plan
+    from ..runtime import loader
+    from ..runtime.manifest import SCHEMA_VERSION, LoadError, memory_plan
     from . import artefact
     from safetensors import SafetensorError
 
@@ -193,8 +194,15 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
             except CalibrationError as exc:
                 raise UserError(str(exc)) from None
 
+    def check(tmp: Path) -> None:
+        try:
+            loader.check(tmp)
+        except LoadError as exc:  # the compiler wrote what the loader refuses: a compile error, nothing kept
+            why = str(exc).replace(f"{tmp}/", "").replace(str(tmp), str(output)).removesuffix("; recompile the model")
+            raise UserError(f"cannot compile {model}: the compiled directory would not load: {why}") from None
+
     try:
-        return artefact.write_compiled(output, force, build, finish if calibration is not None else None)
+        return artefact.write_compiled(output, force, build, finish if calibration is not None else None, check)
     except artefact.OutputExists:  # it appeared while compiling
         raise UserError(f"{output} already exists; pass --force to replace it") from None
 

@@ -89,16 +89,22 @@ def _token_id(value: Any, cfg: dict[str, Any]) -> Any:
     return VOCAB - 1 - (value % (VOCAB // 4))
 
 
+#: Names of a layer index (where a kind of layer starts or ends) and of a period ("every N layers"):
+#: the per-layer structure rules below, also read by ``tools/routing_options``.
+LAYER_INDEX = (r"^(first_k_dense_replace|num_dense_layers|moe_layer_start_index|attn_layer_offset|"
+               r"expert_layer_offset|moe_layer_end_index|max_window_layers)$")
+LAYER_PERIOD = r"(every_n_layers|_pattern|_period|_interval|_step|_freq|layer_group_size)$"
+#: Names of the routed-expert count (0 would make a dense model: no option of its router).
+EXPERT_COUNT = r"^(num_local_experts|num_experts|n_routed_experts|moe_num_experts)$"
+
 # (pattern on the attribute name, rule). The first matching pattern wins; each rule gets the
 # default value (an int, or None for attributes that are off) and the defaults of the config.
 RULES: list[tuple[str, Callable[[Any, dict[str, Any]], Any]]] = [
     # Layers and per-layer structure.
     (r"^num_hidden_layers$", lambda v, c: LAYERS),
-    (r"^(first_k_dense_replace|num_dense_layers|moe_layer_start_index|attn_layer_offset|"
-     r"expert_layer_offset)$", _first_layers),
     (r"^(moe_layer_end_index|max_window_layers)$", _last_layer),
-    (r"(every_n_layers|_pattern|_period|_interval|_step|_freq|layer_group_size)$",
-     lambda v, c: min(v, PERIOD) if v else v),
+    (LAYER_INDEX, _first_layers),
+    (LAYER_PERIOD, lambda v, c: min(v, PERIOD) if v else v),
     (r"^num_nextn_predict_layers$", lambda v, c: 0),  # multi-token-prediction layers: unused at inference
     # Vocabulary and special tokens.
     (r"vocab_size", _size(VOCAB)),
@@ -106,7 +112,7 @@ RULES: list[tuple[str, Callable[[Any, dict[str, Any]], Any]]] = [
     # Experts and routing.
     (r"^(num_experts_per_tok|num_experts_per_token|moe_topk|moe_k|top_k|experts_per_token)$", _top_k),
     (r"shared_experts?$", _shared_experts),
-    (r"^(num_local_experts|num_experts|n_routed_experts|moe_num_experts)$", _experts),
+    (EXPERT_COUNT, _experts),
     (r"^(n_group|num_expert_group)$", _group_count),
     (r"^topk_group$", _top_groups),
     (r"^router_hidden_size$", _size(32)),
@@ -158,7 +164,7 @@ EXCEPTIONS: dict[str, tuple[dict[str, Any], str]] = {
 #: Attributes a default config may leave unset (None) that the model needs anyway: the value to
 #: give them. Others that are None stay None (None usually switches a feature off).
 FILL_WHEN_NONE: list[tuple[str, Any]] = [
-    (r"^(num_local_experts|num_experts|n_routed_experts|moe_num_experts)$", EXPERTS),
+    (EXPERT_COUNT, EXPERTS),
     (r"^(num_experts_per_tok|num_experts_per_token|moe_topk|moe_k)$", TOP_K),
     (r"^(n_shared_experts|num_shared_experts)$", 1),
     (r"^head_dim$", HEAD_DIM),
