@@ -51,6 +51,7 @@ class Arena:
     data: torch.Tensor
     buffer: mmap.mmap
     pinned: bool = False
+    head: bytes = b""  # the bytes before ``start``, as read and hashed: the caller checks they are what it parsed
 
     def close(self) -> None:
         if self.pinned:
@@ -73,8 +74,8 @@ def read_arena(path: Path, start: int, length: int, digest: str | None, pin: boo
     buffer = mmap.mmap(-1, max(length, 1))  # anonymous: page-aligned, zero-filled lazily
     data = torch.frombuffer(buffer, dtype=torch.uint8, count=length) if length else torch.empty(0, dtype=torch.uint8)
     try:
-        _fill(path, start, data, digest, progress)
-        arena = Arena(data, buffer)
+        head = _fill(path, start, data, digest, progress)
+        arena = Arena(data, buffer, head=head)
         if pin and length:
             err = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), length, 0)
             if int(err) != 0:
@@ -89,8 +90,8 @@ def read_arena(path: Path, start: int, length: int, digest: str | None, pin: boo
 
 
 def _fill(path: Path, start: int, data: torch.Tensor, digest: str | None,
-          progress: Callable[[int], None] | None) -> None:
-    """Reads the file once in order: bytes before ``start`` are only hashed, the rest land in ``data``."""
+          progress: Callable[[int], None] | None) -> bytes:
+    """Reads the file once in order: bytes before ``start`` are hashed and returned, the rest land in ``data``."""
     h = hashlib.sha256()
     view = memoryview(data.numpy()) if data.numel() else memoryview(bytearray())
     with open(path, "rb") as f:
@@ -109,3 +110,4 @@ def _fill(path: Path, start: int, data: torch.Tensor, digest: str | None,
             raise LoadError(f"{path} has bytes after its last blob; recompile the model")
     if digest is not None and h.hexdigest() != digest:
         raise LoadError(f"{path} does not match its checksum (edited or truncated); recompile the model")
+    return head

@@ -7,6 +7,7 @@ a slot pool of shape (slots, blob_bytes) can be viewed as the module's 3-D param
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -168,6 +169,9 @@ class HostStore:
         spans, base, size = self.check(path, layouts)
         need = sum(end - start for start, end in spans.values())
         self.arena = read_arena(path, base, size - base, digest, pin, progress)
+        if self._spans(path, io.BytesIO(self.arena.head), size, layouts)[0] != spans:
+            self.arena.close()  # the header checked above is not the one hashed with the blobs
+            raise LoadError(f"{path} changed while it was read; recompile the model")
         self.nbytes = need
         self.blobs: dict[str, torch.Tensor] = {key: self.arena.data[start - base:end - base]
                                                for key, (start, end) in spans.items()}

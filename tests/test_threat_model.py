@@ -536,3 +536,45 @@ def test_tokenizer_files_are_read_once(victim):
         runtime.load_tokenizer(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert seen.count(str((path / name).resolve())) == 1, (name, seen)
+
+
+def _permuted_experts(data: bytes) -> bytes:
+    """experts.safetensors with layer 0's experts 0 and 1 swapped in the header only (same length)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    a, b = header["layers.0.experts.0"], header["layers.0.experts.1"]
+    a["data_offsets"], b["data_offsets"] = b["data_offsets"], a["data_offsets"]
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    assert len(raw) <= n
+    return data[:8] + raw + b" " * (n - len(raw)) + data[8 + n:]
+
+
+@pytest.mark.parametrize("at", [1, 2, 3])
+def test_experts_changed_between_opens_are_never_mixed(at, victim):
+    """The manifest lists experts file B; the first opens see file A (another header over the same
+    blobs), B from open number ``at`` on: the model is B's, or the load is refused. The header
+    checked must be the header hashed with the blobs."""
+    path, _, _, _ = victim
+    experts = path / "experts.safetensors"
+    original = experts.read_bytes()
+    other = _permuted_experts(original)
+    ship(path, {"experts.safetensors": other})
+    expected = runtime.load(path, expert_cache=3)(PROMPTS, attention_mask=PROMPT_MASK).logits
+    experts.write_bytes(original)
+    opened = []
+
+    def swap(name: str) -> None:
+        if name == str(experts.resolve()):
+            opened.append(name)
+            if len(opened) == at:
+                experts.write_bytes(other)
+
+    with opens(swap):
+        try:
+            model = runtime.load(path, expert_cache=3)
+        except runtime.LoadError as exc:
+            assert "experts.safetensors changed while it was read" in str(exc) or \
+                "experts.safetensors does not match its checksum" in str(exc), str(exc)
+            return
+    assert len(opened) >= at, opened
+    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, expected, atol=1e-5, rtol=0)
