@@ -13,6 +13,7 @@ transformers loads from, with remote code off and no hub access. The chat templa
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -96,10 +97,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def check_tokenizer_files(path: Path, files: dict[str, bytearray]) -> None:
-    """The tokenizer files' contents, before transformers sees them (LoadError naming the file)."""
+    """The tokenizer files' contents, before transformers sees them (LoadError naming the file);
+    tokenizer_config.json's stale file keys are left out of what transformers sees."""
     if "tokenizer_config.json" in files:
-        _check_tokenizer_config(path / "tokenizer_config.json",
-                                parse_json(files["tokenizer_config.json"], path / "tokenizer_config.json"), files)
+        file = path / "tokenizer_config.json"
+        config = _check_tokenizer_config(file, parse_json(files["tokenizer_config.json"], file), files)
+        files["tokenizer_config.json"] = bytearray(json.dumps(config).encode())
     if "tokenizer.json" in files:
         _check_pipeline(path / "tokenizer.json", parse_json(files["tokenizer.json"], path / "tokenizer.json"))
 
@@ -115,19 +118,24 @@ def builtin_tokenizer_classes() -> frozenset[str]:
     return frozenset(names)
 
 
-def _check_tokenizer_config(file: Path, config: Any, files: dict[str, bytearray]) -> None:
+def _check_tokenizer_config(file: Path, config: Any, files: dict[str, bytearray]) -> dict[str, Any]:
+    """The config transformers may see: ``gguf_file`` (transformers reads it, and an absolute path
+    leaves the private copy) and ``auto_map`` refused; other keys naming a file that is not one of
+    the listed files by its bare name (saved configs carry their author's paths, which transformers
+    ignores today: ``vocab_file``, ``tokenizer_file``...) left out; a built-in class only."""
     if not isinstance(config, dict):
         raise LoadError(f"{file} is not a JSON object; recompile the model")
     if "auto_map" in config:
         raise LoadError(f"{file}: auto_map names remote code, which ExpertFlow never loads")
-    for key, value in config.items():
-        if key == "gguf_file" or (_FILE_KEY.fullmatch(key) and value is not None
-                                  and not (isinstance(value, str) and value in files)):
-            raise LoadError(f"{file}: {key} {str(value)[:80]!r} names a file outside the tokenizer files the "
-                            "manifest lists; a compiled directory's tokenizer reads only those")
+    if "gguf_file" in config:
+        raise LoadError(f"{file}: gguf_file {str(config['gguf_file'])[:80]!r} names a file outside the tokenizer "
+                        "files the manifest lists; a compiled directory's tokenizer reads only those")
+    config = {k: v for k, v in config.items()
+              if not _FILE_KEY.fullmatch(k) or v is None or (isinstance(v, str) and v in files)}
     name, known = config.get("tokenizer_class"), builtin_tokenizer_classes()
     if name is not None and not (isinstance(name, str) and (name in known or name.removesuffix("Fast") in known)):
         raise LoadError(f"{file}: tokenizer_class {str(name)[:80]!r} is not one of transformers' tokenizer classes")
+    return config
 
 
 def _check_pipeline(file: Path, spec: Any) -> None:
