@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from ..ir.serialize import graph_to_json
 from ..ir.skeleton import build_skeleton
@@ -41,7 +42,8 @@ SIZES = {"num_hidden_layers": MAX_LAYERS, "num_attention_heads": 2**10, "num_key
 MAX_BEAMS = 64
 GENERATION_WIDTHS = ("num_beams", "num_return_sequences", "num_beam_groups", "num_assistant_tokens")
 #: What building or deriving a config can raise from a bad number (0 heads, a 1e400 rope theta).
-CONFIG_ERRORS = (AttributeError, KeyError, TypeError, ValueError, IndexError, ArithmeticError, RecursionError)
+CONFIG_ERRORS = (AttributeError, KeyError, TypeError, ValueError, IndexError, ArithmeticError, RecursionError,
+                 StrictDataclassError)  # transformers' configs are huggingface_hub strict dataclasses: a wrong type
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,8 @@ def check_config(manifest: dict[str, Any], where: str) -> None:
         if config.get(field) is not None and (type(config[field]) is not int or not 1 <= config[field] <= most):
             raise LoadError(f"{where}: config.{renamed.get(field, field)} is {config[field]!r}, expected an "
                             f"integer from 1 to {most}")
-    labels = config.get("num_labels", len(config.get("id2label") or ()))
+    id2label = config.get("id2label")
+    labels = config.get("num_labels", len(id2label) if isinstance(id2label, (dict, list)) else 0)
     if type(labels) is not int or not 0 <= labels <= MAX_LABELS:
         raise LoadError(f"{where}: config.num_labels is {labels!r}, expected 0 to {MAX_LABELS}")
     layers, moe = config.get("num_hidden_layers"), manifest["layouts"]

@@ -29,7 +29,7 @@ from .arena import available_host_bytes
 from .budget import AutoBudget, auto_budget, check_budget, kv_cache_bytes, parse_budget
 from .cache import ExpertCache
 from .context import RuntimeContext
-from .derive import Derived, check_generation, derive, make_config
+from .derive import CONFIG_ERRORS, Derived, check_generation, derive, make_config
 from .device import check_device
 from .manifest import (VERIFIED_AS_READ, LoadError, check_files, memory_plan, read_json, read_manifest,
                        regular_file)
@@ -362,6 +362,6 @@ def _generation_config(path: Path, manifest: dict[str, Any], config: Any, digest
     check_generation(fields, f"{path}/generation_config.json")
     try:
         return GenerationConfig.from_dict(fields)
-    except (ValueError, TypeError, AttributeError) as exc:
+    except CONFIG_ERRORS as exc:
         raise LoadError(f"{path}/generation_config.json is not a valid generation config ({_what(exc)}); "
                         "recompile the model") from None

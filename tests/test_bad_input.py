@@ -351,6 +351,7 @@ COSTLY = {
     "deep": (_config(num_hidden_layers=512), "config.num_hidden_layers is 512, expected an integer from 1 to 192"),
     "layers_without_layouts": (_config(num_hidden_layers=40), "config.num_hidden_layers is 40 for 4 MoE layer layouts"),
     "zero_heads": (_config(num_attention_heads=0), "config.num_attention_heads is 0, expected an integer from 1"),
+    "wrong_type": (_config(hidden_act=5), "config does not make a 'mixtral' config (Validation error for field"),
     "vast_vocabulary": (_config(vocab_size=2**30), "config.vocab_size is 1073741824, expected an integer from 1"),
     "huge_number": (_config(max_position_embeddings=10**40), "config.max_position_embeddings is 1000000000000000"),
     "infinite_rope": (lambda d: _raw_manifest(d, (d / "manifest.json").read_text().replace(
