@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from expertflow.tools import cache_sim
 from expertflow.tools import simulate as cli
 from expertflow.tools.cache_sim import POLICIES, Access, TimeModel, predict_time, simulate
 from expertflow.tools.trace_file import parse_lines, parse_trace
@@ -236,6 +237,58 @@ def test_layer_cycle_replays_the_runtime_cache():
         engine.close()
 
 
+class _ScanLayerCycle(cache_sim._LayerCycle):
+    """layer_cycle as the replay had it before it kept its held positions: each eviction scans
+    every layer position, from the current one downwards (quadratic on a trace of many layers)."""
+
+    def use(self, key: tuple[int, int]) -> None:
+        lru = self.by_position[self.position[key[0]]]
+        lru[key] = None
+        lru.move_to_end(key)
+
+    def evict(self, protect: set[tuple[int, int]]) -> tuple[int, int]:
+        n = len(self.by_position)
+        for d in range(n, 0, -1):
+            lru = self.by_position[(self.now + d) % n]
+            key = next((k for k in lru if k not in protect), None)
+            if key is not None:
+                del lru[key]
+                return key
+        raise AssertionError("no evictable slot")
+
+
+def _victims(maker: type, trace: list[Access], capacity: int, monkeypatch) -> list[tuple[int, int]]:
+    victims: list[tuple[int, int]] = []
+
+    class Recording(maker):
+        def evict(self, protect):
+            victims.append(super().evict(protect))
+            return victims[-1]
+
+    monkeypatch.setitem(cache_sim._MAKERS, "layer_cycle", Recording)
+    simulate(trace, "layer_cycle", capacity)
+    return victims
+
+
+def test_layer_cycle_evicts_what_the_position_scan_did(monkeypatch):
+    """The held-position search picks the same victims as the scan it replaced, on random traces
+    and on traces of many layers in falling order (a new token each record: the quadratic case)."""
+    rng = random.Random(11)
+    for i in range(150):
+        if i % 3:
+            trace = random_trace(rng, 12, 6, 6, 3)
+        else:
+            layers = rng.sample(range(400), rng.randint(2, 60))
+            trace = steps(*[(rng.choice(layers) if rng.random() < 0.5 else layers[t % len(layers)],
+                             rng.sample(range(6), rng.randint(1, 3))) for t in range(rng.randint(5, 120))])
+        capacity = rng.randint(1, 10)
+        assert _victims(cache_sim._LayerCycle, trace, capacity, monkeypatch) == \
+            _victims(_ScanLayerCycle, trace, capacity, monkeypatch), (capacity, trace)
+    falling = steps(*[(3000 - t, [t % 8, (3 * t + 1) % 8]) for t in range(3000)])
+    fast = _victims(cache_sim._LayerCycle, falling, 16, monkeypatch)
+    assert len(fast) > 5000 and fast == _victims(_ScanLayerCycle, falling, 16, monkeypatch)
+
+
 def test_time_model_by_hand():
     # lru on the 3-layer cycle: 12 loads, 12 steps, 4 tokens. 1e6 bytes at 1 GB/s = 1 ms a copy:
     # (12 * 1 + 12 * 0.5) / 4 = 4.5 ms/token; the bound is 12 ms / 4 = 3; ratio 1.5.
@@ -263,6 +316,8 @@ GOOD = '{"seq": 0, "token": 0, "layer": 0, "experts": [1, 0]}'
     ('{"seq": 0, "token": 1, "layer": 0, "experts": 3}', "'experts'"),
     ('{"seq": 0, "token": 1, "layer": 0, "experts": [8]}', "out of range"),
     ('{"seq": 0, "token": 0, "layer": 0, "experts": [2]}', "execution order"),  # the same record again
+    ("[" * 100_000, "nested too deeply"),  # json recurses per bracket: was a RecursionError traceback
+    ('{"seq": 0, "token": 1, "layer": 0, "experts": ' + "[" * 100_000, "nested too deeply"),
 ])
 def test_malformed_line_names_its_number(bad, why):
     lines = [GOOD, '{"seq": 0, "token": 0, "layer": 1, "experts": [3]}', "", bad, GOOD]
@@ -388,6 +443,16 @@ def test_cli_plot_without_matplotlib_is_a_one_line_error(tmp_path, capsys, monke
     err = capsys.readouterr().err.strip()
     assert err == "expertflow-simulate: error: --plot needs matplotlib: pip install matplotlib"
     assert not (tmp_path / "p.png").exists()
+
+
+def test_cli_a_deeply_nested_line_is_a_one_line_error(tmp_path, capsys):
+    """A line of 100,000 '[' was a RecursionError traceback from json's decoder."""
+    trace = tmp_path / "deep.jsonl"
+    trace.write_text(GOOD + "\n" + "[" * 100_000 + "\n")
+    assert cli.main(["--trace", str(trace), "--experts-per-layer", "8", "--cache", "4", "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (f"expertflow-simulate: error: {trace}: line 2: bad JSON: nested too deeply for "
+                                    "a trace record (one flat object a line)") and captured.out == ""
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])

@@ -21,6 +21,7 @@ Only demand loading is modelled (no prefetch): ``predictor`` is always "none".
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_right, insort
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -123,34 +124,45 @@ class _LFU(_Policy):
 
 
 class _LayerCycle(_Policy):
-    """The runtime's rule (ExpertCache._victim): evict from the layer that runs again last, least
-    recently used within it. Layers run in a cycle per token, so plain LRU would evict exactly
-    the experts of the layers about to run."""
+    """The runtime's rule (``runtime/policy.LayerCycle``): evict from the layer that runs again
+    last, least recently used within it. Layers run in a cycle per token, so plain LRU would
+    evict exactly the experts of the layers about to run."""
 
     def __init__(self, trace: Sequence[Access], future: Sequence[tuple[int, ...]] | None) -> None:
         super().__init__(trace, future)
         layers = sorted({a.layer for a in trace})
         self.position = {layer: i for i, layer in enumerate(layers)}
         self.by_position: list[OrderedDict[Key, None]] = [OrderedDict() for _ in layers]
+        # the positions holding a resident key, ascending: a trace naming thousands of layers
+        # would otherwise make each eviction scan every empty one (quadratic in the trace)
+        self.held: list[int] = []
         self.now = 0
 
     def begin(self, step: int, access: Access) -> None:
         self.now = self.position[access.layer]
 
     def use(self, key: Key) -> None:
-        lru = self.by_position[self.position[key[0]]]
+        p = self.position[key[0]]
+        lru = self.by_position[p]
+        if not lru:
+            insort(self.held, p)
         lru[key] = None
         lru.move_to_end(key)
 
     def evict(self, protect: set[Key]) -> Key:
-        n = len(self.by_position)
-        # Layer at position now + d runs again in d layers ((order - now - 1) % n + 1 in the
-        # runtime): try d = n (the current layer) down to 1, the oldest key of each first.
-        for d in range(n, 0, -1):
-            lru = self.by_position[(self.now + d) % n]
-            key = next((k for k in lru if k not in protect), None)
+        # Layer at position p runs again in (p - now - 1) % n + 1 layers (runtime/policy.py), the
+        # most for p = now, then now - 1, ... 0, n - 1, ... now + 1: the held positions from the
+        # last at or before ``now`` downwards, wrapping round; the oldest key of each first.
+        held = self.held
+        at = bisect_right(held, self.now)
+        for i in range(at - 1, at - 1 - len(held), -1):
+            p = held[i]  # i runs negative past 0: the positions after ``now``, from the last
+            lru = self.by_position[p]
+            key = next((k for k in lru if k not in protect), None)  # only the running layer's are held
             if key is not None:
                 del lru[key]
+                if not lru:
+                    del held[i]
                 return key
         raise AssertionError("no evictable slot")  # the replay only evicts with one free to take
 

@@ -48,6 +48,8 @@ def _record(raw: bytes | str, experts_per_layer: int | None) -> Access | None:
         record = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ValueError(f"bad JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:  # json's decoder recurses once per bracket: a line of "[[[[..." ends here
+        raise ValueError("bad JSON: nested too deeply for a trace record (one flat object a line)") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     seq, token, layer = (_field(record, name) for name in TRACE_KEYS)
