@@ -153,8 +153,9 @@ def _prepare(model: Any, prompts: Any, tokenizer: Any, batch_size: Any, schedule
         if context and len(p) + new > context:
             raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={new} it exceeds the model's "
                              f"context of {context}: shorten it or lower max_new_tokens")
-    pad = next((t for t in (gc.pad_token_id, gc.eos_token_id, getattr(model.config, "pad_token_id", None), 0)
-                if t is not None), 0)
+    # the caller's pad_token_id is the pad, given to generate once (it left the kwargs here)
+    pad = next((t for t in (generation_kwargs.pop("pad_token_id", None), gc.pad_token_id, gc.eos_token_id,
+                            getattr(model.config, "pad_token_id", None), 0) if t is not None), 0)
     pad = pad[0] if isinstance(pad, list) else pad
     eos = gc.eos_token_id if generation_kwargs.get("eos_token_id") is None else generation_kwargs["eos_token_id"]
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

@@ -133,3 +133,18 @@ def test_generates_length_rules_are_generates(trained, options):
     if options:
         with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens but max_length is 9: raise max_length"):
             model.generate_many(prompts[:4], batch_size=2, do_sample=False, max_length=9)
+
+
+@pytest.mark.parametrize("continuous", [False, None])
+def test_a_callers_pad_token_id_pads_and_reaches_generate_once(compiled_dir, hf_reference, continuous):
+    """generate_many(..., continuous=False, pad_token_id=0) passed pad_token_id to generate twice
+    (a TypeError); the tokens are HF's, each prompt generated alone."""
+    model = runtime.load(compiled_dir("tiny-mixtral"), expert_cache=3)
+    hf = hf_reference("tiny-mixtral")[0]
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
+    got = model.generate_many(prompts, batch_size=2, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                              continuous=continuous)
+    with torch.no_grad():
+        want = [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=6,
+                            do_sample=False, pad_token_id=0)[0].tolist() for p in prompts]
+    assert got == want and model.last_schedule.continuous == (continuous is None)
