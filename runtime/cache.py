@@ -50,6 +50,9 @@ class Pool:
     pinned: set[int] = field(default_factory=set)
     reserved: dict[int, int] = field(default_factory=dict)  # slot -> layer it was prefetched for
     tickets: dict[int, Ticket] = field(default_factory=dict)
+    #: slots whose load or eviction has begun and not finished: only an interrupt leaves one here,
+    #: and ``ExpertCache.abort`` then clears what it left half-done (``_settle``)
+    unsettled: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -119,10 +122,15 @@ class ExpertCache:
         return pool.where[key] if key is not None else None
 
     def _load(self, pool: Pool, slot: int, layer: int, expert: int, demand: bool = True) -> None:
-        # Ordered so that an interrupt between any two statements leaves a consistent cache: the
-        # old owner is forgotten before its bytes are overwritten, and the new owner is named
-        # only once its copy's ticket is recorded (a hit always waits for the bytes).
+        # Safe to interrupt at any statement or call (tests/test_robustness.py tries each): the host
+        # calls an expert resident only while ``pool.where`` names it. The old owner leaves
+        # ``where`` first, before its copy can be cancelled or its bytes overwritten; the new one
+        # enters last, after its copy's ticket and its table entry. What a cut-short load leaves
+        # besides (an owner or table entry ``where`` does not back) is cleared by ``abort``.
+        pool.unsettled.add(slot)
         old = pool.owner[slot]
+        if old is not None:
+            self._forget(pool, slot, old)
         previous = pool.tickets.get(slot)
         if previous is not None and not previous.ready():
             # Demand copies overtake queued prefetches: an earlier copy into this slot must never
@@ -133,18 +141,42 @@ class ExpertCache:
                     self.stats[old[0]].prefetch_cancelled += 1
             else:
                 previous.wait()
-        if old is not None:
-            pool.owner[slot] = None
-            del pool.where[old]
-            self.tables[old[0]].set(old[1], -1)
-        pool.tickets[slot] = ticket = self.engine.submit((pool.ident, slot), pool.tensor[slot],
-                                                         self.store.blob(layer, expert), f"L{layer} E{expert}",
-                                                         demand=demand)
-        pool.owner[slot], pool.where[(layer, expert)] = (layer, expert), slot
-        self.tables[layer].set(expert, slot)
+        ticket = self.engine.submit((pool.ident, slot), pool.tensor[slot], self.store.blob(layer, expert),
+                                    f"L{layer} E{expert}", demand=demand)
+        pool.tickets[slot] = ticket  # a hit waits for it; until here the slot is empty to the host
         self.stats[layer].bytes_moved += ticket.nbytes
         pool.lru[slot] = None
         pool.lru.move_to_end(slot)
+        self._name(pool, slot, layer, expert)
+        pool.unsettled.discard(slot)
+
+    def _forget(self, pool: Pool, slot: int, key: tuple[int, int]) -> None:
+        """``slot`` no longer holds ``key``: not resident from the first statement on."""
+        del pool.where[key]
+        self.tables[key[0]].set(key[1], -1)
+        pool.owner[slot] = None
+
+    def _name(self, pool: Pool, slot: int, layer: int, expert: int) -> None:
+        """``slot`` holds (``layer``, ``expert``), its copy recorded: resident from the last statement."""
+        self.tables[layer].set(expert, slot)
+        pool.owner[slot] = (layer, expert)
+        pool.where[(layer, expert)] = slot
+
+    def _settle(self, pool: Pool) -> None:
+        """Clears what interrupted loads and evictions left in ``pool``: owners ``where`` no longer
+        names and table entries that disagree with ``where`` (each step idempotent, the set
+        emptied last: an interrupt here too is settled at the next ``abort``)."""
+        for slot in sorted(pool.unsettled):
+            key = pool.owner[slot]
+            if key is not None and pool.where.get(key) != slot:
+                pool.owner[slot] = None
+        for layer, table in self.tables.items():
+            if self._pool_of[layer] is pool:
+                for e in range(self.layouts[layer].num_experts):
+                    slot = pool.where.get((layer, e), -1)
+                    if table.get(e) != slot:
+                        table.set(e, slot)
+        pool.unsettled.clear()
 
     def _host_ids(self, tensors: list[torch.Tensor]) -> list[list[int]]:
         """The ids of every tensor, read to the host in one transfer: the one synchronisation a
@@ -250,16 +282,21 @@ class ExpertCache:
         for e in experts:
             slot = pool.where.get((layer, e))
             ticket = pool.tickets.get(slot) if slot is not None else None
-            if ticket is not None and ticket.cancel():
+            if ticket is None or ticket.ready():
+                stats.prefetch_wasted += 1
+                continue
+            # Forgotten before the cancel, as in ``_load``: a resident expert's copy always lands.
+            pool.unsettled.add(slot)
+            self._forget(pool, slot, (layer, e))
+            if ticket.cancel():
                 stats.prefetch_cancelled += 1
                 stats.bytes_moved -= ticket.nbytes
-                pool.owner[slot] = None
-                del pool.where[(layer, e)]
-                self.tables[layer].set(e, -1)
                 pool.lru.pop(slot, None)
                 pool.reserved.pop(slot, None)
-            else:
+            else:  # the copy has started: its bytes land, and the expert stays
+                self._name(pool, slot, layer, e)
                 stats.prefetch_wasted += 1
+            pool.unsettled.discard(slot)
 
     def acquire(self, layer: int, experts: list[int], demand: bool = True) -> list[int]:
         """Makes ``experts`` resident and pinned (misses copy on the demand stream unless
@@ -308,10 +345,13 @@ class ExpertCache:
 
     def abort(self) -> None:
         """Returns the cache to its between-steps state after a step stopped part way (an
-        exception, Ctrl-C): pins and reservations are released; copies still in flight stay
-        recorded against their slots, so the next use of a slot waits for its bytes."""
+        exception, Ctrl-C): pins and reservations are released, a half-done load or eviction is
+        settled; copies still in flight stay recorded against their slots, so the next use of a
+        slot waits for its bytes."""
         self._pending, self._deferred, self._reuse = [], [], None
         for pool in self.pools.values():
             self.engine.mark_read([(pool.ident, s) for s in sorted(pool.pinned)])  # queued reads come first
             pool.pinned.clear()
             pool.reserved.clear()
+            if pool.unsettled:
+                self._settle(pool)

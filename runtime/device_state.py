@@ -30,8 +30,8 @@ class SlotTable:
         self._dirty = False
 
     def set(self, expert: int, slot: int) -> None:
+        self._dirty = True  # first: an interrupt between the two must not leave an edit un-uploaded
         self._entries[expert] = slot
-        self._dirty = True
 
     def get(self, expert: int) -> int:
         return self._entries[expert]

@@ -159,8 +159,17 @@ class CopyEngine:
                 wake = True
             if wake is None:
                 return
-            while self._demand or self._speculative:  # demand copies first, every queued one
-                self._copy(*(self._demand or self._speculative).popleft())
+            while self.run_next():
+                pass
+
+    def run_next(self) -> bool:
+        """Runs the next queued CPU copy, demand copies first (False: none is queued). The worker's
+        loop; a test that closed the engine runs copies with it at points of its choosing."""
+        queued = self._demand or self._speculative
+        if not queued:
+            return False
+        self._copy(*queued.popleft())
+        return True
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, ticket: Ticket, label: str) -> None:
         if not ticket.claim.acquire(blocking=False):  # cancelled: its layer ran without it

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import signal
+import sys
 import threading
 
 import pytest
 import torch
-from conftest import PROMPT_MASK, PROMPTS
+from conftest import EVICT, PROMPT_MASK, PROMPTS
 
 from expertflow import runtime
+from expertflow.runtime.cache import ExpertCache
+from expertflow.runtime.device_state import SlotTable
+from expertflow.runtime.policy import make_policy
+from expertflow.runtime.streams import CopyEngine, Ticket
 
 
 def _sane(model) -> None:
@@ -70,6 +76,185 @@ def test_an_error_inside_the_experts_releases_its_slots(compiled_dir, hf_referen
     _sane(model)
     torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, hf_reference("tiny-mixtral")[1],
                                atol=1e-5, rtol=0)
+
+
+
+
+#: The cache's load and evict code: an interrupt is injected at each of its statements and at the
+#: entry of each function it calls (CPython checks for signals at function entry too).
+_LOAD_AND_EVICT = {f.__code__ for f in (ExpertCache._load, ExpertCache._forget, ExpertCache._name,
+                                        ExpertCache._drop_unneeded, SlotTable.set, Ticket.cancel,
+                                        CopyEngine.submit)}
+
+
+class _Injector:
+    """A ``sys.settrace`` hook: counts those events, noting each one's site (code and line, or
+    caller, line and callee), and raises KeyboardInterrupt at event number ``at``."""
+
+    def __init__(self, at: int | None = None):
+        self.at, self.sites = at, []
+
+    def _event(self, site: tuple) -> None:
+        self.sites.append(site)
+        if len(self.sites) == self.at:
+            raise KeyboardInterrupt  # raised in the traced frame, and tracing stops
+
+    def __call__(self, frame, event, arg):  # the global hook sees 'call' events: every new frame
+        inside, caller = frame.f_code in _LOAD_AND_EVICT, frame.f_back
+        if inside or (caller is not None and caller.f_code in _LOAD_AND_EVICT):
+            self._event((caller.f_code, caller.f_lineno, frame.f_code) if caller is not None else frame.f_code)
+        return self._line if inside else None
+
+    def _line(self, frame, event, arg):
+        if event == "line":
+            self._event((frame.f_code, frame.f_lineno))
+        return self._line
+
+    def run(self, fn, *args) -> bool:
+        """``fn(*args)`` traced; True if the interrupt landed. The cyclic collector is off meanwhile:
+        a finalizer of earlier tests' garbage, run inside the cache's code, would be an event."""
+        collecting = gc.isenabled()
+        gc.disable()
+        sys.settrace(self)
+        try:
+            fn(*args)
+        except KeyboardInterrupt:
+            return True
+        finally:
+            sys.settrace(None)
+            if collecting:
+                gc.enable()
+        return False
+
+
+class _SteppedEngine(CopyEngine):
+    """The CPU copy engine with no worker thread, so that every run takes the same branches: a
+    wait runs the queued copies (demand first, as the worker would) until its own has run, then
+    starts the next one without finishing it (a worker part way through a copy: it can be
+    neither cancelled nor waited for without blocking), finished at the next wait."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+        self.close()
+        self._started: tuple | None = None
+
+    def submit(self, *args, **kwargs) -> Ticket:
+        ticket = super().submit(*args, **kwargs)
+        ticket.wait = lambda: self._until(ticket)  # shadows Ticket.wait for this ticket only
+        return ticket
+
+    def _finish(self) -> None:
+        if self._started is not None:
+            started, self._started = self._started, None
+            started[2].claim.release()
+            self._copy(*started)  # claims it again, copies, marks it done
+
+    def _until(self, ticket: Ticket) -> None:
+        self._finish()
+        while not ticket.ready() and self.run_next():
+            pass
+        queued = self._demand or self._speculative
+        if queued and queued[0][2].claim.acquire(blocking=False):  # not cancelled: start it
+            self._started = queued.popleft()
+        Ticket.wait(ticket)
+
+    def drain(self) -> None:
+        self._finish()
+        while self.run_next():
+            pass
+
+
+def _consistent(cache: ExpertCache) -> None:
+    """Host and device agree: each expert the host calls resident is where its table says, in a
+    slot that holds its exact bytes once the queued copies ran; every other entry is -1."""
+    cache.engine.drain()
+    for pool in cache.pools.values():
+        assert not pool.pinned and not pool.reserved and not pool.unsettled
+        for slot, key in enumerate(pool.owner):
+            assert key is None or (pool.where[key] == slot and slot in pool.lru), (slot, key)
+        for key, slot in pool.where.items():
+            assert pool.owner[slot] == key and torch.equal(pool.tensor[slot], cache.store.blob(*key)), key
+    for layer, table in cache.tables.items():
+        where = cache.pool(layer).where
+        expected = [where.get((layer, e), -1) for e in range(cache.layouts[layer].num_experts)] + [-1]
+        assert table.on_device().tolist() == expected, layer
+
+
+def _steps(cache: ExpertCache, script: list) -> None:
+    """Drives the cache as a compiled graph does: per token and layer, the prefetch of the next
+    layer's prediction, the wait's plan, then acquire, read and release each wave. The read
+    checks what a compute would: each id's table entry names a slot holding its blob."""
+    layers = len(cache.layouts)
+    for routes in script:
+        handle = None
+        for layer, (routed, predicted) in enumerate(routes):
+            following = cache.prefetch(layer + 1, torch.tensor(predicted)) if layer + 1 < layers else None
+            for wave in cache.plan(layer, handle, torch.tensor(routed)):
+                slots = cache.acquire(layer, wave)
+                table = cache.tables[layer].on_device()
+                for e, slot in zip(wave, slots):
+                    assert int(table[e]) == slot and torch.equal(cache.pool(layer).tensor[slot],
+                                                                 cache.store.blob(layer, e)), (layer, e)
+                cache.release(layer, slots)
+            handle = following
+
+
+@pytest.mark.parametrize("slots", [3, 5])
+def test_an_interrupt_at_every_statement_of_load_and_evict_leaves_the_cache_consistent(slots):
+    """A Ctrl-C at each statement of the cache's load and evict code and at each call it makes,
+    one run per event, through steps that fill empty slots, evict, prefetch, cancel prefetches
+    and run in waves: after the step's cleanup (``abort``) host and device tables agree and the
+    same steps run again read exactly the right bytes. It used to be wrong where a Ctrl-C landed
+    as ``SlotTable.set`` began: the host named the new expert, the device table said -1."""
+    from test_runtime_cache import Store, layouts_for
+
+    rng = random.Random(4)  # 3 tokens x 3 layers of routes and predictions: reaches every branch but
+    script = [[(rng.sample(range(6), rng.randint(1, 4)), rng.sample(range(6), rng.randint(0, 4)))
+               for _ in range(3)] for _ in range(3)]  # _load's cancel of a named owner's copy (only after an abort)
+
+    def fresh() -> ExpertCache:
+        return ExpertCache(layouts_for(3, 6), Store(3, 6), slots, torch.device("cpu"), _SteppedEngine())
+
+    counted = _Injector()
+    assert not counted.run(_steps, fresh(), script)
+    sites = set(counted.sites)
+    assert len(counted.sites) > 800 and len(sites) >= 72  # loads, evictions, cancellations, waves
+    for at in range(1, len(counted.sites) + 1):
+        cache = fresh()
+        injector = _Injector(at)
+        assert injector.run(_steps, cache, script) and injector.sites == counted.sites[:at]  # deterministic
+        cache.abort()  # what the model's forward does when a step stops part way
+        _consistent(cache)
+        _steps(cache, script)
+
+
+def test_an_interrupt_at_each_site_of_load_and_evict_then_an_exact_call(compiled_dir, hf_reference):
+    """The same through the model: a Ctrl-C at the first occurrence of each statement and call
+    of the cache's load and evict code in a cold step; the cache is consistent and the next call
+    gives HF's logits."""
+    model = runtime.load(compiled_dir("tiny-mixtral"), expert_cache=EVICT)
+    model.context.cache.engine.close()
+    ids = torch.tensor([[5, 9, 200]])
+    with torch.no_grad():
+        reference = hf_reference("tiny-mixtral")[0](input_ids=ids).logits
+
+    def cold() -> ExpertCache:
+        old = model.context.cache
+        cache = ExpertCache(old.layouts, old.store, old.slots, torch.device("cpu"), _SteppedEngine(),
+                            make_policy(old.policy.name, list(old.layouts)))
+        model.context.cache, model.context._views = cache, {}  # the views are of the old pool tensor
+        return cache
+
+    cold()
+    counted = _Injector()
+    assert not counted.run(model, ids)
+    first = sorted({site: at for at, site in reversed(list(enumerate(counted.sites, 1)))}.values())
+    assert len(first) >= 40  # of the 72 above: a cold step cancels no prefetch that started
+    for at in first:
+        cache = cold()
+        assert _Injector(at).run(model, ids)
+        _consistent(cache)
+        torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("threads", [2, 4])
