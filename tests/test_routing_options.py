@@ -47,15 +47,25 @@ def _hf(option: Option, out: Path) -> tuple[Any, dict[str, Any]]:
     for extra in ({}, companions(option.model_type)):
         overrides = {**extra, option.field: option.value}
         try:
-            build_tiny(option.model_type, seed=0, **overrides).save_pretrained(out)
+            model = build_tiny(option.model_type, seed=0, **overrides)
+        except Exception as exc:  # transformers' config or model refuses the setting
+            first = first or _why(exc)
+            continue
+        assert getattr(model.config, option.field) == option.value, f"tiny_config dropped {option.id}"
+        try:
+            model.save_pretrained(out)
             hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
             with torch.no_grad():
                 logits = hf(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
                 tokens = hf.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=NEW_TOKENS, do_sample=False)
             return (logits, tokens), overrides
         except Exception as exc:  # transformers' own failure on this setting: reported, not hidden
-            first = first or f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            first = first or _why(exc)
     pytest.skip(f"transformers fails on {option.id}: {first}")
+
+
+def _why(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.id)
