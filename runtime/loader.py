@@ -7,7 +7,9 @@ layouts, the mask kinds: ``runtime/derive.py``) against what the directory claim
 weights against the skeleton's names, shapes and dtypes, and the experts file's header against
 the layouts. Nothing is unpickled and no code from the directory runs: the graph that runs is the
 derived one (``graph.json`` must equal it, or be from another ExpertFlow, torch or transformers
-release), weights are safetensors, the rest is JSON.
+release), weights are safetensors, the rest is JSON. :func:`check` is all of these checks, the
+same code ``load`` runs, without reading the weights: expertflow-compile runs it on what it wrote,
+so a directory that compiles loads.
 """
 
 from __future__ import annotations

@@ -17,8 +17,11 @@ config.topk_method``). Its values to try come from its type and that code:
   "group_limited_greedy"``);
 - a per-layer list of kinds (``config.mlp_layer_types[layer_idx] == "sparse"``): each kind
   between two layers of another, so a dense layer sits between MoE layers or the reverse;
-- a number: switched on when it is off (0 or None: the size ``tools/tiny_rules`` gives such a
-  field, else 1), else off, and one step either side for a layer index or period.
+- a layer index or period (``first_k_dense_replace``, ``decoder_sparse_step``): one step either
+  side, within the tiny model's layers;
+- another number the code compares with a constant (``if self.num_shared_experts > 0``): either
+  side of it, switched on at the size ``tools/tiny_rules`` gives such a field; an unset one
+  tested against None: set, at that size. Routed-expert counts are sizes, not options.
 
 An option may need fields the default leaves unset (group-limited routing reads ``n_group``):
 :data:`companions` are the unset fields of the same code that ``tiny_rules`` can size, given
@@ -168,9 +171,8 @@ def _candidates(name: str, value: Any, constants: set[Any]) -> list[Any]:
     if isinstance(value, list) and strings and len(value) == LAYERS and all(isinstance(v, str) for v in value):
         kinds = sorted(strings | set(value))
         return [p for p in ([w, u, w] for u in kinds for w in kinds if u != w) if p != value]
-    if value is None:  # off: on at the size tiny_rules gives such a field
-        sized = shrink_value(name, _TYPICAL, {})
-        return [sized] if None in constants and isinstance(sized, int) and sized != _TYPICAL else []
+    if value is None:  # unset, tested against None: set, at the size tiny_rules gives such a field
+        return [_sized(name)] if None in constants and _sized(name) is not None else []
     if not isinstance(value, (int, float)):
         return []
     if isinstance(value, int) and re.search(LAYER_INDEX, name):  # where a kind of layer starts or ends
@@ -179,13 +181,18 @@ def _candidates(name: str, value: Any, constants: set[Any]) -> list[Any]:
         return [v for v in (value - 1, value + 1) if 1 <= v < LAYERS]
     if re.search(EXPERT_COUNT, name):
         return []
-    # a threshold the code compares with (``if self.num_shared_experts > 0``): either side of it,
-    # the side above at the size tiny_rules gives such a field when it has one
+    # a threshold the code compares with (``if self.num_shared_experts > 0``): either side of it;
+    # above 0 (switched on) at the size tiny_rules gives such a field, when it has one
+    sides = set()
+    for c in numbers:
+        sides |= {c, _sized(name) if c == 0 and _sized(name) is not None else c + 1}
+    return sorted({type(value)(v) for v in sides if v >= 0} - {value})
+
+
+def _sized(name: str) -> int | None:
+    """What tiny_rules makes of a full-size value of ``name``; None when no rule sizes it."""
     sized = shrink_value(name, _TYPICAL, {})
-    above = sized if isinstance(sized, int) and sized != _TYPICAL else None
-    sides = {type(value)(c if not d else above if above is not None and not c else c + d)
-             for c in numbers for d in (0, 1) if c + d >= 0}
-    return sorted(sides - {value})
+    return sized if isinstance(sized, int) and sized != _TYPICAL else None
 
 
 @cache
@@ -205,8 +212,6 @@ def companions(model_type: str) -> dict[str, Any]:
     values, reads = _scan(model_type)
     out = {}
     for name in sorted(reads.fields):
-        if name in values and values[name] is None:
-            sized = shrink_value(name, _TYPICAL, {})
-            if isinstance(sized, int) and sized != _TYPICAL:
-                out[name] = sized
+        if name in values and values[name] is None and _sized(name) is not None:
+            out[name] = _sized(name)
     return out
