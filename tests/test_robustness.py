@@ -183,7 +183,9 @@ def _consistent(cache: ExpertCache) -> None:
 def _steps(cache: ExpertCache, script: list) -> None:
     """Drives the cache as a compiled graph does: per token and layer, the prefetch of the next
     layer's prediction, the wait's plan, then acquire, read and release each wave. The read
-    checks what a compute would: each id's table entry names a slot holding its blob."""
+    checks what a compute would: each id's table entry names a slot holding its blob. A token
+    with fewer routes than layers stops after them, as a step that raised does (``abort``), its
+    last prefetch's copies still queued."""
     layers = len(cache.layouts)
     for routes in script:
         handle = None
@@ -197,20 +199,23 @@ def _steps(cache: ExpertCache, script: list) -> None:
                                                                  cache.store.blob(layer, e)), (layer, e)
                 cache.release(layer, slots)
             handle = following
+        if len(routes) < layers:
+            cache.abort()
 
 
-@pytest.mark.parametrize("slots", [3, 5])
-def test_an_interrupt_at_every_statement_of_load_and_evict_leaves_the_cache_consistent(slots):
+@pytest.mark.parametrize("slots,seed", [(3, 4), (6, 14)])
+def test_an_interrupt_at_every_statement_of_load_and_evict_leaves_the_cache_consistent(slots, seed):
     """A Ctrl-C at each statement of the cache's load and evict code and at each call it makes,
-    one run per event, through steps that fill empty slots, evict, prefetch, cancel prefetches
-    and run in waves: after the step's cleanup (``abort``) host and device tables agree and the
-    same steps run again read exactly the right bytes. It used to be wrong where a Ctrl-C landed
-    as ``SlotTable.set`` began: the host named the new expert, the device table said -1."""
+    one run per event, through steps that fill empty slots, evict, prefetch, cancel prefetches,
+    run in waves and stop part way: after the step's cleanup (``abort``) host and device tables
+    agree and the same steps run again read exactly the right bytes. It used to be wrong where a
+    Ctrl-C landed as ``SlotTable.set`` began: the host named the new expert, the table said -1."""
     from test_runtime_cache import Store, layouts_for
 
-    rng = random.Random(4)  # 3 tokens x 3 layers of routes and predictions: reaches every branch but
+    rng = random.Random(seed)  # (6, 14): 3 tokens x 3 layers reaching every line of that code; (3, 4): waves
     script = [[(rng.sample(range(6), rng.randint(1, 4)), rng.sample(range(6), rng.randint(0, 4)))
-               for _ in range(3)] for _ in range(3)]  # _load's cancel of a named owner's copy (only after an abort)
+               for _ in range(3)] for _ in range(3)]
+    script[1] = script[1][:2]  # the second token stops after layer 1, its layer 2 prefetch queued
 
     def fresh() -> ExpertCache:
         return ExpertCache(layouts_for(3, 6), Store(3, 6), slots, torch.device("cpu"), _SteppedEngine())
