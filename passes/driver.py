@@ -97,6 +97,10 @@ class Driver(nn.Module):
         self.cache_keyword = module_cache_keyword(layers[0]) if layers else "past_key_values"
         rotary = getattr(inner, "rotary_emb", None)
         self.rotary_per_kind = rotary is not None and "layer_type" in parameters(type(rotary).forward)
+        # A rotary embedding per layer type knows the types that have one (rope_type, keyed by type):
+        # the others are NoPE layers (Ergo's full attention) and get None, as the model's forward gives.
+        known = getattr(rotary, "rope_type", None)
+        self.rope_kinds = [k for k in dict.fromkeys(self.mask_kinds) if not isinstance(known, dict) or k in known]
 
     def forward(self, input_ids, position_ids, cache, masks, logits_to_keep):
         """``logits_to_keep``: logits for the last N positions only (0: all), as transformers' causal
@@ -107,13 +111,13 @@ class Driver(nn.Module):
             hidden = hidden * self.embedding_multiplier
         pos: Any = None
         if self.rotary_per_kind:
-            pos = {kind: inner.rotary_emb(hidden, position_ids, kind) for kind in dict.fromkeys(self.mask_kinds)}
+            pos = {kind: inner.rotary_emb(hidden, position_ids, kind) for kind in self.rope_kinds}
         elif hasattr(inner, "rotary_emb"):
             pos = inner.rotary_emb(hidden, position_ids)
         for i, layer in enumerate(inner.layers[: self.num_layers]):
             kind = self.mask_kinds[i]
             out = layer(hidden, attention_mask=masks[kind], position_ids=position_ids, use_cache=True,
-                        position_embeddings=pos[kind] if self.rotary_per_kind else pos,
+                        position_embeddings=pos.get(kind) if self.rotary_per_kind else pos,
                         **{self.cache_keyword: cache})
             hidden = out[0] if isinstance(out, tuple) else out
         hidden = inner.norm(hidden)

@@ -55,6 +55,8 @@ class _ForwardReads(ast.NodeVisitor):
         self.module = module
         self.reads: set[str] = set()
         self.layer_loops: list[ast.For] = []
+        self.layer_bounds: set[str] = set()  # X of ``for ... in self.layers[: self.config.X]``
+        self._bounds: set[int] = set()  # their nodes: checked against the Driver's count, not as reads
 
     # -- static evaluation of branch conditions on the module and its config
     def _value(self, expr: ast.AST) -> Any:
@@ -108,6 +110,8 @@ class _ForwardReads(ast.NodeVisitor):
 
     # -- reads
     def visit_Attribute(self, node: ast.Attribute) -> None:
+        if id(node) in self._bounds:
+            return
         value = node.value
         if isinstance(value, ast.Name) and value.id == "self":
             self.reads.add(f"self.{node.attr}")
@@ -129,7 +133,24 @@ class _ForwardReads(ast.NodeVisitor):
     def visit_For(self, node: ast.For) -> None:
         if any(isinstance(n, ast.Attribute) and n.attr == "layers" for n in ast.walk(node.iter)):
             self.layer_loops.append(node)
+            for sub in ast.walk(node.iter):
+                bound = _config_bound(sub)
+                if bound is not None:
+                    self.layer_bounds.add(bound.attr)
+                    self._bounds.add(id(bound))
         self.generic_visit(node)
+
+
+def _config_bound(node: ast.AST) -> ast.Attribute | None:
+    """``self.config.X`` when ``node`` is ``self.layers[: self.config.X]``."""
+    if not (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "layers"
+            and isinstance(node.slice, ast.Slice) and node.slice.lower is None and node.slice.step is None):
+        return None
+    upper = node.slice.upper
+    if (isinstance(upper, ast.Attribute) and isinstance(upper.value, ast.Attribute) and upper.value.attr == "config"
+            and isinstance(upper.value.value, ast.Name) and upper.value.value.id == "self"):
+        return upper
+    return None
 
 
 def _forward_source(module: nn.Module, path: str) -> ast.AST:
@@ -183,6 +204,20 @@ def check_supported(driver: Driver) -> None:
                 "generic decoder-stack forward does not reproduce; compiling it would give different logits", where)
         if depth + 1 == len(chain):
             _check_layer_loop(visitor, module, where)
+            for name in sorted(visitor.layer_bounds):
+                _check_layer_count(driver, module, name, where)
+
+
+def _check_layer_count(driver: Driver, module: nn.Module, name: str, where: str) -> None:
+    """The stack runs ``self.layers[: config.<name>]`` (longcat_flash: ``num_layers``, half of
+    ``num_hidden_layers``, two attention sublayers per decoder layer); the Driver runs
+    ``[: config.num_hidden_layers]``: refused unless that is the same layers."""
+    layers = getattr(module, "layers", None) or []
+    count = getattr(getattr(module, "config", None), name, None)
+    if not isinstance(count, int) or len(layers[:count]) != len(layers[: driver.num_layers]):
+        raise TraceFailure(f"the forward of '{where}' ({type(module).__name__}) runs its first config.{name} = {count!r} "
+                           f"decoder layers, ExpertFlow's generic forward its first config.num_hidden_layers = "
+                           f"{driver.num_layers}: different layers", where)
 
 
 def _check_layer_loop(visitor: _ForwardReads, module: nn.Module, where: str) -> None:

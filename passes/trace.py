@@ -9,8 +9,12 @@ traced, so the router's math is visible in the graph.
 
 Every proxy carries a meta-device value (``node.meta["ef.meta"]``) computed while tracing, so
 code that star-unpacks ``x.shape`` (DeepSeek, GLM MoE blocks) traces: the tracer knows the rank.
-Python branches on values fixed at compile time (``weight.dtype == torch.float32``) are taken;
-branches on anything else (input values or sizes, the device) fail naming the module.
+Python branches on values fixed at compile time (``weight.dtype == torch.float32``) are taken.
+Python that depends on anything else (a branch on the device, ``x.is_cuda``, or on the input's
+values or sizes; a loop over a run-time length) cannot be one graph: the innermost module running
+it is then kept whole, a leaf that runs its own forward when the compiled model runs (every module
+of its class is, so the trace starts again, once per such class), unless it holds an experts
+module, which must stay visible: then the trace fails naming the module.
 
 The Driver is only equivalent to models whose own top-level forward does what it does, so
 :func:`check_supported` reads that forward (its source, from the causal LM down to the decoder
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call, _orig_module_getattr
 from torch.fx.proxy import Attribute, Proxy
@@ -39,7 +44,7 @@ from .driver import (EXPERT_FLAGS, MASK_KINDS, Driver, TraceFailure, is_experts_
                      layer_mask_kinds)
 from .support import check_supported
 
-__all__ = ["EXPERT_FLAGS", "MASK_KINDS", "Driver", "ExpertFlowTracer", "TraceFailure", "TraceInfo",
+__all__ = ["EXPERT_FLAGS", "MASK_KINDS", "Driver", "DynamicPython", "ExpertFlowTracer", "TraceFailure", "TraceInfo",
            "is_experts_module", "layer_mask_kinds", "trace_model"]
 
 def _to_meta(value: Any) -> Any:
@@ -65,12 +70,25 @@ def _static_length(proxy: Proxy) -> int | None:
     return len(meta) if isinstance(meta, (tuple, list, torch.Size)) else None
 
 
+class DynamicPython(TraceFailure):
+    """Python control flow or iteration on a value that is not fixed when the model is compiled."""
+
+
+class _RunWhole(Exception):
+    """Raised out of the trace by the innermost module running :class:`DynamicPython` that holds no
+    experts module: :func:`trace_model` traces again with every module of its class a leaf."""
+
+    def __init__(self, cls: type, path: str, failure: DynamicPython):
+        super().__init__(f"{path} ({cls.__name__}): {failure}")
+        self.cls = cls
+
+
 def _unknown_length(proxy: Proxy, what: str) -> TraceFailure:
     meta = proxy.node.meta.get("ef.meta")
     why = (f"it is a tensor of shape {tuple(meta.shape)}, whose length is a run-time size"
            if isinstance(meta, torch.Tensor) else
            proxy.node.meta.get("ef.meta_error", "its value is data-dependent"))
-    return TraceFailure(f"cannot {what} {proxy.node.format_node()}: its length is unknown ({why})")
+    return DynamicPython(f"cannot {what} {proxy.node.format_node()}: its length is unknown ({why})")
 
 
 class MetaProxy(Proxy):
@@ -103,7 +121,7 @@ class MetaProxy(Proxy):
         meta = self.node.meta.get("ef.meta")
         if self.node.meta.get("ef.static") and isinstance(meta, bool):
             return meta
-        raise TraceFailure(f"Python control flow on {_describe(self.node)}, whose value is not fixed when the "
+        raise DynamicPython(f"Python control flow on {_describe(self.node)}, whose value is not fixed when the "
                            "model is compiled (it depends on the input's values or sizes, or on the device the "
                            "compiled model runs on); one graph cannot follow both branches")
 
@@ -139,16 +157,22 @@ class MetaAttribute(Attribute, MetaProxy):
     """fx's lazily created attribute proxy (``x.shape``, ``x.view``), with MetaProxy's methods."""
 
 
-class ExpertFlowTracer(fx.Tracer):
-    """Traces with leaves at attention, rotary, norms, torch.nn modules and experts modules."""
+def _holds_experts(m: nn.Module) -> bool:
+    return any(is_experts_module(sub) for sub in m.modules())
 
-    def __init__(self, placeholder_meta: dict[str, Any]):
+
+class ExpertFlowTracer(fx.Tracer):
+    """Traces with leaves at attention, rotary, norms, torch.nn modules and experts modules, and at
+    the modules of ``run_whole`` (classes whose Python the trace cannot follow) that hold no experts."""
+
+    def __init__(self, placeholder_meta: dict[str, Any], run_whole: frozenset[type] = frozenset()):
         super().__init__(param_shapes_constant=True)
         self.placeholder_meta = placeholder_meta
+        self.run_whole = run_whole
         self.experts_paths: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if is_experts_module(m):
+        if is_experts_module(m) or (type(m) in self.run_whole and not _holds_experts(m)):
             return True
         name = type(m).__name__
         if "Attention" in name or "Rotary" in name or name.endswith("Norm") or "RMSNorm" in name:
@@ -162,10 +186,26 @@ class ExpertFlowTracer(fx.Tracer):
         except TraceFailure as exc:
             if exc.module is not None:
                 raise
+            if isinstance(exc, DynamicPython) and not _holds_experts(m):
+                raise _RunWhole(type(m), path, exc) from exc
             raise TraceFailure(f"cannot trace module '{path}' ({type(m).__name__}): {exc}", path) from exc
+        except _RunWhole:
+            raise
         except Exception as exc:  # name the module that failed, once, at the innermost level
             raise TraceFailure(f"cannot trace module '{path}' ({type(m).__name__}): "
                                f"{type(exc).__name__}: {exc}", path) from exc
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """A buffer read in traced code is a ``get_attr`` node, as a parameter is: what a router
+        computes from one (``bias.unsqueeze(0)``) is then graph nodes, not a tensor constant that a
+        stored graph cannot name (fx's own buffer proxies assume parameters)."""
+        if isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, nn.Parameter):
+            for name, buffer in self.root.named_buffers():
+                if buffer is attr_val:
+                    if name not in parameter_proxy_cache:
+                        parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                    return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def proxy(self, node: fx.Node) -> Proxy:
         return MetaProxy(node, self)
@@ -193,6 +233,8 @@ class ExpertFlowTracer(fx.Tracer):
         if kind == "get_attr":
             return _fetch_attr(self.root, target)
         margs, mkwargs = _to_meta(args), _to_meta(kwargs)
+        if kind != "call_module" and _any_meta((margs, mkwargs)):
+            margs, mkwargs = _on_meta(margs), _on_meta(mkwargs)
         if kind == "call_function":
             return target(*margs, **mkwargs)
         if kind == "call_method":
@@ -203,6 +245,16 @@ class ExpertFlowTracer(fx.Tracer):
                 return torch.empty_like(margs[0])
             return mod(*margs, **mkwargs)
         return None
+
+
+def _any_meta(values: Any) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.is_meta for v in pytree.tree_leaves(values))
+
+
+def _on_meta(values: Any) -> Any:
+    """Real tensors (buffers, and what is computed from them alone: ``bias.unsqueeze(0)``) moved to
+    the meta device where they meet traced values, which are meta: torch refuses to mix devices."""
+    return pytree.tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) and not v.is_meta else v, values)
 
 
 _STATIC_ATTRIBUTES = frozenset({"dtype"})
@@ -259,21 +311,26 @@ def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphMo
     check_supported(driver)
     config = lm.config
     dtype = next(lm.parameters()).dtype
-    masks = {k: torch.zeros(batch, 1, seq, seq, dtype=dtype, device="meta") for k in set(driver.mask_kinds)}
-    meta = {
-        "input_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta"),
-        "position_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta"),
-        "cache": DynamicCache(config=config),
-        "masks": masks,
-        "logits_to_keep": 0,
-    }
-    tracer = ExpertFlowTracer(meta)
-    try:
-        graph = tracer.trace(driver)
-    except TraceFailure:
-        raise
-    except Exception as exc:
-        raise TraceFailure(f"cannot trace {type(lm).__name__}: {type(exc).__name__}: {exc}") from exc
+    run_whole: frozenset[type] = frozenset()
+    while True:
+        masks = {k: torch.zeros(batch, 1, seq, seq, dtype=dtype, device="meta") for k in set(driver.mask_kinds)}
+        meta = {  # made afresh for each attempt: leaves' meta values fill the cache
+            "input_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta"),
+            "position_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta"),
+            "cache": DynamicCache(config=config),
+            "masks": masks,
+            "logits_to_keep": 0,
+        }
+        tracer = ExpertFlowTracer(meta, run_whole)
+        try:
+            graph = tracer.trace(driver)
+            break
+        except _RunWhole as retry:  # a new class each time (its modules are leaves now): this ends
+            run_whole |= {retry.cls}
+        except TraceFailure:
+            raise
+        except Exception as exc:
+            raise TraceFailure(f"cannot trace {type(lm).__name__}: {type(exc).__name__}: {exc}") from exc
     gm = fx.GraphModule(driver, graph, class_name=type(lm).__name__ + "Graph")
     layers_path = f"lm.{driver.inner_path}.layers" if driver.inner_path else "lm.layers"
     info = TraceInfo(layers_path=layers_path, mask_kinds=driver.mask_kinds)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,12 @@ def check_config(manifest: dict[str, Any], where: str) -> None:
     if type(labels) is not int or not 0 <= labels <= MAX_LABELS:
         raise LoadError(f"{where}: config.num_labels is {labels!r}, expected 0 to {MAX_LABELS}")
     layers, moe = config.get("num_hidden_layers"), manifest["layouts"]
+    counted = getattr(cls, "num_hidden_layers", None)
+    if layers is None and isinstance(counted, property):  # derived, not stored (longcat_flash: 2 * num_layers)
+        try:
+            layers = counted.fget(types.SimpleNamespace(**config))
+        except CONFIG_ERRORS:
+            layers = None
     if type(layers) is not int or not 0 < layers <= MAX_LAYERS:
         raise LoadError(f"{where}: config.num_hidden_layers is {layers!r}, expected 1 to {MAX_LAYERS}")
     if not len(moe) <= layers <= 2 * len(moe) + 8:

@@ -10,6 +10,7 @@ with errors that say which module and why.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from expertflow.passes.insert_prefetch import ancestors
 from expertflow.passes.options import CompileOptions
 from expertflow.passes.pipeline import compile_graph
 from expertflow.passes.trace import TraceFailure
+from expertflow.runtime import derive
 from expertflow.runtime.model import CompiledModel
 from expertflow.tools import presets
 from expertflow.tools.compile import compile_model
@@ -130,6 +132,38 @@ def test_untraceable_module_is_named(forward, reason: str, monkeypatch) -> None:
     assert err.value.module == "lm.model.layers.0.mlp"
     assert f"'lm.model.layers.0.mlp' ({block.__name__})" in str(err.value)
     assert reason in str(err.value)
+
+
+def test_module_branching_on_the_device_runs_whole(tmp_path, model_dir, compiled_dir, hf_reference,
+                                                   monkeypatch) -> None:
+    """A module whose forward branches on the device (Kolibri's router, Ergo's router linear) and
+    holds no experts is kept whole: a leaf that decides where the compiled model runs. The router's
+    leaf still feeds ``route``, the cross-layer gate's copies call it on earlier layers' inputs, and
+    the tokens are HF's."""
+    name = "tiny-qwen3-moe"
+    traced = runtime.load(compiled_dir(name), expert_cache=1).graph_module.graph
+    assert not any(n.op == "call_module" and n.target.endswith(".mlp.gate") for n in traced.nodes)
+    router = type(build_skeleton(_preset_config(name), torch.float32).model.layers[0].mlp.gate)
+    original = router.forward
+
+    def forward(self: nn.Module, hidden_states: torch.Tensor):
+        if hidden_states.is_cuda:  # fixed where the compiled model runs, not when it is compiled
+            return original(self, hidden_states)
+        return original(self, hidden_states)
+
+    monkeypatch.setattr(router, "forward", forward)
+    # Derivations are cached per process by config and options, which assumes the modeling code fixed.
+    monkeypatch.setattr(derive, "_CACHE", OrderedDict())
+    model = runtime.load(compile_model(str(model_dir(name)), tmp_path / "c", CompileOptions(), quiet=True),
+                         expert_cache=1)
+    graph = model.graph_module.graph
+    gates = {n for n in graph.nodes if n.op == "call_module" and n.target.endswith(".mlp.gate")}
+    for target in (ops.route, ops.predict):
+        calls = [n for n in graph.nodes if n.target is target]
+        assert calls and all(gates & ancestors(n) for n in calls), target.__name__
+    _, hf_logits, hf_tokens = hf_reference(name)
+    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, hf_logits, atol=1e-5, rtol=0)
+    assert torch.equal(model.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=NEW_TOKENS), hf_tokens)
 
 
 def _preset_config(name: str):

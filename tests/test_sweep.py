@@ -74,9 +74,10 @@ EXPECTED_FAILURES: dict[str, Refusal] = {
     "granitemoe_swa": Refusal("lm.model", "self.rotary_embs",
                               "a rotary embedding per layer (layer_rope_theta, 0 = NoPE) chosen in the forward"),
     "hy_v4": Refusal("lm.model", "self.hc_head", "hyper-connections: several residual streams mixed per layer"),
-    # A router that branches on the device: one compiled graph cannot follow both branches.
-    "kolibri1": Refusal("lm.model.layers.0.mlp.gate", "is_cuda",
-                        "the router takes another GEMM path on CUDA (hidden_states.is_cuda)"),
+    "kolibri1_1": Refusal("lm.model", "config.index_layers",
+                          "sparse-attention layers pick keys from a pool chosen by the indexer layers "
+                          "(config.index_layers) and passed from layer to layer, and some layers reuse "
+                          "another's keys and values (shared_kv_states): more than the hidden state is threaded"),
 }
 
 

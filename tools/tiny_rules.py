@@ -80,6 +80,14 @@ def _rope_dim(value: int, cfg: dict[str, Any]) -> int:
     return min(value, HEAD_DIM // 2)
 
 
+def _head_dim(value: int, cfg: dict[str, Any]) -> int:
+    """A head width; one the default makes equal to the rotary width stays equal to it (MLA models
+    whose rotary embedding is built for ``head_dim`` and applied to the ``qk_rope_head_dim`` part)."""
+    if value and value == cfg.get("qk_rope_head_dim"):
+        return _rope_dim(value, cfg)
+    return HEAD_DIM if value else value
+
+
 def _token_id(value: Any, cfg: dict[str, Any]) -> Any:
     """Special token ids move into the small vocabulary; distinct ids stay distinct."""
     if isinstance(value, list):
@@ -129,6 +137,7 @@ RULES: list[tuple[str, Callable[[Any, dict[str, Any]], Any]]] = [
     (r"rope_head_dim$|^rotary_dim$", _rope_dim),
     (r"nope_head_dim$", lambda v, c: HEAD_DIM // 2),
     (r"^qk_head_dim$", lambda v, c: HEAD_DIM),
+    (r"^head_dim$", _head_dim),
     (r"head_dim$|_d_head$", _size(HEAD_DIM)),
     # Low-rank projections (MLA's q/kv LoRA, gated norms).
     (r"lora_rank$", _size(HEAD_DIM * 2)),
