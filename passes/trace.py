@@ -5,7 +5,7 @@ decoder layer, final norm, lm_head and the multipliers some models keep outside 
 with ``input_ids``, ``position_ids``, the KV cache and a dict of attention masks (one per layer
 type in ``config.layer_types``) as graph inputs. Attention, rotary embeddings, norms, standard
 ``torch.nn`` modules and every experts module are leaves; everything else, routers included, is
-traced, so the router's math is visible in the graph.
+traced, so the router's math is visible in the graph (unless its Python cannot be one graph: below).
 
 Every proxy carries a meta-device value (``node.meta["ef.meta"]``) computed while tracing, so
 code that star-unpacks ``x.shape`` (DeepSeek, GLM MoE blocks) traces: the tracer knows the rank.
