@@ -260,6 +260,15 @@ def test_the_compile_cache_names_lists_cleans_and_sweeps_killed_runs(model_dir, 
     monkeypatch.setattr(transformers, "__version__", "5.99.0")
     assert compile_cache.fingerprint("./my-model", tmp_path / "my-model") == entry.name[-12:]
     monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)  # undo() went back
+    # an entry this installation's loader refuses (here: a graph.json it cannot read) is ours to
+    # rebuild: the next run recompiles it in place and generates, it does not fail
+    (entry / "graph.json").write_text("{}")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"recompiling ./my-model into {entry}: the entry does not load with this installation (" in err
+    assert "graph.json" in err and [p.name for p in (cache / "compiled").iterdir()] == [entry.name]
+    assert main(args) == 0 and "compiling" not in capsys.readouterr().err  # the rebuilt entry loads
     assert main(["--list-cache", "--cache-dir", str(cache)]) == 0
     listing = capsys.readouterr().out.splitlines()
     size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())

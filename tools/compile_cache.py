@@ -43,11 +43,27 @@ def compiled_path(model: str, cache_dir: Path, quiet: bool, needs_tokenizer: boo
     for stale in _remove_stale(entries_dir(cache_dir)):
         if not quiet:
             print(f"removed {stale}, left by a compile that was killed", file=sys.stderr)
-    if (out / "manifest.json").is_file():
+    refused = (out / "manifest.json").is_file() and _refused(out)
+    if (out / "manifest.json").is_file() and not refused:
         return out
     if not quiet:
-        print(f"compiling {model} once into {out}", file=sys.stderr)
-    return compile_model(model, out, CompileOptions(), dumps=False, quiet=quiet)
+        print(f"recompiling {model} into {out}: the entry does not load with this installation ({refused})"
+              if refused else f"compiling {model} once into {out}", file=sys.stderr)
+    return compile_model(model, out, CompileOptions(), force=bool(refused), dumps=False, quiet=quiet)
+
+
+def _refused(entry: Path) -> str:
+    """Why the loader refuses a cached entry ('' if it does not): one compiled under another
+    transformers may not load here (a renamed weight), and the cache is ours to rebuild. The
+    checksums are skipped (our own files); what it derives is cached, so the load after is no slower."""
+    from ..runtime.loader import check
+    from ..runtime.manifest import LoadError
+
+    try:
+        check(entry, verify=False)
+    except LoadError as exc:
+        return str(exc).splitlines()[0]
+    return ""
 
 
 def entry_name(model: str, source: Path) -> str:
