@@ -15,7 +15,7 @@ from typing import Any
 
 from ..ir import graph_view as gv
 from ..runtime.manifest import SCHEMA_VERSION as MANIFEST_SCHEMA  # noqa: F401  (stdlib-only: no torch import)
-from ..runtime.manifest import LoadError, check_files, read_json, read_manifest
+from ..runtime.manifest import JSON_LIMIT, LoadError, check_files, read_bytes, read_json, read_manifest
 from .dumps import colour_key, node_table, to_dot
 
 PROG = "expertflow-inspect"
@@ -75,8 +75,7 @@ def load_compiled(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise InspectError(f"{path} does not exist")
     try:
         manifest = read_manifest(path)
-        check_files(path, manifest, only=("graph.json",))
-        graph = read_json(path, "graph.json")
+        graph = read_json(path, "graph.json", digest=manifest["files"]["graph.json"])  # checked as read
     except LoadError as exc:
         raise InspectError(str(exc)) from None
     if not isinstance(graph, dict) or graph.get("schema") != GRAPH_SCHEMA or not isinstance(graph.get("nodes"), list):
@@ -92,8 +91,7 @@ def _dump(path: Path, manifest: dict[str, Any], name: str) -> str | None:
     if key not in manifest["files"]:
         return None
     try:
-        check_files(path, manifest, only=(key,))
-        return (path / key).read_text()
+        return read_bytes(path, key, JSON_LIMIT, manifest["files"][key]).decode()  # checked as read
     except (LoadError, OSError, UnicodeDecodeError) as exc:
         raise InspectError(str(exc) if isinstance(exc, LoadError) else f"cannot read {path / key}: {exc}") from None
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from ..runtime.manifest import check_files, read_manifest, regular_file
+from ..runtime.manifest import read_manifest
+from ..runtime.tensor_file import read_tensor_file
 from ..runtime.policy import POLICIES as RUNTIME_POLICIES, Policy
 from ..runtime.prior import as_prior, prior_tensors
 from . import predictors as P
@@ -33,6 +33,9 @@ from .cache_sim import TimeModel, simulate
 from .prefetch_sim import Issue, Replay, replay
 
 FILE = "calibration.safetensors"
+#: 32,768 calibration tokens of a bf16 Mixtral-8x7B record about 1 GB; a larger file is refused before
+#: it is read (it is read whole into memory).
+CALIBRATION_LIMIT = 8 * 2**30
 
 
 def load_calibration(compiled: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -40,8 +43,7 @@ def load_calibration(compiled: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     manifest = read_manifest(compiled)
     if FILE not in manifest["files"]:
         raise ValueError(f"{compiled} has no calibration traces: compile with --calibration builtin, or pass --trace FILE")
-    check_files(compiled, manifest, only=(FILE,))
-    rec = load_file(str(regular_file(compiled, FILE)))
+    rec = read_tensor_file(compiled, FILE, CALIBRATION_LIMIT, manifest["files"][FILE])  # checked as read
     need = {"experts", "seq", "token", "split", "layers"}
     if not need <= set(rec) or rec["experts"].dim() != 3:
         raise ValueError(f"{compiled}/{FILE} lacks {sorted(need - set(rec))}; recompile with --calibration")
