@@ -22,16 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .hf_compat import leaf_callables
 
 _OPERATOR = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "invert", "getitem",
              "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "matmul")
 _TORCH = ("abs", "add", "all", "amax", "amin", "any", "arange", "argmax", "argmin", "argsort", "bmm", "cat",
           "chunk", "clamp", "clamp_max", "clamp_min", "clip", "concat", "cumsum", "div", "einsum", "eq", "exp",
-          "flatten", "full", "full_like", "gather", "ge", "gt", "index_select", "isin", "le", "log", "log_softmax",
+          "flatten", "full", "full_like", "gather", "ge", "gt", "index_select", "isin", "le", "log", "log1p", "log_softmax",
           "logsumexp", "lt", "masked_fill", "matmul", "max", "maximum", "mean", "min", "minimum", "mul", "ne", "neg",
           "ones", "ones_like", "permute", "pow", "reciprocal", "relu", "reshape", "rsqrt", "scatter", "scatter_add",
           "sigmoid", "sign", "softmax", "sort", "split", "sqrt", "square", "squeeze", "stack", "sub", "sum", "tanh",
-          "topk", "transpose", "unsqueeze", "where", "zeros", "zeros_like")
+          "topk", "transpose", "unbind", "unsqueeze", "where", "zeros", "zeros_like")
 _FUNCTIONAL = ("gelu", "linear", "log_softmax", "normalize", "relu", "sigmoid", "silu", "softmax", "softplus",
                "tanh")
 _BUILTINS: dict[str, Any] = {"getattr": getattr, "len": len, "int": int, "float": float}
@@ -47,6 +48,8 @@ FUNCTIONS: dict[str, Any] = {
     "math.sqrt": math.sqrt,
     **_BUILTINS,
     **{f"expertflow.ir.ops.{name}": fn for name, fn in ops.OPS.items()},
+    # transformers' mask builders and per-step containers, called whole (passes/leaves.py)
+    **leaf_callables(),
 }
 
 #: Tensor methods a graph may call.
@@ -56,7 +59,7 @@ METHODS = frozenset({
     "gt", "half", "index_select", "int", "le", "log", "long", "lt", "masked_fill", "masked_fill_", "matmul", "max",
     "mean", "min", "mul", "ne", "neg", "new_full", "new_ones", "new_zeros", "norm", "permute", "pow", "reshape",
     "rsqrt", "scatter", "scatter_", "scatter_add", "scatter_add_", "sigmoid", "size", "softmax", "sort", "split",
-    "sqrt", "squeeze", "sub", "sum", "t", "tanh", "to", "topk", "transpose", "type", "type_as", "unsqueeze",
+    "sqrt", "squeeze", "sub", "sum", "t", "tanh", "to", "topk", "transpose", "type", "type_as", "unbind", "unsqueeze",
     "view", "view_as", "where",
 })
 

@@ -10,9 +10,12 @@ graph the installed release derives from the same config and options.)
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import inspect
+import textwrap
+from collections.abc import Callable
 from typing import Any
 
 #: The names transformers has given the KV-cache keyword, newest first.
@@ -58,3 +61,67 @@ def output_cache_field(output_class: type) -> str:
     if field is None:
         raise RuntimeError(f"{output_class.__name__} has no cache field ({', '.join(CACHE_KEYWORDS)})")
     return field
+
+
+def _made_cache_class(stack_cls: type) -> tuple[type, bool] | None:
+    """The Cache class a decoder stack's forward makes when it is given none (``if use_cache and
+    cache is None: cache = X(config=self.config)``), and whether it passes the config; None when
+    the forward makes none that way."""
+    from transformers.cache_utils import Cache
+
+    try:
+        fn = inspect.unwrap(stack_cls.forward)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    scope = getattr(fn, "__globals__", {})
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name):
+            made = scope.get(node.value.func.id)
+            if isinstance(made, type) and issubclass(made, Cache):
+                return made, any(k.arg == "config" for k in node.value.keywords)
+    return None
+
+
+def cache_maker(lm: Any) -> Callable[[], Any]:
+    """What makes an empty cache of the kind the model's own forward makes when generation passes
+    none (``DynamicCache(config=...)``, whose layers follow ``config.layer_types``: keys and
+    values, linear-attention and convolution states alike; MiniMax's own ``MiniMaxCache``)."""
+    from transformers import DynamicCache
+
+    stack = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", lm)
+    made = _made_cache_class(type(stack))
+    if made is None:
+        return functools.partial(DynamicCache, config=stack.config)
+    cls, with_config = made
+    return functools.partial(cls, config=stack.config) if with_config else cls
+
+
+def new_cache(lm: Any) -> Any:
+    """An empty cache for ``lm``, as its own forward would make it (:func:`cache_maker`)."""
+    return cache_maker(lm)()
+
+
+def _mask_builders() -> dict[str, Any]:
+    from transformers import masking_utils
+
+    return {f"{masking_utils.__name__}.{name}": fn for name, fn in vars(masking_utils).items()
+            if name.startswith("create_") and callable(fn) and getattr(fn, "__module__", None) == masking_utils.__name__}
+
+
+def _step_containers() -> dict[str, Any]:
+    """Classes of ``cache_utils`` that hold no cache but what one forward shares between its layers
+    (Gemma 4's ``KVSharingDict``): made afresh each step."""
+    from transformers import cache_utils
+
+    return {f"{cache_utils.__name__}.{name}": cls for name, cls in vars(cache_utils).items()
+            if isinstance(cls, type) and cls.__module__ == cache_utils.__name__ and name.endswith("Dict")
+            and not issubclass(cls, cache_utils.Cache)}
+
+
+@functools.cache
+def leaf_callables() -> dict[str, Any]:
+    """Qualified name -> transformers' own function or class that a compiled graph calls whole: the
+    mask builders of ``masking_utils`` (every ``create_*``) and per-step containers. Read from
+    the installed release, so a mask kind a release adds is followed."""
+    return {**_mask_builders(), **_step_containers()}

@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from torch import fx
 from torch.fx.node import _get_qualified_name
+from transformers import PreTrainedConfig
 
 from . import allowlist, ops
 
-SCHEMA = 2  # 2: the Driver takes logits_to_keep
+SCHEMA = 3  # 3: the Driver is the causal LM's own forward (2-D mask in, masks built in the graph)
 META_KEYS = ("ef.layer", "ef.role", "ef.stream", "ef.module")
 #: The graph's inputs, in order: the Driver's forward, then the ExpertFlow execution context.
-INPUTS = ("input_ids", "position_ids", "cache", "masks", "logits_to_keep", "ef_ctx")
+INPUTS = ("input_ids", "attention_mask", "position_ids", "cache", "logits_to_keep", "ef_ctx")
 _RESERVED = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {"self", "torch", "inf", "nan", "NoneType"}
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,199}")
 _PATH_PART = re.compile(r"[A-Za-z0-9_]{1,200}")
@@ -158,7 +159,7 @@ def _check_call(op: str, target: Any, args: Any, kwargs: Any, name: str) -> None
 def graph_from_json(data: Any, root: torch.nn.Module) -> fx.Graph:
     """Rebuilds and validates the graph before any code is generated from it: node names are
     plain identifiers, the inputs are exactly :data:`INPUTS`, call targets are on the closed
-    lists, ``get_attr`` reads only parameters and buffers of ``root`` and ``call_module`` only
+    lists, ``get_attr`` reads only parameters, buffers and module configs of ``root`` and ``call_module`` only
     its submodules. Raises GraphFormatError naming the node."""
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise GraphFormatError(f"graph schema {data.get('schema') if isinstance(data, dict) else None!r}, "
@@ -167,6 +168,9 @@ def graph_from_json(data: Any, root: torch.nn.Module) -> fx.Graph:
     if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
         raise GraphFormatError("nodes must be a non-empty list of objects")
     tensors = {n for n, _ in root.named_parameters()} | {n for n, _ in root.named_buffers()}
+    # a module's config: what transformers' mask builders take (passes/leaves.py)
+    configs = {f"{n}.config" for n, m in root.named_modules() if n and isinstance(getattr(m, "config", None),
+                                                                               PreTrainedConfig)}
     modules = {n for n, _ in root.named_modules() if n}
     graph, env = fx.Graph(), {}
     for index, item in enumerate(items):
@@ -184,8 +188,8 @@ def graph_from_json(data: Any, root: torch.nn.Module) -> fx.Graph:
                 raise GraphFormatError(f"method {str(target)[:60]!r} is not on ExpertFlow's closed list of "
                                        "tensor methods")
         elif op == "get_attr":
-            if _module_path(target, f"node {name!r}: get_attr target") not in tensors:
-                raise GraphFormatError(f"get_attr target {target!r} is not a parameter or buffer of the model")
+            if _module_path(target, f"node {name!r}: get_attr target") not in tensors | configs:
+                raise GraphFormatError(f"get_attr target {target!r} is not a parameter, buffer or config of the model")
         elif op == "call_module":
             if _module_path(target, f"node {name!r}: call_module target") not in modules:
                 raise GraphFormatError(f"call_module target {target!r} is not in the model skeleton")

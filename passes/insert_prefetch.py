@@ -36,6 +36,8 @@ predictor could be placed reads a prefetch handle; the others keep None and load
 
 from __future__ import annotations
 
+import re
+
 
 from torch import fx
 
@@ -76,9 +78,12 @@ def _is_static(node: fx.Node) -> bool:
 def router_slice(block_input: fx.Node, index: fx.Node) -> list[fx.Node] | None:
     """The nodes computing ``index`` from ``block_input``, static inputs included, in graph order.
 
-    None when the router reads any other per-token value (then it cannot be moved).
+    None when the router reads any other per-token value (then it cannot be moved), or does not
+    read the hidden state at all (DeepSeek-V4's hash-routed layers: experts by token id).
     """
     inside = (ancestors(index) | {index}) & descendants(block_input)
+    if index not in inside:
+        return None
     needed = set(inside)
     for node in inside:
         for arg in node.all_input_nodes:
@@ -154,8 +159,10 @@ def _insert_gate(gm: fx.GraphModule, computes: list[fx.Node], waits: list[fx.Nod
 
 
 def _decoder_layer(node: fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    return next(iter(stack)) if stack else None
+    """The decoder layer ``node`` was traced in: the outermost module of its stack that is an item
+    of a module list (``lm.model.layers.3``); the causal LM and its decoder stack are around it."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next((path for path in stack if re.search(r"\.\d+$", path)), None)
 
 
 def layer_output(block_input: fx.Node) -> fx.Node | None:

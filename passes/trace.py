@@ -28,9 +28,10 @@ from __future__ import annotations
 import contextlib
 import dis
 import inspect
+import operator
 import re
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,12 +41,12 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call, _orig_module_getattr
 from torch.fx.proxy import Attribute, Proxy
 
-from .driver import (EXPERT_FLAGS, MASK_KINDS, Driver, TraceFailure, is_experts_module,  # noqa: F401
-                     layer_mask_kinds)
-from .support import check_supported
+from ..ir.hf_compat import new_cache
+from .driver import EXPERT_FLAGS, Driver, TraceFailure, is_experts_module  # noqa: F401
+from .leaves import leaf_callables, is_leaf_callable
 
-__all__ = ["EXPERT_FLAGS", "MASK_KINDS", "Driver", "DynamicPython", "ExpertFlowTracer", "TraceFailure", "TraceInfo",
-           "is_experts_module", "layer_mask_kinds", "trace_model"]
+__all__ = ["EXPERT_FLAGS", "Driver", "DynamicPython", "ExpertFlowTracer", "TraceFailure", "TraceInfo",
+           "is_experts_module", "trace_model"]
 
 def _to_meta(value: Any) -> Any:
     if isinstance(value, Proxy):
@@ -121,9 +122,18 @@ class MetaProxy(Proxy):
         meta = self.node.meta.get("ef.meta")
         if self.node.meta.get("ef.static") and isinstance(meta, bool):
             return meta
+        if isinstance(meta, bool) and _compares_sizes(self.node) and self.tracer.resample(self.node) is meta:
+            return meta
         raise DynamicPython(f"Python control flow on {_describe(self.node)}, whose value is not fixed when the "
                            "model is compiled (it depends on the input's values or sizes, or on the device the "
                            "compiled model runs on); one graph cannot follow both branches")
+
+
+def _compares_sizes(node: fx.Node) -> bool:
+    """``a == b`` or ``a != b`` of two sizes that both come from the traced values (not a literal):
+    Gemma 4 asks ``hidden_states.shape[1] == input_ids.shape[1]``, whether its stack sliced."""
+    return (node.op == "call_function" and node.target in (operator.eq, operator.ne) and len(node.args) == 2
+            and all(isinstance(a, fx.Node) and type(a.meta.get("ef.meta")) is int for a in node.args))
 
 
 def _describe(node: fx.Node, depth: int = 3) -> str:
@@ -165,14 +175,20 @@ class ExpertFlowTracer(fx.Tracer):
     """Traces with leaves at attention, rotary, norms, torch.nn modules and experts modules, and at
     the modules of ``run_whole`` (classes whose Python the trace cannot follow) that hold no experts."""
 
-    def __init__(self, placeholder_meta: dict[str, Any], run_whole: frozenset[type] = frozenset()):
+    def __init__(self, placeholder_meta: dict[str, Any], run_whole: frozenset[type] = frozenset(),
+                 other_sample: Callable[[], dict[str, Any]] | None = None):
         super().__init__(param_shapes_constant=True)
         self.placeholder_meta = placeholder_meta
+        self.other_sample = other_sample  # inputs of other sizes, for :meth:`resample`
         self.run_whole = run_whole
         self.experts_paths: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if is_experts_module(m) or (type(m) in self.run_whole and not _holds_experts(m)):
+        if is_experts_module(m):
+            return True
+        if _holds_experts(m):  # never hidden in a leaf, whatever its name (Jamba's AttentionDecoderLayer)
+            return False
+        if type(m) in self.run_whole:
             return True
         name = type(m).__name__
         if "Attention" in name or "Rotary" in name or name.endswith("Norm") or "RMSNorm" in name:
@@ -180,7 +196,10 @@ class ExpertFlowTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
-        path = self.path_of_module(m)
+        try:
+            path = self.path_of_module(m)
+        except NameError:  # a module made on the fly or kept outside the tree (a kernel wrapper): its code, inline
+            return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except TraceFailure as exc:
@@ -213,6 +232,7 @@ class ExpertFlowTracer(fx.Tracer):
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
+        node.meta["ef.fixed_dims"] = _fixed_dims(node)
         node.meta["ef.static"] = _is_static_value(node)
         try:
             with _unpatched_modules():
@@ -227,12 +247,37 @@ class ExpertFlowTracer(fx.Tracer):
                 raise TraceFailure(f"calling it with the traced arguments fails: {type(exc).__name__}: {exc}") from exc
         return proxy
 
+    def resample(self, node: fx.Node) -> Any:
+        """``node``'s value computed again (on the meta device) from inputs of other sizes, or None.
+        Two sizes equal at both samples (batch 2, 3 tokens; batch 5, 11 tokens) are the same size."""
+        if self.other_sample is None:
+            return None
+        needed, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n not in needed:
+                needed.add(n)
+                stack.extend(n.all_input_nodes)
+        inputs, env = self.other_sample(), {}
+        with _unpatched_modules():
+            for n in node.graph.nodes:
+                if n in needed:
+                    args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+                    try:
+                        env[n] = inputs.get(n.target) if n.op == "placeholder" else self._compute(
+                            n.op, n.target, args, kwargs)
+                    except Exception:  # as in the first sample: no value (a mask builder's .item() on meta)
+                        env[n] = None
+        return env[node]
+
     def _meta_value(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         if kind == "placeholder":
             return self.placeholder_meta.get(target)
+        return self._compute(kind, target, _to_meta(args), _to_meta(kwargs))
+
+    def _compute(self, kind: str, target: Any, margs: Any, mkwargs: Any) -> Any:
         if kind == "get_attr":
             return _fetch_attr(self.root, target)
-        margs, mkwargs = _to_meta(args), _to_meta(kwargs)
         if kind != "call_module" and _any_meta((margs, mkwargs)):
             margs, mkwargs = _on_meta(margs), _on_meta(mkwargs)
         if kind == "call_function":
@@ -257,21 +302,55 @@ def _on_meta(values: Any) -> Any:
     return pytree.tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) and not v.is_meta else v, values)
 
 
-_STATIC_ATTRIBUTES = frozenset({"dtype"})
+_STATIC_ATTRIBUTES = frozenset({"dtype", "ndim"})  # a graph input's rank is fixed when compiled
+
+
+#: Methods whose literal size arguments fix those dimensions of the result: ``expand(4, b, -1)``
+#: has 4 rows whatever the input (Qwen3.5's text/temporal/height/width position ids).
+_SIZED = frozenset({"expand", "view", "reshape"})
+
+
+def _fixed_dims(node: fx.Node) -> frozenset[int]:
+    """The dimensions of ``node``'s tensor whose size is a literal in the code, not an input's size."""
+    if node.op != "call_method" or node.target not in _SIZED:
+        return frozenset()
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    return frozenset(i for i, size in enumerate(sizes) if type(size) is int and size >= 0)
+
+
+def _is_fixed_size(node: fx.Node) -> bool:
+    """``t.shape[i]`` or ``t.size(i)`` for a dimension :func:`_fixed_dims` knows."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
+        tensor, index = node.args
+    elif (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+          and node.args[0].op == "call_function" and node.args[0].target is getattr
+          and node.args[0].args[1] == "shape"):
+        tensor, index = node.args[0].args[0], node.args[1]
+    else:
+        return False
+    meta = tensor.meta.get("ef.meta") if isinstance(tensor, fx.Node) else None
+    if type(index) is not int or not isinstance(meta, torch.Tensor):
+        return False
+    return index % max(meta.dim(), 1) in tensor.meta.get("ef.fixed_dims", frozenset())
 
 
 def _is_static_value(node: fx.Node) -> bool:
     """True when the node's value is fixed when the model is compiled: weights and buffers, their
-    shapes, any tensor's dtype, and what is computed from those alone. Not: anything that depends
-    on the input's sizes or values, or on the device (``x.is_cuda``) the compiled model runs on."""
-    if node.op == "get_attr":
+    shapes, any tensor's dtype and rank, sizes the code gives literally, and what is computed from
+    those alone. Not: anything that depends on the input's sizes or values, or on the device
+    (``x.is_cuda``) the compiled model runs on."""
+    if node.op == "get_attr" or _is_fixed_size(node):
         return True
     if node.op == "placeholder":
         return False
     if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
             and node.args[1] in _STATIC_ATTRIBUTES:
         return True
-    if node.op not in ("call_function", "call_method"):
+    if node.op == "call_method" and node.target == "dim" and len(node.args) == 1:
+        return True
+    if node.op not in ("call_function", "call_method") or is_leaf_callable(node.target):
         return False
     return all(a.meta.get("ef.static", False) for a in node.all_input_nodes)
 
@@ -299,31 +378,27 @@ class TraceInfo:
     """What the front end learnt about the model while tracing."""
 
     layers_path: str
-    mask_kinds: list[str]
     experts: dict[int, str] = field(default_factory=dict)  # decoder layer -> experts module path
 
 
 def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphModule, TraceInfo]:
     """Traces ``lm`` (parameters may live on the meta device) into one GraphModule."""
-    from transformers import DynamicCache
-
     driver = Driver(lm)
-    check_supported(driver)
-    config = lm.config
-    dtype = next(lm.parameters()).dtype
     run_whole: frozenset[type] = frozenset()
-    while True:
-        masks = {k: torch.zeros(batch, 1, seq, seq, dtype=dtype, device="meta") for k in set(driver.mask_kinds)}
-        meta = {  # made afresh for each attempt: leaves' meta values fill the cache
+    def sample(batch: int, seq: int) -> dict[str, Any]:  # made afresh each time: leaves' meta values fill the cache
+        return {
             "input_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta"),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long, device="meta"),
             "position_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta"),
-            "cache": DynamicCache(config=config),
-            "masks": masks,
-            "logits_to_keep": 0,
+            "cache": new_cache(lm),
+            "logits_to_keep": slice(None),
         }
-        tracer = ExpertFlowTracer(meta, run_whole)
+
+    while True:
+        tracer = ExpertFlowTracer(sample(batch, seq), run_whole, lambda: sample(batch + 3, seq + 8))
         try:
-            graph = tracer.trace(driver)
+            with leaf_callables(tracer, driver):
+                graph = tracer.trace(driver)
             break
         except _RunWhole as retry:  # a new class each time (its modules are leaves now): this ends
             run_whole |= {retry.cls}
@@ -331,18 +406,20 @@ def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphMo
             raise
         except Exception as exc:
             raise TraceFailure(f"cannot trace {type(lm).__name__}: {type(exc).__name__}: {exc}") from exc
+    for node in list(graph.nodes):  # values the model computed and dropped (a ModelOutput field nobody reads)
+        if node.op == "get_attr" and not node.users and node.target.startswith("_tensor_constant"):
+            graph.erase_node(node)
     gm = fx.GraphModule(driver, graph, class_name=type(lm).__name__ + "Graph")
-    layers_path = f"lm.{driver.inner_path}.layers" if driver.inner_path else "lm.layers"
-    info = TraceInfo(layers_path=layers_path, mask_kinds=driver.mask_kinds)
-    pattern = re.compile(re.escape(layers_path) + r"\.(\d+)\.")
+    info = TraceInfo(layers_path=driver.layers_path)
+    pattern = re.compile(re.escape(info.layers_path) + r"\.(\d+)\.")
     for node in gm.graph.nodes:
         if node.op == "call_module" and is_experts_module(gm.get_submodule(node.target)):
             match = pattern.match(node.target + ".")
             if match is None:
-                raise TraceFailure(f"experts module '{node.target}' is not inside {layers_path}")
+                raise TraceFailure(f"experts module '{node.target}' is not inside {info.layers_path}", node.target)
             info.experts[int(match.group(1))] = node.target
             node.meta["ef.layer"] = int(match.group(1))
             node.meta["ef.role"] = "experts"
-        elif node.op == "call_module" and node.target.endswith(".embed_tokens"):
+        elif node.op == "call_module" and node.target == f"{driver.layers_path.rsplit('.', 1)[0]}.embed_tokens":
             node.meta["ef.role"] = "embed"
     return gm, info

@@ -1,7 +1,7 @@
 """What a manifest's config and options compile to, derived again at load time.
 
-A forger can recompute every checksum, so the loader trusts nothing it can derive: the graph,
-the expert layouts and the mask kinds are compiled again from the config (on a meta skeleton:
+A forger can recompute every checksum, so the loader trusts nothing it can derive: the graph
+and the expert layouts are compiled again from the config (on a meta skeleton:
 no weights, a fraction of a second for small models) and the artefact must agree with them.
 Derivations are cached per process, keyed by everything they depend on.
 """
@@ -51,7 +51,6 @@ CONFIG_ERRORS = (AttributeError, KeyError, TypeError, ValueError, IndexError, Ar
 class Derived:
     graph: dict[str, Any]  # graph.json as this ExpertFlow, torch and transformers write it
     layouts: dict[int, ExpertLayout]
-    mask_kinds: tuple[str, ...]
     driver: Driver  # over a meta skeleton: what a stored graph is validated against
 
 
@@ -87,6 +86,32 @@ def check_config(manifest: dict[str, Any], where: str) -> None:
     if not len(moe) <= layers <= 2 * len(moe) + 8:
         raise LoadError(f"{where}: config.num_hidden_layers is {layers} for {len(moe)} MoE layer layouts; "
                         f"a model has 1 to 2 decoder layers per MoE layer (and up to 8 more); recompile the model")
+
+
+_UNBOUNDED = {"inf": math.inf, "-inf": -math.inf}
+
+
+def config_to_json(value: Any) -> Any:
+    """A config dict for the manifest: an unbounded limit (GraniteMoeHybrid's ``time_step_limit``
+    of ``(0.0, inf)``) as ``{"float": "inf"}``, since the manifest's JSON numbers are finite."""
+    if isinstance(value, dict):
+        return {k: config_to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [config_to_json(v) for v in value]
+    if isinstance(value, float) and math.isinf(value):
+        return {"float": "inf" if value > 0 else "-inf"}
+    return value
+
+
+def config_from_json(value: Any) -> Any:
+    """:func:`config_to_json` undone (only ``inf`` and ``-inf`` are tagged; NaN never is)."""
+    if isinstance(value, dict):
+        if len(value) == 1 and value.get("float") in _UNBOUNDED:
+            return _UNBOUNDED[value["float"]]
+        return {k: config_from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [config_from_json(v) for v in value]
+    return value
 
 
 def check_numbers(value: Any, name: str, where: str) -> None:
@@ -125,7 +150,7 @@ def make_config(manifest: dict[str, Any], where: str) -> Any:
     from transformers import AutoConfig
 
     check_config(manifest, where)
-    fields = {k: v for k, v in manifest["config"].items() if k != "model_type"}
+    fields = {k: config_from_json(v) for k, v in manifest["config"].items() if k != "model_type"}
     try:
         config = AutoConfig.for_model(manifest["model_type"], **fields)
         config._attn_implementation = manifest["attn_implementation"]
@@ -140,7 +165,7 @@ def make_config(manifest: dict[str, Any], where: str) -> Any:
 
 
 def derive(manifest: dict[str, Any], config: Any, dtype: torch.dtype, where: str) -> Derived:
-    """The graph, layouts and mask kinds the manifest's config and options compile to."""
+    """The graph and layouts the manifest's config and options compile to."""
     key = json.dumps([manifest["model_type"], manifest["config"], manifest.get("attn_implementation"),
                       manifest.get("experts_implementation"), manifest["dtype"], manifest["options"]], sort_keys=True)
     if key in _CACHE:
@@ -160,7 +185,7 @@ def derive(manifest: dict[str, Any], config: Any, dtype: torch.dtype, where: str
                         "recompile the model") from None
     layouts = {layer: ExpertLayout.for_module(layer, path, skeleton.get_submodule(path.removeprefix("lm.")))
                for layer, path in sorted(info.experts.items())}
-    _CACHE[key] = derived = Derived(graph_to_json(gm.graph), layouts, tuple(info.mask_kinds),
+    _CACHE[key] = derived = Derived(graph_to_json(gm.graph), layouts,
                                     Driver(build_skeleton(config, dtype)))
     while len(_CACHE) > 8:
         _CACHE.popitem(last=False)

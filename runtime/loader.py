@@ -3,7 +3,7 @@
 The directory may come from a stranger (ARCHITECTURE.md, threat model). In order: the manifest
 (a regular file: schema version, its own digest, field types), the device and budget, every
 file's sha256, the config, then what can be derived from the config (the graph, the expert
-layouts, the mask kinds: ``runtime/derive.py``) against what the directory claims, the dense
+layouts: ``runtime/derive.py``) against what the directory claims, the dense
 weights against the skeleton's names, shapes and dtypes, and the experts file's header against
 the layouts. Nothing is unpickled and no code from the directory runs: the graph that runs is the
 derived one (``graph.json`` must equal it, or be from another ExpertFlow, torch or transformers
@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 
 from .. import __version__
+from ..ir.hf_compat import cache_maker
 from ..ir.serialize import GraphFormatError, graph_from_json
 from ..ir.skeleton import assign_weights, build_skeleton
 from ..passes.driver import Driver
@@ -93,8 +94,6 @@ def _check_derived(path: Path, manifest: dict[str, Any], layouts: dict[int, Expe
                       if layouts.get(l) != derived.layouts.get(l)), None)
         raise LoadError(f"{where}: the layout of MoE layer {layer} is not what its config compiles to "
                         "(edited offsets, shapes or experts?); recompile the model")
-    if tuple(manifest["mask_kinds"]) != derived.mask_kinds:
-        raise LoadError(f"{where}: mask_kinds {manifest['mask_kinds']} are not the config's layer kinds")
     dense_bytes = regular_file(path, "dense.safetensors").stat().st_size
     claimed = manifest.get("memory_plan")
     if isinstance(claimed, dict) and claimed.get("dense_bytes") != dense_bytes:
@@ -211,7 +210,7 @@ def check(path: str | Path, verify: bool = True, predictor: str | None = None, l
           policy: str | None = None, prefetch: str | None = None) -> Checked:
     """Every check :func:`load` makes (its own code, in its order), without reading the weights
     or allocating the expert arena: the manifest, the checksums, the config, what it derives
-    (graph, layouts, mask kinds), graph.json validated against the closed lists, the dense and
+    (graph, layouts), graph.json validated against the closed lists, the dense and
     experts files' headers against the skeleton and the layouts, the graph's streams, the
     predictor files the graph calls and the generation config. expertflow-compile runs it on what
     it wrote before the directory appears, so what compiles loads. Raises LoadError."""
@@ -308,7 +307,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     context = RuntimeContext(cache, modules, copy_streams(gm.graph, where))
     attach_predictors(context, gm.graph, path, manifest, config.hidden_size, layouts, dev)
     cls = model_class(manifest["architecture"])
-    model = cls(gm, config, context, list(derived.mask_kinds), ok.generation_config)
+    model = cls(gm, config, context, cache_maker(lm), ok.generation_config)
     model.budget, model.directory = auto, path
     if timeline:
         model.timeline = context.timeline = cache.engine.timeline = Timeline(dev)

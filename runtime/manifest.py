@@ -19,7 +19,7 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-SCHEMA_VERSION = 3  # 3: the manifest's own digest, expertflow and torch versions, derived graph
+SCHEMA_VERSION = 4  # 4: the graph is the model's own forward (no mask_kinds); 3: own digest, versions
 #: The files every compiled directory has; each must carry a checksum in the manifest.
 REQUIRED_FILES = ("graph.json", "dense.safetensors", "experts.safetensors")
 #: What a model directory holds besides weights that turns text into ids and back, and says how to
@@ -195,9 +195,6 @@ def check_fields(m: dict[str, Any], where: str) -> None:
     missing = [n for n in REQUIRED_FILES if n not in files]
     if missing:  # a file without a checksum would be trusted unchecked
         raise LoadError(f"{where} has no checksum for {', '.join(missing)}; recompile the model")
-    kinds = _need(m, "mask_kinds", list, where)
-    if not all(isinstance(k, str) for k in kinds):
-        raise LoadError(f"{where}: mask_kinds must be a list of layer kinds")
     options = _need(m, "options", dict, where)
     for field, kind in (("lookahead", int), ("predictor", str)):
         _need(options, field, kind, f"{where}: options")

@@ -14,6 +14,7 @@ import threading
 import weakref
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,24 +22,14 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..ir.hf_compat import mask_cache_keyword, output_cache_field
+from ..ir.hf_compat import output_cache_field
+from ..passes.driver import logits_selector
 from .context import RuntimeContext
 from .inputs import check_attention_mask, check_input_ids, check_position_ids
 from .budget import AutoBudget
 from .batching import Schedule
 from .routing import RoutingTrace
 from .timeline import Timeline
-
-
-def _mask_functions() -> dict[str, Any]:
-    from transformers import masking_utils as mu
-
-    # DeepSeek sparse attention: its indexer reads the mask, so it is never skipped as causal.
-    # transformers < 5.23 names that layer kind "deepseek_sparse_attention".
-    indexed = functools.partial(mu.create_causal_mask, allow_is_causal_skip=False)
-    return {"full_attention": mu.create_causal_mask, "sliding_attention": mu.create_sliding_window_causal_mask,
-            "chunked_attention": mu.create_chunked_causal_mask, "indexed_attention": indexed,
-            "deepseek_sparse_attention": indexed}
 
 
 #: Outputs transformers' models can add that the compiled graph does not produce.
@@ -62,7 +53,7 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
     _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
 
     def __init__(self, graph_module: nn.Module, config: PreTrainedConfig, context: RuntimeContext,
-                 mask_kinds: list[str], generation_config: GenerationConfig | None = None):
+                 make_cache: Callable[[], Any], generation_config: GenerationConfig | None = None):
         attn, experts = config._attn_implementation, config._experts_implementation
         super().__init__(config)
         # PreTrainedModel's checks may rewrite these; the graph was traced with the originals.
@@ -79,7 +70,7 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         self.routing: RoutingTrace | None = None  # runtime.load(record_routing=True): the routes taken
         self.directory: Path | None = None  # the compiled directory (runtime.load): its tokenizer
         self.last_schedule: Schedule | None = None  # what the last generate_many ran
-        self._masks = {k: f for k, f in _mask_functions().items() if k in set(mask_kinds)}
+        self._make_cache = make_cache  # the cache class the model's own forward makes (ir/hf_compat.cache_maker)
         self._cache_field = output_cache_field(CausalLMOutputWithPast)
         if generation_config is not None:
             self.generation_config = generation_config
@@ -105,10 +96,9 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         raise NotImplementedError("this compiled graph does not start with a token embedding module")
 
     def new_cache(self) -> Any:
-        """An empty KV cache for this model (what transformers' generate makes)."""
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.config)
+        """An empty cache for this model, the kind its own forward makes: keys and values, and the
+        recurrent and convolution states of hybrid layers."""
+        return self._make_cache()
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -142,26 +132,24 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = (torch.arange(seq, device=self.device) + past).unsqueeze(0)
         position_ids = position_ids.to(self.device)
-        mask = mask.to(self.device) if mask is not None else None
-        stub = torch.empty((batch, seq, 0), dtype=self.dtype, device=self.device)
-        masks = {kind: fn(config=self.config, inputs_embeds=stub, attention_mask=mask, position_ids=position_ids,
-                          **{mask_cache_keyword(): cache}) for kind, fn in self._masks.items()}
-        keep = logits_to_keep if isinstance(logits_to_keep, int) else 0
+        # The graph was traced with a 2-D mask (the model builds its masks from it): all ones when none
+        # is given, which transformers' mask builders treat as no mask.
+        mask = mask.to(self.device) if mask is not None else torch.ones((batch, past + seq), dtype=torch.long,
+                                                                        device=self.device)
+        keep = logits_selector(logits_to_keep if isinstance(logits_to_keep, int) else logits_to_keep.to(self.device))
         with self._step_lock:  # one step at a time: the expert cache is shared by every caller
             self.context.cache.abort()  # a no-op, unless an interrupt also cut short the last abort
             start = self.timeline.mark() if self.timeline is not None else None
             if self.routing is not None:
                 self.routing.begin(batch, seq, past)
             try:
-                logits = self.graph_module(ids, position_ids, cache, masks, keep, self.context)
+                logits = self.graph_module(ids, mask, position_ids, cache, keep, self.context)
             except BaseException:  # Ctrl-C or an error part way: the next step must find a sane cache
                 self.context.cache.abort()
                 raise
             if self.timeline is not None:
                 kind = "prefill" if past == 0 else "decode"
                 self.timeline.add("model", f"{kind} {batch}x{seq}", start, self.timeline.mark(), position=past)
-        if isinstance(logits_to_keep, torch.Tensor):
-            logits = logits[:, logits_to_keep.to(self.device)]
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels.to(self.device), vocab_size=self.config.vocab_size)

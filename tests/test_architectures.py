@@ -71,8 +71,13 @@ def test_dense_layers_are_skipped(compiled_dir) -> None:
 
 
 def test_gpt_oss_has_sliding_layers(compiled_dir) -> None:
-    kinds = json.loads((compiled_dir("tiny-gpt-oss") / "manifest.json").read_text())["mask_kinds"]
-    assert {"sliding_attention", "full_attention"} <= set(kinds)
+    """Both kinds of layer, and the graph builds both masks with transformers' own builders."""
+    manifest = json.loads((compiled_dir("tiny-gpt-oss") / "manifest.json").read_text())
+    assert {"sliding_attention", "full_attention"} <= set(manifest["config"]["layer_types"])
+    graph = json.loads((compiled_dir("tiny-gpt-oss") / "graph.json").read_text())
+    targets = {n["target"] for n in graph["nodes"] if n["op"] == "call_function"}
+    assert {"transformers.masking_utils.create_causal_mask",
+            "transformers.masking_utils.create_sliding_window_causal_mask"} <= targets
 
 
 def test_granite_multipliers_are_not_one(hf_reference) -> None:

@@ -15,7 +15,7 @@ from torch.testing import assert_close
 
 from conftest import PROMPT_MASK, PROMPTS
 from expertflow.ir import ops
-from expertflow.ir.hf_compat import mask_cache_keyword
+from expertflow.ir.hf_compat import new_cache
 from expertflow.ir.skeleton import build_skeleton
 from expertflow.passes.dce import dce
 from expertflow.passes.functionalize_inplace import functionalize_inplace, is_inplace_method
@@ -26,7 +26,8 @@ from expertflow.passes.lower_experts import lower_experts
 from expertflow.passes.manager import PassError, PassManager, PassResult
 from expertflow.passes.options import CompileOptions
 from expertflow.passes.schedule import schedule
-from expertflow.passes.trace import Driver, TraceInfo, layer_mask_kinds, trace_model
+from expertflow.passes.driver import logits_selector
+from expertflow.passes.trace import Driver, TraceInfo, trace_model
 from expertflow.passes.verify import verify_graph
 from expertflow.runtime.route_tables import RouteTables
 from expertflow.tools import presets
@@ -80,20 +81,13 @@ def traced(lm: nn.Module) -> tuple[fx.GraphModule, TraceInfo]:
 
 def run(gm: fx.GraphModule, lm: nn.Module, ctx: Reference | None = None) -> torch.Tensor:
     """Runs ``gm``'s graph over ``lm``'s real weights on the shared prompts."""
-    from transformers import DynamicCache
-    from transformers import masking_utils as mu
-
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     module = fx.GraphModule(Driver(lm), graph)
-    cache = DynamicCache(config=lm.config)
+    cache = new_cache(lm)
     pos = torch.arange(PROMPTS.shape[1]).unsqueeze(0)
-    makers = {"full_attention": mu.create_causal_mask, "sliding_attention": mu.create_sliding_window_causal_mask}
-    masks = {k: makers[k](config=lm.config, inputs_embeds=torch.empty(*PROMPTS.shape, 0),
-                          attention_mask=PROMPT_MASK, position_ids=pos, **{mask_cache_keyword(): cache})
-             for k in set(layer_mask_kinds(lm.config))}
     with torch.no_grad():
-        return module(PROMPTS, pos, cache, masks, 0, *([ctx] if ctx is not None else []))
+        return module(PROMPTS, PROMPT_MASK, pos, cache, logits_selector(0), *([ctx] if ctx is not None else []))
 
 
 def hf_logits(lm: nn.Module) -> torch.Tensor:

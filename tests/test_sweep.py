@@ -40,44 +40,8 @@ class Refusal(NamedTuple):
     reason: str  # for people: why ExpertFlow refuses it
 
 
-_HYBRID = "hybrid: its {} layers keep a recurrent or convolution state besides (or instead of) a KV cache"
 #: Architectures ExpertFlow refuses, and where the refusal must point.
 EXPECTED_FAILURES: dict[str, Refusal] = {
-    # Hybrid decoder stacks: some layers are not attention (layer_types names another kind).
-    "bailing_hybrid": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("linear-attention")),
-    "granitemoehybrid": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("Mamba")),
-    "inkling_text": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("'hybrid' (attention + short convolution)")),
-    "inkling2_text": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("'hybrid' (attention + short convolution)")),
-    "inkling2_loop_text": Refusal("lm.model.layers.0", "Hybrid",
-                                  _HYBRID.format("'hybrid' (attention + short convolution, looped)")),
-    "jamba": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("Mamba")),
-    "kimi_linear": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("linear-attention (KDA)")),
-    "lara_mini": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("linear-attention")),
-    "lfm2_moe": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("short-convolution")),
-    "minimax": Refusal("lm.model.layers.1", "Hybrid", _HYBRID.format("lightning (linear) attention")),
-    "nemotron_h": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("Mamba-2")),
-    "qwen3_5_moe_text": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("gated-DeltaNet")),
-    "qwen3_next": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("gated-DeltaNet")),
-    "qwen4_exp_text": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("gated-DeltaNet")),
-    "zaya": Refusal("lm.model.layers.0", "Hybrid", _HYBRID.format("'hybrid' (CCA: convolutional attention)")),
-    # Attention variants and top-level forwards the generic Driver does not reproduce.
-    "deepseek_v4": Refusal("lm.model.layers.0", "masks of their own",
-                           "compressed sparse attention kinds with their own masks; also hyper-connections"),
-    "beam": Refusal("lm.model", "config.rope_parameters",
-                    "NoPE layers get a position-dependent attention_scaling computed in the model's forward"),
-    "gemma4_text": Refusal("lm.model", "self.get_per_layer_inputs",
-                           "per-layer input embeddings and KV sharing across layers in the model's forward"),
-    "gemma4": Refusal("lm", "config.get_text_config",
-                      "multimodal (image/audio) ForConditionalGeneration; its text part is gemma4_text"),
-    "glm_moe_dsa": Refusal("lm.model.layers", "prev_topk_indices",
-                           "the sparse-attention indexer's top-k is threaded from layer to layer"),
-    "granitemoe_swa": Refusal("lm.model", "self.rotary_embs",
-                              "a rotary embedding per layer (layer_rope_theta, 0 = NoPE) chosen in the forward"),
-    "hy_v4": Refusal("lm.model", "self.hc_head", "hyper-connections: several residual streams mixed per layer"),
-    "kolibri1_1": Refusal("lm.model", "config.index_layers",
-                          "sparse-attention layers pick keys from a pool chosen by the indexer layers "
-                          "(config.index_layers) and passed from layer to layer, and some layers reuse "
-                          "another's keys and values (shared_kv_states): more than the hidden state is threaded"),
 }
 
 

@@ -117,6 +117,7 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
     from ..passes.pipeline import PIPELINE, compile_graph
     from ..passes.trace import TraceFailure
     from ..runtime import loader
+    from ..runtime.derive import config_to_json
     from ..runtime.manifest import SCHEMA_VERSION, LoadError, memory_plan
     from . import artefact
     from safetensors import SafetensorError
@@ -171,13 +172,13 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
         return {
             "schema_version": SCHEMA_VERSION, "source": str(model), "source_path": str(source),
             "architecture": (config.architectures or [type(lm).__name__])[0], "model_type": config.model_type,
-            "dtype": artefact.dtype_name(dtype), "config": config.to_dict(),
+            "dtype": artefact.dtype_name(dtype), "config": config_to_json(config.to_dict()),
             "attn_implementation": config._attn_implementation,
             "experts_implementation": config._experts_implementation,
             "transformers": transformers.__version__, "expertflow": __version__,
             "options": {"lookahead": options.lookahead, "predictor": options.predictor, "policy": options.policy,
                         "permute": options.permute, "prefetch": options.prefetch},
-            "mask_kinds": info.mask_kinds, "layouts": [lay.to_json() for lay in layouts.values()],
+            "layouts": [lay.to_json() for lay in layouts.values()],
             "memory_plan": memory_plan(layouts, dense_bytes),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch": torch.__version__,

@@ -129,7 +129,8 @@ def tiny_config(model_type: str, layers: int = LAYERS, **overrides: Any):
     if isinstance(defaults.get("per_layer_config"), dict):
         kwargs.pop("per_layer_config", None)  # keyed by the default's layer numbers: regenerated
     per_layer = {k: v for k, v in defaults.items()  # a list the caller gives is kept as given
-                 if isinstance(v, list) and depth and len(v) == depth and k not in overrides}
+                 if isinstance(v, list) and depth and len(v) == depth and k not in overrides
+                 and k not in EXCEPTIONS.get(model_type, ({}, ""))[0]}
     config = _build(cls, kwargs, per_layer, layers, defaults)
     # A derived value the config did not re-derive from the shrunk sizes is still full size
     # (flint's mlp_only_layers=[0, 1] from a None default): shrink it like any other.

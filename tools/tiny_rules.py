@@ -118,7 +118,7 @@ RULES: list[tuple[str, Callable[[Any, dict[str, Any]], Any]]] = [
     (r"vocab_size", _size(VOCAB)),
     (r"(_token_id|_token_index)$", _token_id),
     # Experts and routing.
-    (r"^(num_experts_per_tok|num_experts_per_token|moe_topk|moe_k|top_k|experts_per_token)$", _top_k),
+    (r"^(num_experts_per_tok|num_experts_per_token|moe_topk|moe_k|top_k|experts_per_token|top_k_experts)$", _top_k),
     (r"shared_experts?$", _shared_experts),
     (EXPERT_COUNT, _experts),
     (r"^(n_group|num_expert_group)$", _group_count),
@@ -161,6 +161,9 @@ EXCEPTIONS: dict[str, tuple[dict[str, Any], str]] = {
                          "swa_v_head_dim": HEAD_DIM},
                         "its sliding layers' sizes are __post_init__ keyword arguments whose names are built "
                         "at run time (f'swa_{name}'), which the scan of __post_init__ cannot see"),
+    "granitemoehybrid": ({"layer_types": ["linear_attention", "full_attention", "linear_attention"]},
+                         "the default config has only Mamba layers, with which transformers' own "
+                         "create_causal_mask fails (no attention layer in the cache); checkpoints mix both"),
     "lfm2_moe": ({"layer_types": ["conv", "full_attention", "conv"]},
                  "the default config has no layer_types, which the model needs (one per layer)"),
     "qwen4_exp_text": ({"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM,
@@ -174,9 +177,10 @@ EXCEPTIONS: dict[str, tuple[dict[str, Any], str]] = {
 #: give them. Others that are None stay None (None usually switches a feature off).
 FILL_WHEN_NONE: list[tuple[str, Any]] = [
     (EXPERT_COUNT, EXPERTS),
-    (r"^(num_experts_per_tok|num_experts_per_token|moe_topk|moe_k)$", TOP_K),
+    (r"^(num_experts_per_tok|num_experts_per_token|moe_topk|moe_k|top_k_experts)$", TOP_K),
     (r"^(n_shared_experts|num_shared_experts)$", 1),
     (r"^head_dim$", HEAD_DIM),
+    (r"^moe_intermediate_size$", 32),  # left None while the MoE block is off by default (Gemma 4)
 ]
 
 
@@ -189,7 +193,13 @@ def _fill(name: str) -> Any:
 LAYER_INDEX_LISTS = r"(only_layers|layer_ids)$"
 
 
+#: Flags that switch the experts on (Gemma 4 ships its MoE block off by default): a tiny MoE model needs them on.
+MOE_SWITCHES = r"^(enable_moe_block|enable_moe|use_moe)$"
+
+
 def shrink_value(name: str, value: Any, defaults: dict[str, Any]) -> Any:
+    if value is False and re.search(MOE_SWITCHES, name):
+        return True
     if isinstance(value, list) and re.search(LAYER_INDEX_LISTS, name):
         return sorted(value)[:1]
     if isinstance(value, bool) or (value is not None and not isinstance(value, (int, list))):
