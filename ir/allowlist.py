@@ -33,7 +33,7 @@ _TORCH = ("abs", "add", "all", "amax", "amin", "any", "arange", "argmax", "argmi
           "ones", "ones_like", "permute", "pow", "reciprocal", "relu", "reshape", "rsqrt", "scatter", "scatter_add",
           "sigmoid", "sign", "softmax", "sort", "split", "sqrt", "square", "squeeze", "stack", "sub", "sum", "tanh",
           "topk", "transpose", "unbind", "unsqueeze", "where", "zeros", "zeros_like")
-_FUNCTIONAL = ("gelu", "linear", "log_softmax", "normalize", "relu", "sigmoid", "silu", "softmax", "softplus",
+_FUNCTIONAL = ("embedding", "gelu", "linear", "log_softmax", "normalize", "relu", "sigmoid", "silu", "softmax", "softplus",
                "tanh")
 _BUILTINS: dict[str, Any] = {"getattr": getattr, "len": len, "int": int, "float": float}
 
@@ -55,13 +55,21 @@ FUNCTIONS: dict[str, Any] = {
 #: Tensor methods a graph may call.
 METHODS = frozenset({
     "abs", "add", "all", "amax", "any", "argmax", "argsort", "bfloat16", "bool", "chunk", "clamp", "clamp_min",
-    "contiguous", "cumsum", "div", "double", "eq", "exp", "expand", "expand_as", "flatten", "float", "gather", "ge",
-    "gt", "half", "index_select", "int", "le", "log", "long", "lt", "masked_fill", "masked_fill_", "matmul", "max",
+    "clone", "contiguous", "cumsum", "detach", "div", "double", "eq", "exp", "expand", "expand_as", "flatten", "float", "gather", "ge",
+    "gt", "half", "index", "index_select", "int", "le", "log", "long", "lt", "masked_fill", "masked_fill_", "matmul", "max",
     "mean", "min", "mul", "ne", "neg", "new_full", "new_ones", "new_zeros", "norm", "permute", "pow", "reshape",
     "rsqrt", "scatter", "scatter_", "scatter_add", "scatter_add_", "sigmoid", "size", "softmax", "sort", "split",
     "sqrt", "squeeze", "sub", "sum", "t", "tanh", "to", "topk", "transpose", "type", "type_as", "unbind", "unsqueeze",
     "view", "view_as", "where",
 })
+
+#: Methods a graph may call on the cache input (the graph's ``cache``): questions about its size,
+#: which transformers' mask code asks (Inkling 2's ``cache.get_mask_sizes``); nothing that writes.
+CACHE_METHODS = frozenset({"get_mask_sizes", "get_seq_length", "get_query_offset"})
+
+#: What the cache input says of its own layout (fixed by the config, not by what it holds so far):
+#: attributes a graph may read of it, and that the front end treats as fixed when compiling.
+CACHE_ATTRIBUTES = frozenset({"is_sliding", "is_compileable", "is_linear", "is_dummy", "is_croppable"})
 
 #: What ``getattr`` may read of any value: values, never methods or anything that leads to code.
 ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT"})
@@ -88,6 +96,8 @@ def readable(source: Any, attribute: Any) -> bool:
     if attribute in ATTRIBUTES:
         return True
     op, target = getattr(source, "op", None), getattr(source, "target", None)
+    if attribute in CACHE_ATTRIBUTES and op == "placeholder" and target == "cache":
+        return True
     try:
         return attribute in RETURN_FIELDS.get((op, target), ())
     except TypeError:  # an unhashable target: no call on these lists

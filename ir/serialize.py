@@ -184,9 +184,7 @@ def graph_from_json(data: Any, root: torch.nn.Module) -> fx.Graph:
         if op == "call_function":
             target = resolve_function(target)
         elif op == "call_method":
-            if target not in allowlist.METHODS:
-                raise GraphFormatError(f"method {str(target)[:60]!r} is not on ExpertFlow's closed list of "
-                                       "tensor methods")
+            pass  # checked with its receiver, below
         elif op == "get_attr":
             if _module_path(target, f"node {name!r}: get_attr target") not in tensors | configs:
                 raise GraphFormatError(f"get_attr target {target!r} is not a parameter, buffer or config of the model")
@@ -196,6 +194,11 @@ def graph_from_json(data: Any, root: torch.nn.Module) -> fx.Graph:
         elif op not in ("placeholder", "output"):
             raise GraphFormatError(f"unknown node op {str(op)[:40]!r}")
         args, kwargs = _decode(item.get("args"), env), _decode(item.get("kwargs"), env)
+        if op == "call_method" and target not in allowlist.METHODS and not (
+                target in allowlist.CACHE_METHODS and isinstance(args, tuple) and args
+                and isinstance(args[0], fx.Node) and args[0].op == "placeholder" and args[0].target == "cache"):
+            raise GraphFormatError(f"method {str(target)[:60]!r} is not on ExpertFlow's closed list of "
+                                   "tensor methods")
         if op in ("call_function", "call_method", "call_module"):
             _check_call(op, target, args, kwargs, name)
         node = graph.create_node(op, target, tuple(args), dict(kwargs), name=name)

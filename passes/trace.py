@@ -41,6 +41,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call, _orig_module_getattr
 from torch.fx.proxy import Attribute, Proxy
 
+from ..ir.allowlist import CACHE_ATTRIBUTES
 from ..ir.hf_compat import new_cache
 from .driver import EXPERT_FLAGS, Driver, TraceFailure, is_experts_module  # noqa: F401
 from .leaves import leaf_callables, is_leaf_callable
@@ -163,6 +164,16 @@ def _unpack_count(frame: types.FrameType | None) -> int | None:
     return None
 
 
+class CacheProxy(MetaProxy):
+    """The graph's cache input: the model's own ``isinstance(cache, MiniMaxCache)`` sees the class
+    of the cache it was traced with (what runs is made by the same rule: ``hf_compat.cache_maker``)."""
+
+    @property
+    def __class__(self) -> type:  # type: ignore[override]
+        meta = self.node.meta.get("ef.meta")
+        return type(meta) if meta is not None else MetaProxy
+
+
 class MetaAttribute(Attribute, MetaProxy):
     """fx's lazily created attribute proxy (``x.shape``, ``x.view``), with MetaProxy's methods."""
 
@@ -227,6 +238,8 @@ class ExpertFlowTracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def proxy(self, node: fx.Node) -> Proxy:
+        if node.op == "placeholder" and node.target == "cache":
+            return CacheProxy(node, self)
         return MetaProxy(node, self)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
@@ -288,6 +301,9 @@ class ExpertFlowTracer(fx.Tracer):
             mod = self.root.get_submodule(target)
             if is_experts_module(mod):  # experts return a tensor shaped like their hidden input
                 return torch.empty_like(margs[0])
+            real = {n: t.to("meta") for n, t in [*mod.named_parameters(), *mod.named_buffers()] if not t.is_meta}
+            if real:  # a buffer the skeleton made on the CPU (a router's constant table): meta too, here
+                return torch.func.functional_call(mod, real, tuple(margs), dict(mkwargs), strict=False)
             return mod(*margs, **mkwargs)
         return None
 
@@ -348,6 +364,9 @@ def _is_static_value(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
             and node.args[1] in _STATIC_ATTRIBUTES:
         return True
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
+            and node.args[1] in CACHE_ATTRIBUTES and getattr(node.args[0], "target", None) == "cache":
+        return True
     if node.op == "call_method" and node.target == "dim" and len(node.args) == 1:
         return True
     if node.op not in ("call_function", "call_method") or is_leaf_callable(node.target):
@@ -383,6 +402,11 @@ class TraceInfo:
 
 def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphModule, TraceInfo]:
     """Traces ``lm`` (parameters may live on the meta device) into one GraphModule."""
+    parts = [k for k in ("vision_config", "audio_config") if k in (getattr(lm.config, "sub_configs", None) or {})]
+    if parts:
+        raise TraceFailure(f"'lm' ({type(lm).__name__}) is a multimodal model ({', '.join(parts)}): ExpertFlow "
+                           "compiles text models; save its language model alone (its text config) and compile that",
+                           "lm")
     driver = Driver(lm)
     run_whole: frozenset[type] = frozenset()
     def sample(batch: int, seq: int) -> dict[str, Any]:  # made afresh each time: leaves' meta values fill the cache

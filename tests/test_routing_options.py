@@ -24,12 +24,19 @@ from test_sweep import expected_to_pass
 from expertflow.tools.routing_options import Option, companions, routing_options
 
 NEW_TOKENS = 4
-OPTIONS = [option for model_type in expected_to_pass() for option in routing_options(model_type)]
+#: Options ExpertFlow does not compile yet, each with what stops it (the compile refuses them, naming it).
+KNOWN_GAPS = {
+    "qwen4_exp_text-norm_topk_prob=False": "its graph reads cache.layers (transformers' layer objects), "
+                                           "which a stored graph may not read",
+}
+OPTIONS = [pytest.param(option, marks=pytest.mark.xfail(reason=KNOWN_GAPS[option.id], strict=True))
+           if option.id in KNOWN_GAPS else option
+           for model_type in expected_to_pass() for option in routing_options(model_type)]
 
 
 def test_options_are_found_in_the_config_classes() -> None:
     """The scan finds the options the issue names, in the models that offer them."""
-    found = {(o.model_type, o.field, str(o.value)) for o in OPTIONS}
+    found = {(o.model_type, o.field, str(o.value)) for o in (getattr(p, "values", (p,))[0] for p in OPTIONS)}
     for expected in [("deepseek_v2", "topk_method", "group_limited_greedy"), ("qwen3_moe", "norm_topk_prob", "True"),
                      ("cohere2_moe", "expert_selection_fn", "sigmoid"), ("deepseek_v3", "first_k_dense_replace", "0")]:
         assert expected in found, f"{expected} missing from {sorted(found)[:20]}"

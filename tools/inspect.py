@@ -21,7 +21,7 @@ from .dumps import colour_key, node_table, to_dot
 PROG = "expertflow-inspect"
 # The formats this reader understands. Duplicated from tools.artefact / ir.serialize because those
 # import torch and inspect should start instantly; tests/test_inspect.py checks they agree.
-GRAPH_SCHEMA = 2
+GRAPH_SCHEMA = 3
 
 HELP = __doc__ + f"""
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from .tiny_rules import EXPERT_COUNT, LAYER_INDEX, LAYER_PERIOD, LAYERS, shrink_value
+from .tiny_rules import EXPERT_COUNT, LAYER_INDEX, LAYER_PERIOD, LAYERS, MOE_SWITCHES, shrink_value
 
 _TYPICAL = 1024  # a stand-in full-size value for sizing an unset field with tiny_rules
 
@@ -201,6 +201,8 @@ def routing_options(model_type: str) -> tuple[Option, ...]:
     values, reads = _scan(model_type)
     out = []
     for name in sorted(reads.branched & set(values)):
+        if re.search(MOE_SWITCHES, name):  # the switch of the experts themselves: off is a dense model
+            continue
         for value in _candidates(name, values[name], reads.constants.get(name, set())):
             out.append(Option(model_type, name, value))
     return tuple(out)
