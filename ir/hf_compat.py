@@ -3,7 +3,7 @@
 transformers renames keywords between releases: 5.24 calls the KV cache ``cache`` where 5.17 to
 5.23 call it ``past_key_values`` (in decoder layers, attention modules, the masking functions and
 the model outputs alike). Every place ExpertFlow hands transformers a cache asks here which name
-the callee takes, so the front end, the support check and the runtime follow the release that is
+the callee takes, so the front end and the runtime follow the release that is
 installed. (A graph compiled under another release is not patched: ``runtime.load`` runs the
 graph the installed release derives from the same config and options.)
 """

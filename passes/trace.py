@@ -1,26 +1,29 @@
-"""Front end: one torch.fx graph for a whole transformers causal-LM MoE model.
+"""Front end: one torch.fx graph for a whole transformers causal-LM MoE model, by its own forward.
 
-What it builds: a graph of :class:`Driver`, a generic decoder-stack forward (embeddings, every
-decoder layer, final norm, lm_head and the multipliers some models keep outside their layers),
-with ``input_ids``, ``position_ids``, the KV cache and a dict of attention masks (one per layer
-type in ``config.layer_types``) as graph inputs. Attention, rotary embeddings, norms, standard
-``torch.nn`` modules and every experts module are leaves; everything else, routers included, is
-traced, so the router's math is visible in the graph (unless its Python cannot be one graph: below).
+What it builds: a graph of :class:`Driver`, which calls the causal LM's own forward (so the
+embeddings, the masks, rotary and per-layer inputs, every decoder layer with whatever state it
+threads, the norms, the head and the logit transforms are transformers' code), with
+``input_ids``, the 2-D ``attention_mask``, ``position_ids``, the cache (transformers' own cache
+object: keys and values, linear-attention and convolution states) and ``logits_to_keep`` as
+graph inputs. Attention, rotary embeddings, norms, standard ``torch.nn`` modules and every
+experts module are leaves; transformers' mask builders and per-step containers are single
+calls (``passes/leaves.py``); everything else, routers included, is traced, so the router's math
+is visible in the graph (unless its Python cannot be one graph: below). A module that holds an
+experts module is never a leaf, whatever its name.
 
 Every proxy carries a meta-device value (``node.meta["ef.meta"]``) computed while tracing, so
 code that star-unpacks ``x.shape`` (DeepSeek, GLM MoE blocks) traces: the tracer knows the rank.
-Python branches on values fixed at compile time (``weight.dtype == torch.float32``) are taken.
-Python that depends on anything else (a branch on the device, ``x.is_cuda``, or on the input's
-values or sizes; a loop over a run-time length) cannot be one graph: the innermost module running
-it is then kept whole, a leaf that runs its own forward when the compiled model runs (every module
-of its class is, so the trace starts again, once per such class), unless it holds an experts
-module, which must stay visible: then the trace fails naming the module.
-
-The Driver is only equivalent to models whose own top-level forward does what it does, so
-:func:`check_supported` reads that forward (its source, from the causal LM down to the decoder
-stack) before tracing and refuses, naming the module, any model that uses parts or settings the
-Driver does not know, passes its decoder layers other arguments, or threads more than the hidden
-state between them. Hybrid models (layer types that are not attention) are refused likewise.
+Python branches on values fixed at compile time (``weight.dtype == torch.float32``, a rank, a
+size the code gives literally, the cache's layout ``cache.is_sliding``) are taken; so is a
+comparison of two sizes that agree at two unrelated input sizes (Gemma 4's "did my stack
+slice?" check, :meth:`ExpertFlowTracer.resample`). Python that depends on anything else (a
+branch on the device, ``x.is_cuda``, or on the input's values or sizes; a loop over a run-time
+length) cannot be one graph: the innermost module running it is then kept whole, a leaf that
+runs its own forward when the compiled model runs (every module of its class is, so the trace
+starts again, once per such class), unless it holds an experts module, which must stay visible:
+then the trace fails naming the module. Recurrent and convolution mixers (Mamba, gated
+DeltaNet, KDA, lightning attention, short convolutions) become such leaves: their state stays
+in the cache object, updated by their own code.
 """
 
 from __future__ import annotations

@@ -64,10 +64,13 @@ class Admissions:
 def unsupported(model: Any, generation_kwargs: dict[str, Any]) -> str | None:
     """Why continuous batching cannot run this request (None: it can)."""
     cache = model.new_cache()
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicCache, DynamicLayer
 
-    if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
-        return "this model's KV cache has sliding-window or state layers, whose rows cannot be realigned"
+    others = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [None])} - {"DynamicLayer"})
+    if type(cache) is not DynamicCache or others:  # MiniMaxCache keeps its linear states outside .layers
+        kinds = ", ".join(others or [type(cache).__name__])
+        return (f"this model's cache has sliding-window or recurrent-state layers ({kinds}), whose rows cannot "
+                "be realigned as sequences join and leave")
     if not all(hasattr(model, f) for f in ("_get_logits_processor", "_prepare_generated_length")):
         return "this transformers release does not expose generate's processors and length rules"
     try:

@@ -44,6 +44,13 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-gpt-oss": ("GptOssConfig", dict(_COMMON, intermediate_size=64, num_hidden_layers=4,
                                           num_local_experts=8, num_experts_per_tok=2, head_dim=16,
                                           sliding_window=8, attn_implementation="eager")),
+    # A hybrid: three gated-DeltaNet (linear-attention) layers, whose recurrent and convolution states
+    # live in the cache, and one full-attention layer; every layer MoE with a shared expert.
+    "tiny-qwen3-next": ("Qwen3NextConfig", dict(
+        _COMMON, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+        num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, head_dim=16, decoder_sparse_step=1,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_conv_kernel_dim=4, layer_types=["linear_attention"] * 3 + ["full_attention"])),
     # Multipliers far from 1, so a front end that drops the ones outside the layers is caught.
     # Not tiny: ~240M parameters (459 MiB) in bfloat16, for benchmarks (compile memory, decode).
     "bench-mixtral-240m": ("MixtralConfig", dict(
