@@ -45,6 +45,7 @@ FUNCTIONS: dict[str, Any] = {
     "torch._C._nn.linear": torch._C._nn.linear,
     "torch._C._nn.gelu": torch._C._nn.gelu,
     "torch._C._nn.softplus": torch._C._nn.softplus,  # F.softplus's own name (Ergo's residual gates)
+    "torch._C._nn.log_sigmoid": torch._C._nn.log_sigmoid,  # F.logsigmoid's own name (Inkling's gates)
     "math.sqrt": math.sqrt,
     **_BUILTINS,
     **{f"expertflow.ir.ops.{name}": fn for name, fn in ops.OPS.items()},

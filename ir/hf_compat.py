@@ -11,6 +11,7 @@ graph the installed release derives from the same config and options.)
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import functools
 import inspect
@@ -111,12 +112,14 @@ def _mask_builders() -> dict[str, Any]:
 
 def _step_containers() -> dict[str, Any]:
     """Classes of ``cache_utils`` that hold no cache but what one forward shares between its layers
-    (Gemma 4's ``KVSharingDict``): made afresh each step."""
+    (Gemma 4's ``KVSharingDict``), and the plain ``UserDict`` earlier releases share instead:
+    made afresh each step."""
     from transformers import cache_utils
 
-    return {f"{cache_utils.__name__}.{name}": cls for name, cls in vars(cache_utils).items()
-            if isinstance(cls, type) and cls.__module__ == cache_utils.__name__ and name.endswith("Dict")
-            and not issubclass(cls, cache_utils.Cache)}
+    found = {f"{cache_utils.__name__}.{name}": cls for name, cls in vars(cache_utils).items()
+             if isinstance(cls, type) and cls.__module__ == cache_utils.__name__ and name.endswith("Dict")
+             and not issubclass(cls, cache_utils.Cache)}
+    return {**found, "collections.UserDict": collections.UserDict}
 
 
 @functools.cache

@@ -44,7 +44,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call, _orig_module_getattr
 from torch.fx.proxy import Attribute, Proxy
 
-from ..ir.allowlist import CACHE_ATTRIBUTES
+from ..ir.allowlist import CACHE_ATTRIBUTES, CACHE_METHODS
 from ..ir.hf_compat import new_cache
 from .driver import EXPERT_FLAGS, Driver, TraceFailure, is_experts_module  # noqa: F401
 from .leaves import leaf_callables, is_leaf_callable
@@ -175,6 +175,15 @@ class CacheProxy(MetaProxy):
     def __class__(self) -> type:  # type: ignore[override]
         meta = self.node.meta.get("ef.meta")
         return type(meta) if meta is not None else MetaProxy
+
+    def __getattr__(self, k: str) -> "MetaAttribute":
+        # Anything else a forward reads of the cache (its layers' tensors, a flag of what it holds so
+        # far, state a model parks on the object) is Python over the cache's contents: the module
+        # doing it runs whole, or, when it holds experts, the trace stops here with its name.
+        if k in CACHE_ATTRIBUTES or k in CACHE_METHODS or k.startswith("__"):
+            return super().__getattr__(k)
+        raise DynamicPython(f"reads cache.{k}, what the cache holds so far rather than its layout (only "
+                           f"{sorted(CACHE_ATTRIBUTES | CACHE_METHODS)} are read in a graph)")
 
 
 class MetaAttribute(Attribute, MetaProxy):

@@ -25,10 +25,7 @@ from expertflow.tools.routing_options import Option, companions, routing_options
 
 NEW_TOKENS = 4
 #: Options ExpertFlow does not compile yet, each with what stops it (the compile refuses them, naming it).
-KNOWN_GAPS = {
-    "qwen4_exp_text-norm_topk_prob=False": "its graph reads cache.layers (transformers' layer objects), "
-                                           "which a stored graph may not read",
-}
+KNOWN_GAPS: dict[str, str] = {}
 OPTIONS = [pytest.param(option, marks=pytest.mark.xfail(reason=KNOWN_GAPS[option.id], strict=True))
            if option.id in KNOWN_GAPS else option
            for model_type in expected_to_pass() for option in routing_options(model_type)]
