@@ -7,6 +7,7 @@ and are not in checkpoints); parameters cost nothing until weights are assigned 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,12 +32,44 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+def text_model(config: Any) -> tuple[Any, dict[str, str] | None]:
+    """The config to build the causal LM from, and how checkpoint keys rename into it.
+
+    A multimodal checkpoint (Gemma 4's ``gemma4``: image and audio towers around an MoE language
+    model) is what people download, and transformers' causal LM for it is the multimodal class.
+    ExpertFlow compiles text: when the config has a vision or audio part and its text config has
+    a causal LM of its own, that one is built, its weights read from where the multimodal model
+    keeps its language model (``model.language_model.*`` -> ``model.*``, found by building both on
+    meta rather than assumed). Otherwise ``config`` as given, no renaming.
+    """
+    from transformers import AutoModelForCausalLM
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is config or not {"vision_config", "audio_config"} & set(getattr(config, "sub_configs", None) or {}):
+        return config, None
+    try:
+        text_cls = AutoModelForCausalLM._model_mapping[type(text)]
+        whole_cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:  # no text-only causal LM: the multimodal class, which the front end refuses
+        return config, None
+    if getattr(whole_cls, "config_class", None) is not type(config):
+        return config, None  # transformers itself builds the text model (qwen3_5_moe): its own renamings
+    with params_on_meta():
+        whole, alone = whole_cls(config), text_cls(text)
+    base = type(getattr(alone, alone.base_model_prefix))
+    inside = [name for name, module in whole.named_modules() if type(module) is base]
+    if len(inside) != 1:
+        return config, None
+    return text, {rf"^{re.escape(inside[0])}\.": f"{alone.base_model_prefix}."}
+
+
 def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
-    """A causal-LM for ``config`` with meta parameters and real buffers, in eval mode."""
+    """A causal-LM for ``config`` (its text model, for a multimodal config: :func:`text_model`)
+    with meta parameters and real buffers, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     with params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(text_model(config)[0], dtype=dtype)
     return model.eval()
 
 

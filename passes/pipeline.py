@@ -15,7 +15,7 @@ from .lower_experts import lower_experts
 from .manager import PassManager, PassResult
 from .options import CompileOptions
 from .schedule import schedule
-from .trace import TraceFailure, TraceInfo, trace_model
+from .trace import TraceFailure, TraceInfo, refuse_cache_contents, trace_model
 from .verify import verify_graph
 
 PIPELINE = [functionalize_inplace, lower_experts, insert_prefetch, insert_reuse, insert_permute, dce, schedule]
@@ -30,4 +30,5 @@ def compile_graph(lm: nn.Module, options: CompileOptions | None = None,
         raise TraceFailure(f"{type(lm).__name__} has no MoE layer: no module uses transformers' experts "
                            "interface (use_experts_implementation); ExpertFlow only compiles MoE models")
     result: PassResult = PassManager(PIPELINE, verify=verify_graph, on_pass=on_pass)(gm, options)
+    refuse_cache_contents(result.graph_module)
     return result.graph_module, info

@@ -50,7 +50,7 @@ from .driver import EXPERT_FLAGS, Driver, TraceFailure, is_experts_module  # noq
 from .leaves import leaf_callables, is_leaf_callable
 
 __all__ = ["EXPERT_FLAGS", "Driver", "DynamicPython", "ExpertFlowTracer", "TraceFailure", "TraceInfo",
-           "is_experts_module", "trace_model"]
+           "is_experts_module", "refuse_cache_contents", "trace_model"]
 
 def _to_meta(value: Any) -> Any:
     if isinstance(value, Proxy):
@@ -175,15 +175,6 @@ class CacheProxy(MetaProxy):
     def __class__(self) -> type:  # type: ignore[override]
         meta = self.node.meta.get("ef.meta")
         return type(meta) if meta is not None else MetaProxy
-
-    def __getattr__(self, k: str) -> "MetaAttribute":
-        # Anything else a forward reads of the cache (its layers' tensors, a flag of what it holds so
-        # far, state a model parks on the object) is Python over the cache's contents: the module
-        # doing it runs whole, or, when it holds experts, the trace stops here with its name.
-        if k in CACHE_ATTRIBUTES or k in CACHE_METHODS or k.startswith("__"):
-            return super().__getattr__(k)
-        raise DynamicPython(f"reads cache.{k}, what the cache holds so far rather than its layout (only "
-                           f"{sorted(CACHE_ATTRIBUTES | CACHE_METHODS)} are read in a graph)")
 
 
 class MetaAttribute(Attribute, MetaProxy):
@@ -459,3 +450,21 @@ def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphMo
         elif node.op == "call_module" and node.target == f"{driver.layers_path.rsplit('.', 1)[0]}.embed_tokens":
             node.meta["ef.role"] = "embed"
     return gm, info
+
+
+def refuse_cache_contents(gm: fx.GraphModule) -> None:
+    """Raises, naming the module, when the finished graph reads of the cache input anything but its
+    layout: a forward that keeps Python state on the cache object (qwen4_exp_text's indexer
+    positions) or reaches into its layers' tensors, which one stored graph cannot carry. Reads
+    that only steered the trace (``len(cache.layers)``, fixed by the config) are gone by now."""
+    allowed = CACHE_ATTRIBUTES | CACHE_METHODS
+    for node in gm.graph.nodes:
+        cache_read = ((node.op == "call_function" and node.target is getattr) or node.op == "call_method") and \
+            isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder" and node.args[0].target == "cache"
+        name = node.args[1] if node.op == "call_function" and cache_read else node.target
+        if cache_read and name not in allowed:
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            path = stack[-1][0] if stack else "lm"
+            raise TraceFailure(f"cannot trace module '{path}': its forward reads cache.{name}, what the cache "
+                               f"holds so far rather than its layout (a graph reads only {sorted(allowed)}); one "
+                               "stored graph cannot carry Python state kept on the cache object", path)

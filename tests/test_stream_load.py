@@ -191,3 +191,37 @@ def test_compiled_logits_match_transformers(compiled_dir, model_dir) -> None:
         expected = hf(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
     logits = runtime.load(path)(PROMPTS, attention_mask=PROMPT_MASK).logits
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5_moe", "gemma4"])
+def test_multimodal_checkpoint_compiles_its_language_model(model_type: str, tmp_path: Path) -> None:
+    """What people download for Qwen3.6-35B-A3B or Gemma 4 is the image(-audio)-text checkpoint
+    (``model.language_model.*`` beside the towers). transformers builds the text model itself for
+    qwen3_5_moe and the multimodal class for gemma4; either way ExpertFlow streams only the
+    language model's tensors, writes the text model's config, and gives transformers' logits and
+    greedy tokens at one expert slot."""
+    from expertflow.tools.compile import compile_model
+    from expertflow.tools.tiny_config import tiny_config
+
+    if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    whole_cls = transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]
+    torch.manual_seed(0)
+    whole = getattr(transformers, whole_cls)(tiny_config(model_type)).eval()
+    whole.save_pretrained(tmp_path / "hf")
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+        assert all(k.startswith("model.language_model.") for k in f.keys() if ".layers." in k)
+    stream = WeightStream(tmp_path / "hf", torch.float32)
+    assert stream.streaming, stream.reason
+    assert not any("vision" in k or "visual" in k or "audio" in k for k in _collect(stream))
+    out = compile_model(str(tmp_path / "hf"), tmp_path / "compiled", CompileOptions(), dumps=False, quiet=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    text_config = whole.config.get_text_config()
+    assert manifest["model_type"] == text_config.model_type
+    assert manifest["config"]["num_hidden_layers"] == text_config.num_hidden_layers
+    model = runtime.load(out, expert_cache=1)
+    with torch.no_grad():
+        ref = whole(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
+        tokens = whole.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=16, do_sample=False)
+    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, ref, atol=1e-5, rtol=0)
+    assert torch.equal(model.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=16), tokens)

@@ -42,8 +42,6 @@ class Refusal(NamedTuple):
 
 #: Architectures ExpertFlow refuses, and where the refusal must point.
 EXPECTED_FAILURES: dict[str, Refusal] = {
-    "gemma4": Refusal("lm", "multimodal",
-                      "multimodal (image/audio) ForConditionalGeneration; its text part, gemma4_text, compiles"),
     "qwen4_exp_text": Refusal("lm.model", "reads cache.",
                               "its stack forward parks the indexer's position history on the cache object "
                               "(cache.position_ids, later a layer's indexer_position_ids) and branches on "

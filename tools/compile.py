@@ -171,10 +171,12 @@ def _compile(model: str, output: Path, options: CompileOptions, force: bool, dum
         dense_bytes = (tmp / "dense.safetensors").stat().st_size
         return {
             "schema_version": SCHEMA_VERSION, "source": str(model), "source_path": str(source),
-            "architecture": (config.architectures or [type(lm).__name__])[0], "model_type": config.model_type,
-            "dtype": artefact.dtype_name(dtype), "config": config_to_json(config.to_dict()),
-            "attn_implementation": config._attn_implementation,
-            "experts_implementation": config._experts_implementation,
+            # What was built, not what the checkpoint names: a multimodal checkpoint's (Qwen3.6's
+            # ForConditionalGeneration) causal LM is its text model, with the text config.
+            "architecture": type(lm).__name__, "model_type": lm.config.model_type,
+            "dtype": artefact.dtype_name(dtype), "config": config_to_json(lm.config.to_dict()),
+            "attn_implementation": lm.config._attn_implementation,
+            "experts_implementation": lm.config._experts_implementation,
             "transformers": transformers.__version__, "expertflow": __version__,
             "options": {"lookahead": options.lookahead, "predictor": options.predictor, "policy": options.policy,
                         "permute": options.permute, "prefetch": options.prefetch},

@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig
 
-from ..ir.skeleton import build_skeleton
+from ..ir.skeleton import build_skeleton, text_model
 
 Group = int | None  # a decoder layer's index; None for the tensors outside the layers
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -52,7 +53,7 @@ def group_of(key: str) -> Group:
 
 def load_skeleton(source: str | Path, dtype: torch.dtype) -> nn.Module:
     """The model at ``source`` with meta parameters: config and generation config as from_pretrained."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     model = build_skeleton(AutoConfig.from_pretrained(source), dtype)
     if getattr(model, "generation_config", None) is not None:
@@ -98,13 +99,14 @@ class WeightStream:
         self.groups: list[Group] = sorted({group_of(k) for k in self._meta}, key=lambda g: -1 if g is None else g)
         self._loader: _GroupLoader | None = None
         self.reason = ""  # why the weights come from from_pretrained instead ('' while streaming)
+        self.key_mapping = text_model(AutoConfig.from_pretrained(source))[1]  # a multimodal checkpoint's text part
         try:
             files = checkpoint_files(self.source)  # unreadable shards raise: bad input, no fallback
         except StreamUnsupported as exc:
             self.reason = str(exc)
             return
         try:
-            self._loader = _GroupLoader(self.model, files, dtype, self._meta)
+            self._loader = _GroupLoader(self.model, files, dtype, self._meta, self.key_mapping)
         except Exception as exc:  # noqa: BLE001 - transformers internals moved: use from_pretrained
             self.reason = _one_line(exc)
 
@@ -135,7 +137,8 @@ class WeightStream:
 
         print(f"expertflow: cannot stream the weights of {self.source} ({self.reason}); "
               "loading the whole model with from_pretrained", file=sys.stderr)
-        state = AutoModelForCausalLM.from_pretrained(self.source, dtype=self.dtype).state_dict()
+        model_cls = AutoModelForCausalLM._model_mapping[type(self.model.config)]
+        state = model_cls.from_pretrained(self.source, dtype=self.dtype, key_mapping=self.key_mapping).state_dict()
         for group in groups:
             yield group, {k: v for k, v in state.items() if group_of(k) == group}
 
@@ -149,7 +152,7 @@ class _GroupLoader:
     """transformers' loader applied to one group's checkpoint keys at a time, on the meta skeleton."""
 
     def __init__(self, model: nn.Module, files: dict[str, Path], dtype: torch.dtype,
-                 meta: dict[str, torch.Tensor]):
+                 meta: dict[str, torch.Tensor], key_mapping: dict[str, str] | None = None):
         from transformers import core_model_loading as core
         from transformers.conversion_mapping import get_model_conversion_mapping
 
@@ -157,7 +160,7 @@ class _GroupLoader:
             raise StreamUnsupported("quantized checkpoints go through transformers' quantizers")
         self.model, self.meta = model, meta
         self.files = files
-        mapping = get_model_conversion_mapping(model, None, None)
+        mapping = get_model_conversion_mapping(model, key_mapping, None)
         self._convert = self._bind(core.convert_and_load_state_dict_in_model, model, dtype, mapping)
         # Where each state-dict entry lives, and its meta value to put back after a group is taken out.
         self._slots = {key: _slot(model, key) for key in meta}
