@@ -103,6 +103,15 @@ def new_cache(lm: Any) -> Any:
     return cache_maker(lm)()
 
 
+def cached_length(cache: Any) -> int:
+    """Tokens ``cache`` holds. ``cache.get_seq_length()`` asks layer 0, or the first layer it
+    recognises as attention; a cache that makes its layers lazily (MiniMax's, whose layer 0 may be
+    lightning attention that never fills its key/value layer) answers 0 there. The longest
+    layer is the count: every key/value layer holds the tokens seen (a sliding one counts them all)."""
+    lengths = [layer.get_seq_length() for layer in getattr(cache, "layers", ()) if hasattr(layer, "get_seq_length")]
+    return max([cache.get_seq_length(), *lengths])
+
+
 def _mask_builders() -> dict[str, Any]:
     from transformers import masking_utils
 

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..ir.hf_compat import output_cache_field
+from ..ir.hf_compat import cached_length, output_cache_field
 from ..passes.driver import logits_selector
 from .context import RuntimeContext
 from .inputs import check_attention_mask, check_input_ids, check_position_ids
@@ -126,7 +126,7 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         ids = check_input_ids(input_ids, self.config.vocab_size).to(self.device)
         batch, seq = ids.shape
         cache = cache if cache is not None else self.new_cache()
-        past = cache.get_seq_length()
+        past = cached_length(cache)
         mask = check_attention_mask(attention_mask, batch, past + seq)
         position_ids = check_position_ids(position_ids, batch, seq)
         if position_ids is None:

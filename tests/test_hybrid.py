@@ -84,3 +84,31 @@ def test_batching_that_cannot_carry_a_state_says_so(hybrid):
     # Where it applies (the default), fixed micro-batches run: each prompt's tokens as alone.
     alone = [hf.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False)[0].tolist() for p in prompts]
     assert model.generate_many(prompts, batch_size=2, max_new_tokens=4, do_sample=False) == alone
+
+
+#: Layer patterns the sweep's defaults do not build: a recurrent or convolution layer first (the
+#: cache's layer 0 then holds no keys: MiniMax's cache says it has seen 0 tokens), dense layers
+#: mixed in, attention last.
+PATTERNS = {
+    "minimax": dict(num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"]),
+    "lfm2_moe": dict(num_hidden_layers=4, num_dense_layers=0, layer_types=["conv", "conv", "full_attention", "conv"]),
+    # (an MoE layer first is a pattern transformers 5.25 itself cannot run: its cache's layer 0 is a placeholder)
+    "nemotron_h": dict(num_hidden_layers=5, layers_block_type=["linear_attention", "moe", "moe", "full_attention", "moe"]),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(PATTERNS))
+def test_layer_patterns_beyond_the_defaults(model_type: str, tmp_path) -> None:
+    from conftest import PROMPT_MASK, PROMPTS
+
+    from expertflow.tools.tiny_config import build_tiny
+
+    hf = build_tiny(model_type, seed=1, **PATTERNS[model_type])
+    hf.save_pretrained(tmp_path / "hf")
+    out = compile_model(str(tmp_path / "hf"), tmp_path / "c", CompileOptions(), dumps=False, quiet=True)
+    model = runtime.load(out, expert_cache=1)
+    with torch.no_grad():
+        ref = hf(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
+        tokens = hf.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=24, do_sample=False)
+    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, ref, atol=1e-5, rtol=0)
+    assert torch.equal(model.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=24), tokens)
