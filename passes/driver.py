@@ -35,6 +35,24 @@ def is_experts_module(module: nn.Module) -> bool:
     return isinstance(down, torch.Tensor) and down.dim() == 3
 
 
+def not_moe_reason(lm: nn.Module) -> str | None:
+    """Why ExpertFlow cannot run ``lm`` as a mixture of experts, or None when it can: no module uses
+    transformers' experts interface. A model whose experts are built otherwise (transformers'
+    Llama 4 runs every expert on every token, its router's scores scaling the inputs) is named as
+    such, not called dense."""
+    if any(is_experts_module(m) for m in lm.modules()):
+        return None
+    stacked = next(((path, m) for path, m in lm.named_modules() if "Expert" in type(m).__name__
+                    and any(p.dim() == 3 for p in m.parameters(recurse=False))), None)
+    if stacked is not None:
+        path, m = stacked
+        return (f"{type(lm).__name__} has no MoE layer ExpertFlow can run: its experts ('{path}', "
+                f"{type(m).__name__}) do not use transformers' experts interface (use_experts_implementation), "
+                "which is how ExpertFlow finds and calls experts")
+    return (f"{type(lm).__name__} has no MoE layer: no module uses transformers' experts interface "
+            "(use_experts_implementation); ExpertFlow only compiles MoE models")
+
+
 def logits_selector(logits_to_keep: int | torch.Tensor) -> slice | torch.Tensor:
     """What the graph's ``logits_to_keep`` input receives: the index transformers' causal LMs build
     from it (``slice(-N, None)``; 0 keeps every position; a tensor lists positions). The graph is

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import fx, nn
 
 from .dce import dce
+from .driver import not_moe_reason
 from .functionalize_inplace import functionalize_inplace
 from .insert_permute import insert_permute
 from .insert_prefetch import insert_prefetch
@@ -25,10 +26,10 @@ def compile_graph(lm: nn.Module, options: CompileOptions | None = None,
                   on_pass: Callable[[str], None] | None = None) -> tuple[fx.GraphModule, TraceInfo]:
     """Traces ``lm`` (meta parameters) and runs the whole pipeline; raises on a model with no MoE layer."""
     options = options or CompileOptions()
+    reason = not_moe_reason(lm)
+    if reason is not None:
+        raise TraceFailure(reason)
     gm, info = trace_model(lm)
-    if not info.experts:
-        raise TraceFailure(f"{type(lm).__name__} has no MoE layer: no module uses transformers' experts "
-                           "interface (use_experts_implementation); ExpertFlow only compiles MoE models")
     result: PassResult = PassManager(PIPELINE, verify=verify_graph, on_pass=on_pass)(gm, options)
     refuse_cache_contents(result.graph_module)
     return result.graph_module, info

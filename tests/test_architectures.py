@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import ARCHS, EVICT, NEW_TOKENS, PROMPT_MASK, PROMPTS
 from torch import nn
 
@@ -24,7 +25,7 @@ from expertflow.ir.skeleton import build_skeleton
 from expertflow.passes.insert_prefetch import ancestors
 from expertflow.passes.options import CompileOptions
 from expertflow.passes.pipeline import compile_graph
-from expertflow.passes.trace import TraceFailure
+from expertflow.passes.trace import TraceFailure, is_experts_module
 from expertflow.runtime import derive
 from expertflow.runtime.model import CompiledModel
 from expertflow.tools import presets
@@ -190,3 +191,17 @@ def test_dense_model_is_refused(tmp_path) -> None:
     with pytest.raises(UserError, match="LlamaForCausalLM has no MoE layer"):
         compile_model(str(tmp_path / "llama"), tmp_path / "out", CompileOptions(), quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_experts_outside_the_interface_are_named() -> None:
+    """transformers' Llama 4 builds its experts without the experts interface (every expert runs on
+    every token): the refusal names the experts module rather than calling the model dense."""
+    from expertflow.tools.tiny_config import tiny_config
+
+    skeleton = build_skeleton(tiny_config("llama4_text"), torch.float32)
+    if any(is_experts_module(m) for m in skeleton.modules()):
+        pytest.skip(f"transformers {transformers.__version__}'s Llama 4 uses the experts interface")
+    with pytest.raises(TraceFailure) as err:
+        compile_graph(skeleton)
+    assert "its experts ('model.layers.0.feed_forward.experts', Llama4TextExperts) do not use transformers' " \
+           "experts interface" in str(err.value), str(err.value)

@@ -200,8 +200,8 @@ def test_models_it_cannot_run_are_refused_from_the_config_before_any_work(dense_
     for name in artefact.TEXT_FILES:
         (bare / name).unlink(missing_ok=True)
     capsys.readouterr()
-    for source, says in ((dense_dir, f"{dense_dir} is a dense model (LlamaForCausalLM: no module uses transformers' "
-                                     "experts interface); ExpertFlow runs mixture-of-experts models"),
+    for source, says in ((dense_dir, f"cannot run {dense_dir}: LlamaForCausalLM has no MoE layer: no module uses "
+                                     "transformers' experts interface"),
                          (bare, f"{bare} ships no tokenizer (tokenizer.json, tokenizer.model, spiece.model, "
                                 "vocab.json, vocab.txt), so text cannot become tokens: save the model's tokenizer")):
         assert main([str(source), PROMPT, "--cache-dir", str(tmp_path / "cache")]) == 2

@@ -36,16 +36,16 @@ def check_source(model: str, source: Path, needs_tokenizer: bool) -> None:
     from transformers import AutoConfig
 
     from ..ir.skeleton import build_skeleton, config_dtype
-    from ..passes.driver import is_experts_module
+    from ..passes.driver import not_moe_reason
 
     try:
         config = AutoConfig.from_pretrained(source)
         skeleton = build_skeleton(config, config_dtype(config))
     except Exception:  # noqa: BLE001 - the compile that follows reports a config it cannot read, in full
         return
-    if not any(is_experts_module(m) for m in skeleton.modules()):
-        raise UserError(f"{model} is a dense model ({type(skeleton).__name__}: no module uses transformers' experts "
-                        "interface); ExpertFlow runs mixture-of-experts models, e.g. tiny-trained-moe")
+    reason = not_moe_reason(skeleton)
+    if reason is not None:
+        raise UserError(f"cannot run {model}: {reason} (an MoE model runs, e.g. tiny-trained-moe)")
 
 
 def resolve_model(model: str, presets_dir: Path | None = None) -> Path:
