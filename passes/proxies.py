@@ -50,7 +50,12 @@ def _static_length(proxy: Proxy) -> int | None:
 
 
 class DynamicPython(TraceFailure):
-    """Python control flow or iteration on a value that is not fixed when the model is compiled."""
+    """Python control flow or iteration on a value that is not fixed when the model is compiled;
+    ``branch``: the index of the undecided ``if`` among the trace's dynamic branches, when it is one."""
+
+    def __init__(self, message: str, module: str | None = None, branch: int | None = None):
+        super().__init__(message, module)
+        self.branch = branch
 
 
 
@@ -94,9 +99,12 @@ class MetaProxy(Proxy):
             return meta
         if isinstance(meta, bool) and _compares_sizes(self.node) and self.tracer.resample(self.node) is meta:
             return meta
+        branch, forced = self.tracer.dynamic_branch()
+        if forced is not None:  # the trace is exploring both sides of this branch (trace.py)
+            return forced
         raise DynamicPython(f"Python control flow on {_describe(self.node)}, whose value is not fixed when the "
                            "model is compiled (it depends on the input's values or sizes, or on the device the "
-                           "compiled model runs on); one graph cannot follow both branches")
+                           "compiled model runs on); one graph cannot follow both branches", branch=branch)
 
 
 def _compares_sizes(node: fx.Node) -> bool:

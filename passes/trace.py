@@ -16,7 +16,8 @@ code that star-unpacks ``x.shape`` (DeepSeek, GLM MoE blocks) traces: the tracer
 Python branches on values fixed at compile time (``weight.dtype == torch.float32``, a rank, a
 size the code gives literally, the cache's layout ``cache.is_sliding``) are taken; so is a
 comparison of two sizes that agree at two unrelated input sizes (Gemma 4's "did my stack
-slice?" check, :meth:`ExpertFlowTracer.resample`). Python that depends on anything else (a
+slice?" check, :meth:`ExpertFlowTracer.resample`); so is a branch whose two sides trace to the
+same graph (:func:`_explore`). Python that depends on anything else (a
 branch on the device, ``x.is_cuda``, or on the input's values or sizes; a loop over a run-time
 length) cannot be one graph: the innermost module running it is then kept whole, a leaf that
 runs its own forward when the compiled model runs (every module of its class is, so the trace
@@ -68,12 +69,21 @@ class ExpertFlowTracer(fx.Tracer):
     the modules of ``run_whole`` (classes whose Python the trace cannot follow) that hold no experts."""
 
     def __init__(self, placeholder_meta: dict[str, Any], run_whole: frozenset[type] = frozenset(),
-                 other_sample: Callable[[], dict[str, Any]] | None = None):
+                 other_sample: Callable[[], dict[str, Any]] | None = None, forced: dict[int, bool] | None = None):
         super().__init__(param_shapes_constant=True)
         self.placeholder_meta = placeholder_meta
         self.other_sample = other_sample  # inputs of other sizes, for :meth:`resample`
         self.run_whole = run_whole
         self.experts_paths: list[str] = []
+        self.forced = forced or {}  # dynamic branch index -> the side taken (see _explore)
+        self._branches = 0
+
+    def dynamic_branch(self) -> tuple[int, bool | None]:
+        """The index of the dynamic ``if`` the trace has reached (in trace order), and the side
+        :func:`_explore` forces for it, if any."""
+        index = self._branches
+        self._branches += 1
+        return index, self.forced.get(index)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if is_experts_module(m):
@@ -225,6 +235,39 @@ class TraceInfo:
     experts: dict[int, str] = field(default_factory=dict)  # decoder layer -> experts module path
 
 
+#: How many dynamic branches one trace may settle by :func:`_explore` (each doubles the traces).
+_MAX_FORCED = 3
+
+
+def _explore(trace: Callable[[dict[int, bool]], fx.Graph], forced: dict[int, bool], depth: int) -> fx.Graph:
+    """``trace(forced)``; where it stops at an ``if`` on a run-time value in a module that holds
+    experts, the trace is taken down both sides: when the two graphs are the same code, the branch
+    decides nothing the compiled model runs (Gemma 4 asks ``seq_len == 1`` only to skip an
+    optimisation its other guards skip too) and either graph is the model's. Otherwise the refusal
+    stands."""
+    try:
+        return trace(forced)
+    except TraceFailure as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, DynamicPython):
+            cause = cause.__cause__
+        if depth == 0 or cause is None or cause.branch is None:
+            raise
+        try:
+            sides = [_explore(trace, {**forced, cause.branch: side}, depth - 1) for side in (False, True)]
+        except TraceFailure:
+            raise exc from None
+        if _code(sides[0]) != _code(sides[1]):  # the True side may have made a module whole: once more
+            sides[0] = _explore(trace, {**forced, cause.branch: False}, depth - 1)
+        if _code(sides[0]) != _code(sides[1]):
+            raise exc from None
+        return sides[0]
+
+
+def _code(graph: fx.Graph) -> str:
+    return graph.python_code("self").src
+
+
 def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphModule, TraceInfo]:
     """Traces ``lm`` (parameters may live on the meta device) into one GraphModule."""
     parts = [k for k in ("vision_config", "audio_config") if k in (getattr(lm.config, "sub_configs", None) or {})]
@@ -233,7 +276,6 @@ def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphMo
                            "compiles text models; save its language model alone (its text config) and compile that",
                            "lm")
     driver = Driver(lm)
-    run_whole: frozenset[type] = frozenset()
     def sample(batch: int, seq: int) -> dict[str, Any]:  # made afresh each time: leaves' meta values fill the cache
         return {
             "input_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta"),
@@ -243,18 +285,23 @@ def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphMo
             "logits_to_keep": slice(None),
         }
 
-    while True:
-        tracer = ExpertFlowTracer(sample(batch, seq), run_whole, lambda: sample(batch + 3, seq + 8))
-        try:
-            with leaf_callables(tracer, driver):
-                graph = tracer.trace(driver)
-            break
-        except _RunWhole as retry:  # a new class each time (its modules are leaves now): this ends
-            run_whole |= {retry.cls}
-        except TraceFailure:
-            raise
-        except Exception as exc:
-            raise TraceFailure(f"cannot trace {type(lm).__name__}: {type(exc).__name__}: {exc}") from exc
+    run_whole: set[type] = set()
+
+    def trace(forced: dict[int, bool]) -> fx.Graph:
+        while True:
+            tracer = ExpertFlowTracer(sample(batch, seq), frozenset(run_whole), lambda: sample(batch + 3, seq + 8),
+                                      forced)
+            try:
+                with leaf_callables(tracer, driver):
+                    return tracer.trace(driver)
+            except _RunWhole as retry:  # a new class each time (its modules are leaves now): this ends
+                run_whole.add(retry.cls)
+            except TraceFailure:
+                raise
+            except Exception as exc:
+                raise TraceFailure(f"cannot trace {type(lm).__name__}: {type(exc).__name__}: {exc}") from exc
+
+    graph = _explore(trace, {}, _MAX_FORCED)
     for node in list(graph.nodes):  # values the model computed and dropped (a ModelOutput field nobody reads)
         if node.op == "get_attr" and not node.users and node.target.startswith("_tensor_constant"):
             graph.erase_node(node)

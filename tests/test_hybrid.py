@@ -93,6 +93,9 @@ PATTERNS = {
     "minimax": dict(num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"]),
     "lfm2_moe": dict(num_hidden_layers=4, num_dense_layers=0, layer_types=["conv", "conv", "full_attention", "conv"]),
     # (an MoE layer first is a pattern transformers 5.25 itself cannot run: its cache's layer 0 is a placeholder)
+    # KV-shared layers: transformers 5.25's stack asks seq_len == 1 before a slice it then skips anyway
+    "gemma4_text": dict(num_hidden_layers=4, num_kv_shared_layers=2,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
     "nemotron_h": dict(num_hidden_layers=5, layers_block_type=["linear_attention", "moe", "moe", "full_attention", "moe"]),
 }
 
