@@ -117,7 +117,8 @@ def tiny_config(model_type: str, layers: int = LAYERS, **overrides: Any):
         if name not in own or (own[name] is not _DERIVED and own[name] != value):
             derived.append(name)  # computed in __post_init__ (head_dim = qk_rope_head_dim): re-derived
             continue
-        new = layers if name == "num_hidden_layers" else _shrink_any(name, value, defaults)
+        # num_layers: LongCat's decoder layers, each two sublayers (its num_hidden_layers is twice it)
+        new = layers if name in ("num_hidden_layers", "num_layers") else _shrink_any(name, value, defaults)
         if new is not value and new != value:
             kwargs[name] = new
     for name, value in _post_init_kwargs(cls).items():  # sizes the config only takes as keywords

@@ -127,6 +127,8 @@ RULES: list[tuple[str, Callable[[Any, dict[str, Any]], Any]]] = [
     # Widths.
     (r"^hidden_size$", _size(HIDDEN)),
     (r"(shared|moe|expert).*intermediate_size|intermediate_size.*(moe|expert)", _size(32)),
+    (r"^expert_ffn_hidden_size$", _size(32)),  # LongCat's names for the expert and dense widths
+    (r"^ffn_hidden_size$", _size(HIDDEN)),
     (r"intermediate_size", _size(HIDDEN)),
     (r"(hidden_size_per_layer_input|ple_embed_dim|d_rel)$", _size(16)),
     # Attention heads and head widths.
