@@ -21,6 +21,15 @@ PROMPT_MASK = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
 EVICT = 3
 
 
+def assert_matches_hf(model, hf, new_tokens: int) -> None:
+    """``model`` (compiled) gives ``hf``'s logits on the padded prompt batch and its greedy tokens."""
+    with torch.no_grad():
+        ref = hf(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
+        tokens = hf.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=new_tokens, do_sample=False)
+    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, ref, atol=1e-5, rtol=0)
+    assert torch.equal(model.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=new_tokens), tokens)
+
+
 def _granite_has_experts_interface() -> bool:
     """Older transformers 5.x built GraniteMoe on JetMoe's ParallelExperts, not the experts interface."""
     from transformers.models.granitemoe import modeling_granitemoe

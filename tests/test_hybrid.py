@@ -102,7 +102,7 @@ PATTERNS = {
 
 @pytest.mark.parametrize("model_type", sorted(PATTERNS))
 def test_layer_patterns_beyond_the_defaults(model_type: str, tmp_path) -> None:
-    from conftest import PROMPT_MASK, PROMPTS
+    from conftest import assert_matches_hf
 
     from expertflow.tools.tiny_config import build_tiny
 
@@ -110,8 +110,4 @@ def test_layer_patterns_beyond_the_defaults(model_type: str, tmp_path) -> None:
     hf.save_pretrained(tmp_path / "hf")
     out = compile_model(str(tmp_path / "hf"), tmp_path / "c", CompileOptions(), dumps=False, quiet=True)
     model = runtime.load(out, expert_cache=1)
-    with torch.no_grad():
-        ref = hf(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
-        tokens = hf.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=24, do_sample=False)
-    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, ref, atol=1e-5, rtol=0)
-    assert torch.equal(model.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=24), tokens)
+    assert_matches_hf(model, hf, new_tokens=24)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import PROMPT_MASK, PROMPTS
+from conftest import PROMPT_MASK, PROMPTS, assert_matches_hf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -220,8 +220,4 @@ def test_multimodal_checkpoint_compiles_its_language_model(model_type: str, tmp_
     assert manifest["model_type"] == text_config.model_type
     assert manifest["config"]["num_hidden_layers"] == text_config.num_hidden_layers
     model = runtime.load(out, expert_cache=1)
-    with torch.no_grad():
-        ref = whole(input_ids=PROMPTS, attention_mask=PROMPT_MASK).logits
-        tokens = whole.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=16, do_sample=False)
-    torch.testing.assert_close(model(PROMPTS, attention_mask=PROMPT_MASK).logits, ref, atol=1e-5, rtol=0)
-    assert torch.equal(model.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=16), tokens)
+    assert_matches_hf(model, whole, new_tokens=16)
