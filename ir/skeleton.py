@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .input_scaled import adapt_experts
+
 
 @contextlib.contextmanager
 def params_on_meta() -> Iterator[None]:
@@ -65,11 +67,13 @@ def text_model(config: Any) -> tuple[Any, dict[str, str] | None]:
 
 def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     """A causal-LM for ``config`` (its text model, for a multimodal config: :func:`text_model`)
-    with meta parameters and real buffers, in eval mode."""
+    with meta parameters and real buffers, in eval mode; experts built outside transformers'
+    experts interface are rewritten to it (``ir/input_scaled.py``: Llama 4)."""
     from transformers import AutoModelForCausalLM
 
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(text_model(config)[0], dtype=dtype)
+    adapt_experts(model)
     return model.eval()
 
 

@@ -37,9 +37,8 @@ def is_experts_module(module: nn.Module) -> bool:
 
 def not_moe_reason(lm: nn.Module) -> str | None:
     """Why ExpertFlow cannot run ``lm`` as a mixture of experts, or None when it can: no module uses
-    transformers' experts interface. A model whose experts are built otherwise (transformers'
-    Llama 4 runs every expert on every token, its router's scores scaling the inputs) is named as
-    such, not called dense."""
+    transformers' experts interface (``ir/input_scaled.py`` has rewritten Llama 4's to it by now).
+    A model whose stacked experts are built otherwise is named as such, not called dense."""
     if any(is_experts_module(m) for m in lm.modules()):
         return None
     stacked = next(((path, m) for path, m in lm.named_modules() if "Expert" in type(m).__name__
@@ -73,7 +72,9 @@ class Driver(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
-        inner = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", lm)
+        inner = lm.get_decoder() if hasattr(lm, "get_decoder") else lm
+        if inner is lm and not hasattr(lm, "layers"):  # get_decoder's guess missed (Llama 4's prefix names no module)
+            inner = getattr(lm, "model", lm)
         self.inner_path = _path_in(lm, inner)
         # transformers 5.24 renamed past_key_values to cache: ask the causal LM's own forward
         self.cache_keyword = cache_keyword_of(type(lm).forward) or mask_cache_keyword()

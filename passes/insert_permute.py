@@ -16,7 +16,8 @@ Either way each expert is loaded once per layer per step: the waves partition th
 
 Before: lowered graph (``lower_experts``). After: every expert_compute reads the outputs of one
 permute of its own layer and feeds exactly one unpermute, which reads that permute's ``perm``
-(``verify_graph`` checks the pairing). ``options.permute`` False leaves the graph unchanged.
+(``verify_graph`` checks the pairing), except where the experts module says its rows are not
+independent (``rows_independent = False``). ``options.permute`` False leaves the graph unchanged.
 """
 
 from __future__ import annotations
@@ -35,10 +36,19 @@ def insert_permute(gm: fx.GraphModule, options: CompileOptions | None = None) ->
     if not options.permute:
         return PassResult(gm, False)
     graph = gm.graph
-    computes = [n for n in graph.nodes if n.target is ops.expert_compute and ops.permute_of(n) is None]
+    computes = [n for n in graph.nodes if n.target is ops.expert_compute and ops.permute_of(n) is None
+                and _rows_independent(gm, n)]
     for compute in computes:
         _wrap(graph, compute)
     return PassResult(gm, bool(computes))
+
+
+def _rows_independent(gm: fx.GraphModule, compute: fx.Node) -> bool:
+    """Whether the experts' result for a row is the same whichever rows are computed with it: not
+    so for experts that multiply every row of the step as one batched product to stay bit-exact
+    (``ir/input_scaled.py``), whose rows stay in place and whole."""
+    module = gm.get_submodule(compute.meta["ef.module"]) if compute.meta.get("ef.module") else None
+    return getattr(module, "rows_independent", True)
 
 
 def _wrap(graph: fx.Graph, compute: fx.Node) -> None:

@@ -448,6 +448,26 @@ def test_insert_permute_structure_and_numbers() -> None:
     assert_close(before, hf_logits(lm))
 
 
+def test_insert_permute_keeps_input_scaled_rows_in_place() -> None:
+    """Llama 4's experts, rewritten to the interface (``ir/input_scaled.py``), multiply every row of
+    a step as one batched product: the pass leaves them unpermuted (modified False), and the
+    lowered graph over the rewritten blocks equals transformers' dense blocks."""
+    import copy
+
+    from expertflow.ir.input_scaled import adapt_experts
+    from expertflow.tools.tiny_config import build_tiny
+
+    lm = build_tiny("llama4_text", num_experts_per_tok=2)
+    sparse = copy.deepcopy(lm)
+    assert adapt_experts(sparse) == adapt_experts(copy.deepcopy(sparse)) + lm.config.num_hidden_layers
+    gm, info = lowered(lm)
+    assert len(of(gm, ops.expert_compute)) == lm.config.num_hidden_layers
+    assert not insert_permute(gm, CompileOptions()).modified
+    assert not of(gm, ops.permute)
+    gm.recompile()
+    assert_close(run(gm, sparse, Reference(sparse, info)), hf_logits(lm), atol=0, rtol=0)
+
+
 def test_insert_permute_no_op() -> None:
     lm = real("tiny-mixtral")
     gm, _ = lowered(lm)

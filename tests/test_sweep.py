@@ -52,10 +52,14 @@ EXPECTED_FAILURES: dict[str, Refusal] = {
 @cache
 def experts_architectures() -> dict[str, str]:
     """model_type -> causal-LM class name, for every model type whose modeling code uses the
-    experts interface (``use_experts_implementation``)."""
+    experts interface (``use_experts_implementation``) or builds the MoE block that ExpertFlow
+    rewrites to it (``ir/input_scaled.DENSE_BLOCKS``: Llama 4)."""
     from transformers.models.auto.configuration_auto import model_type_to_module_name
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from expertflow.ir.input_scaled import DENSE_BLOCKS
+
+    rewritten = {cls.__module__.rpartition(".")[0] for cls in DENSE_BLOCKS}
     found = {}
     for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
         if not isinstance(class_name, str):
@@ -64,7 +68,8 @@ def experts_architectures() -> dict[str, str]:
         if spec is None or not spec.submodule_search_locations:
             continue
         folder = Path(next(iter(spec.submodule_search_locations)))
-        if any("use_experts_implementation" in f.read_text(encoding="utf-8") for f in folder.glob("modeling_*.py")):
+        if spec.name in rewritten or \
+                any("use_experts_implementation" in f.read_text(encoding="utf-8") for f in folder.glob("modeling_*.py")):
             found[model_type] = class_name
     return found
 

@@ -207,12 +207,13 @@ def spread_routers(model: Any, seed: int = 0) -> None:
     a router weight or a per-expert bias: router weights are widened, biases given values."""
     import torch
 
+    from ..ir.input_scaled import DENSE_EXPERTS
     from ..passes.trace import is_experts_module
 
     gen = torch.Generator().manual_seed(seed + 1)
     blocks = {}
     for name, module in model.named_modules():
-        if is_experts_module(module):
+        if is_experts_module(module) or isinstance(module, DENSE_EXPERTS):
             parent = name.rpartition(".")[0]
             blocks[parent] = (module.gate_up_proj if hasattr(module, "gate_up_proj") else module.down_proj).shape[0]
     with torch.no_grad():
