@@ -59,7 +59,7 @@ METHODS = frozenset({
     "clone", "contiguous", "cumsum", "detach", "div", "double", "eq", "exp", "expand", "expand_as", "flatten", "float", "gather", "ge",
     "gt", "half", "index", "index_select", "int", "le", "log", "long", "lt", "masked_fill", "masked_fill_", "matmul", "max",
     "mean", "min", "mul", "ne", "neg", "new_full", "new_ones", "new_zeros", "norm", "permute", "pow", "reshape",
-    "rsqrt", "scatter", "scatter_", "scatter_add", "scatter_add_", "sigmoid", "size", "softmax", "sort", "split",
+    "repeat", "rsqrt", "scatter", "scatter_", "scatter_add", "scatter_add_", "sigmoid", "size", "softmax", "sort", "split",
     "sqrt", "squeeze", "sub", "sum", "t", "tanh", "to", "topk", "transpose", "type", "type_as", "unbind", "unsqueeze",
     "view", "view_as", "where",
 })

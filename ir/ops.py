@@ -5,12 +5,15 @@ that prints as readable code (``expertflow.ir.ops.prefetch(ef_ctx, 3, ids)``) an
 by qualified name. The ops take the execution context (``ef_ctx``, a graph input) as their first
 argument and delegate to it: the graph says *what* moves and *when*; the runtime context
 (``expertflow.runtime.context``) says *how*. Ops with side effects are registered with fx so
-dead-code elimination keeps them.
+dead-code elimination keeps them. Three ops take the cache input instead of the context: the
+history a model keeps on transformers' cache object (``cache_state``, ``extend_state``,
+``set_cache_state``), which the front end makes of the model's own attribute reads and writes.
 """
 
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any, Protocol
 
 import torch
@@ -158,12 +161,62 @@ def unpermuted(node: Any) -> Any:
     return node if source is None else source.args[2 + node.args[1]]
 
 
-for _fn in (route, predict_reuse, path_context, prefetch, wait):
+_STATE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def check_state_address(path: Any, name: Any) -> None:
+    """Raises ValueError unless (``path``, ``name``) can name state a model keeps on its cache:
+    ``path`` is ``()`` (the cache object) or ``("layers", i)`` (one of its layers), ``name`` a
+    plain lower-case attribute name (never a dunder, method or anything that leads to code)."""
+    if not (path == () or (isinstance(path, tuple) and len(path) == 2 and path[0] == "layers"
+                           and type(path[1]) is int and 0 <= path[1] < 100_000)):
+        raise ValueError(f"cache state path {str(path)[:60]!r} is neither () nor ('layers', index)")
+    if not isinstance(name, str) or not _STATE_NAME.fullmatch(name):
+        raise ValueError(f"cache state name {str(name)[:60]!r} is not a plain lower-case attribute name")
+
+
+def _state_holder(cache: Any, path: tuple) -> Any:
+    check_state_address(path, "x")
+    return cache if path == () else cache.layers[path[1]]
+
+
+def cache_state(cache: Any, path: tuple, name: str) -> torch.Tensor | None:
+    """State the model's own forward keeps between steps on transformers' cache object (``path``
+    ``()``) or one of its layers (``("layers", i)``) as the instance attribute ``name``: its
+    tensor, or None before the forward first writes it (Qwen4-exp's indexer position history,
+    which the model appends to at every step). Only instance attributes are read: never a
+    method, property or class attribute."""
+    check_state_address(path, name)
+    value = vars(_state_holder(cache, path)).get(name)
+    if value is not None and not isinstance(value, torch.Tensor):
+        raise TypeError(f"cache state {name!r} holds a {type(value).__name__}, not a tensor")
+    return value
+
+
+def set_cache_state(cache: Any, path: tuple, name: str, value: torch.Tensor) -> None:
+    """Writes the state :func:`cache_state` reads: a tensor, as an instance attribute, never over
+    anything the holder's class defines (a method or property)."""
+    check_state_address(path, name)
+    holder = _state_holder(cache, path)
+    if not isinstance(value, torch.Tensor) or hasattr(type(holder), name):
+        raise TypeError(f"cache state {name!r}: only a tensor, and not over {type(holder).__name__}'s own attributes")
+    setattr(holder, name, value)
+
+
+def extend_state(state: torch.Tensor | None, tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """``torch.cat([state, *tensors], dim)``, or ``tensors`` alone while ``state`` is None: how a
+    forward appends to history it keeps on the cache, at its first step as at any other."""
+    parts = list(tensors) if state is None else [state, *tensors]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+for _fn in (route, predict_reuse, path_context, prefetch, wait, set_cache_state):
     has_side_effect(_fn)
 
 #: Ops by short name, for serialisation and dumps.
 OPS = {fn.__name__: fn for fn in (route, predict, predict_path, refine_path, predict_reuse, path_context, predict_frequency,
-                                  predict_transition, path_layer, prefetch, wait, expert_compute, permute, unpermute)}
+                                  predict_transition, path_layer, prefetch, wait, expert_compute, permute, unpermute,
+                                  cache_state, set_cache_state, extend_state)}
 #: Which stream each op belongs to when the schedule pass has nothing better to say.
 COPY_OPS = frozenset({"prefetch", "wait"})
 

@@ -152,6 +152,15 @@ def _check_call(op: str, target: Any, args: Any, kwargs: Any, name: str) -> None
         raise GraphFormatError(f"node {name!r}: getattr of {str(args[1:])[:60]} from {str(args[:1])[:60]}: only "
                                f"{sorted(allowlist.ATTRIBUTES)} of any value, or a field of the named tuple one of "
                                f"{calls} returns, read from that call's node")
+    if target in (ops.cache_state, ops.set_cache_state):
+        cache = args[0] if args else None
+        if not (isinstance(cache, fx.Node) and cache.op == "placeholder" and cache.target == "cache") or kwargs \
+                or len(args) != (3 if target is ops.cache_state else 4):
+            raise GraphFormatError(f"node {name!r}: {target.__name__} takes the cache input, a path and a name")
+        try:
+            ops.check_state_address(args[1], args[2])
+        except ValueError as exc:
+            raise GraphFormatError(f"node {name!r}: {exc}") from None
     if target in (len, int, float) and kwargs:
         raise GraphFormatError(f"node {name!r}: {target.__name__} takes no keywords")
 

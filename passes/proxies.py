@@ -21,6 +21,7 @@ import torch
 from torch import fx
 from torch.fx.proxy import Attribute, Proxy
 
+from ..ir import ops
 from ..ir.allowlist import CACHE_ATTRIBUTES
 from .driver import TraceFailure
 from .leaves import is_leaf_callable
@@ -67,6 +68,34 @@ def _unknown_length(proxy: Proxy, what: str) -> TraceFailure:
     return DynamicPython(f"cannot {what} {proxy.node.format_node()}: its length is unknown ({why})")
 
 
+def cache_address(node: Any) -> tuple[fx.Node, tuple] | None:
+    """(the cache input, the path :func:`ops.cache_state` takes) when ``node`` is the cache input
+    (``()``) or one of its layers (``cache.layers[i]``: ``("layers", i)``); else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "placeholder" and node.target == "cache":
+        return node, ()
+    if node.op == "call_function" and node.target is operator.getitem and type(node.args[1]) is int:
+        layers = node.args[0]
+        if isinstance(layers, fx.Node) and layers.op == "call_function" and layers.target is getattr \
+                and layers.args[1] == "layers" and cache_address(layers.args[0]) == (layers.args[0], ()):
+            index = node.args[1] % max(len(layers.meta.get("ef.meta") or ()), 1)
+            return layers.args[0], ("layers", index)
+    return None
+
+
+def _from_cache(node: Any) -> bool:
+    """Whether ``node`` is the cache input or reached from it by attribute reads and indexing."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in (getattr, operator.getitem,
+                                                                                     ops.cache_state):
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.op == "placeholder" and node.target == "cache"
+
+
+#: What fx's proxies set on themselves; any other attribute written to a proxy is the model's code.
+_PROXY_FIELDS = frozenset({"node", "tracer", "root", "attr", "_node"})
+
+
 class MetaProxy(Proxy):
     """A proxy that can be iterated and measured when its meta value has a static length.
 
@@ -76,6 +105,19 @@ class MetaProxy(Proxy):
 
     def __getattr__(self, k: str) -> "MetaAttribute":
         return MetaAttribute(self, k)  # fx's own Attribute would lose the meta-aware methods
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """The model writing state onto its cache (``cache.layers[i].history = x``) is a graph node,
+        :func:`ops.set_cache_state`; anything else keeps fx's behaviour (a Python attribute)."""
+        if name in _PROXY_FIELDS or not _from_cache(self.node):
+            return object.__setattr__(self, name, value)
+        address = cache_address(self.node)
+        if address is None:
+            raise DynamicPython(f"cannot trace a write to {_describe(self.node)}.{name}: state a graph carries "
+                                "on the cache lives on the cache object or one of its layers")
+        cache, path = address
+        self.tracer.create_proxy("call_function", ops.set_cache_state,
+                                 (self.tracer.proxy(cache), path, name, value), {})
 
     def __iter__(self) -> Iterator[Proxy]:
         n = _static_length(self)

@@ -41,11 +41,12 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call, _orig_module_getattr
 from torch.fx.proxy import Proxy
 
+from ..ir import ops
 from ..ir.allowlist import CACHE_ATTRIBUTES, CACHE_METHODS
 from ..ir.hf_compat import new_cache
 from .driver import EXPERT_FLAGS, Driver, TraceFailure, is_experts_module  # noqa: F401
 from .leaves import leaf_callables
-from .proxies import CacheProxy, DynamicPython, MetaProxy, fixed_dims, is_static_value, to_meta
+from .proxies import CacheProxy, DynamicPython, MetaProxy, cache_address, fixed_dims, is_static_value, to_meta
 
 __all__ = ["EXPERT_FLAGS", "Driver", "DynamicPython", "ExpertFlowTracer", "TraceFailure", "TraceInfo",
            "is_experts_module", "refuse_cache_contents", "trace_model"]
@@ -134,6 +135,8 @@ class ExpertFlowTracer(fx.Tracer):
         return MetaProxy(node, self)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if kind == "call_function":
+            target, args, kwargs = _cache_state_call(target, args, kwargs)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
         node.meta["ef.fixed_dims"] = fixed_dims(node)
@@ -321,19 +324,48 @@ def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphMo
     return gm, info
 
 
+def _cache_state_call(target: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+    """State the model keeps on its cache object, as graph nodes: reading an attribute of the cache
+    or of one of its layers that is not its layout becomes :func:`ops.cache_state` (None before the
+    first write), and ``torch.cat`` onto such a read :func:`ops.extend_state`, which also runs at
+    the first step; what the model does when the state is missing is what its other branch does
+    (Qwen4-exp: ``if history is not None: positions = cat([history, positions])``), so the trace
+    takes the branch that has the history. Any other use of such a read is refused afterwards
+    (:func:`refuse_cache_contents`)."""
+    if target is getattr and len(args) == 2 and isinstance(args[0], Proxy) and args[1] not in CACHE_ATTRIBUTES \
+            and args[1] != "layers":
+        address = cache_address(args[0].node)
+        if address is not None:
+            return ops.cache_state, (args[0].tracer.proxy(address[0]), address[1], args[1]), {}
+    if target in (torch.cat, torch.concat) and args and isinstance(args[0], (list, tuple)) and args[0] \
+            and isinstance(args[0][0], Proxy) and args[0][0].node.target is ops.cache_state:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        return ops.extend_state, (args[0][0], list(args[0][1:]), dim), {}
+    return target, args, kwargs
+
+
 def refuse_cache_contents(gm: fx.GraphModule) -> None:
     """Raises, naming the module, when the finished graph reads of the cache input anything but its
-    layout: a forward that keeps Python state on the cache object (qwen4_exp_text's indexer
-    positions) or reaches into its layers' tensors, which one stored graph cannot carry. Reads
-    that only steered the trace (``len(cache.layers)``, fixed by the config) are gone by now."""
+    layout and the history the model appends to (:func:`_cache_state_call`): a forward that reaches
+    into its layers' tensors, or uses state it keeps on the cache otherwise than by extending it,
+    which one stored graph cannot carry. Reads that only steered the trace (``len(cache.layers)``,
+    fixed by the config) are gone by now."""
     allowed = CACHE_ATTRIBUTES | CACHE_METHODS
     for node in gm.graph.nodes:
         cache_read = ((node.op == "call_function" and node.target is getattr) or node.op == "call_method") and \
             isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder" and node.args[0].target == "cache"
         name = node.args[1] if node.op == "call_function" and cache_read else node.target
+        if node.target is ops.cache_state and any(u.target is not ops.extend_state or u.args[0] is not node
+                                                  for u in node.users):
+            name = ".".join([*map(str, node.args[1]), node.args[2]])
+            _refuse_read(node, name, "state it keeps there, used otherwise than by appending to it")
         if cache_read and name not in allowed:
-            stack = list((node.meta.get("nn_module_stack") or {}).values())
-            path = stack[-1][0] if stack else "lm"
-            raise TraceFailure(f"cannot trace module '{path}': its forward reads cache.{name}, what the cache "
-                               f"holds so far rather than its layout (a graph reads only {sorted(allowed)}); one "
-                               "stored graph cannot carry Python state kept on the cache object", path)
+            _refuse_read(node, name, f"what the cache holds so far rather than its layout (a graph reads only "
+                                     f"{sorted(allowed)} and history the model appends to)")
+
+
+def _refuse_read(node: fx.Node, name: str, what: str) -> None:
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    path = stack[-1][0] if stack else "lm"
+    raise TraceFailure(f"cannot trace module '{path}': its forward reads cache.{name}, {what}; one stored graph "
+                       "cannot carry it", path)

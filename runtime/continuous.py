@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..ir import ops
 from .scheduler import Picker
 
 
@@ -71,6 +72,10 @@ def unsupported(model: Any, generation_kwargs: dict[str, Any]) -> str | None:
         kinds = ", ".join(others or [type(cache).__name__])
         return (f"this model's cache has sliding-window or recurrent-state layers ({kinds}), whose rows cannot "
                 "be realigned as sequences join and leave")
+    kept = sorted({n.args[2] for n in model.graph_module.graph.nodes if n.target is ops.set_cache_state})
+    if kept:
+        return (f"this model's forward keeps state on its cache ({', '.join(kept)}) that continuous batching "
+                "cannot realign as sequences join and leave")
     if not all(hasattr(model, f) for f in ("_get_logits_processor", "_prepare_generated_length")):
         return "this transformers release does not expose generate's processors and length rules"
     try:

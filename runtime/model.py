@@ -129,8 +129,8 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         past = cached_length(cache)
         mask = check_attention_mask(attention_mask, batch, past + seq)
         position_ids = check_position_ids(position_ids, batch, seq)
-        if position_ids is None:
-            position_ids = (torch.arange(seq, device=self.device) + past).unsqueeze(0)
+        if position_ids is None:  # one row per sequence, as models that widen them (Qwen4-exp's 3-D rope) expect
+            position_ids = (torch.arange(seq, device=self.device) + past).unsqueeze(0).expand(batch, -1)
         position_ids = position_ids.to(self.device)
         # The graph was traced with a 2-D mask (the model builds its masks from it): all ones when none
         # is given, which transformers' mask builders treat as no mask.

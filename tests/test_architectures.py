@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -138,6 +139,67 @@ def test_untraceable_module_is_named(forward, reason: str, monkeypatch) -> None:
     assert err.value.module == "lm.model.layers.0.mlp"
     assert f"'lm.model.layers.0.mlp' ({block.__name__})" in str(err.value)
     assert reason in str(err.value)
+
+
+def _layer_cache(self: nn.Module, kwargs: dict) -> Any:
+    cache = kwargs["past_key_values"] if "past_key_values" in kwargs else kwargs["cache"]  # 5.24 renamed it
+    return cache.layers[self.self_attn.layer_idx]
+
+
+def _appends_history(original: Any) -> Any:
+    """A decoder layer that keeps the history of its inputs' first feature on its cache layer, as
+    Qwen4-exp keeps its indexer positions, and adds the history's mean to its output."""
+    def forward(self, hidden_states, *args, **kwargs):
+        layer = _layer_cache(self, kwargs)
+        if layer.seen_inputs is not None if hasattr(layer, "seen_inputs") else False:
+            seen = torch.cat([layer.seen_inputs, hidden_states[..., :1]], dim=1)
+        else:
+            seen = hidden_states[..., :1]
+        layer.seen_inputs = seen
+        return original(self, hidden_states, *args, **kwargs) + 0.1 * seen.mean(dim=1, keepdim=True)
+    return forward
+
+
+def _reads_state(original: Any) -> Any:
+    def forward(self, hidden_states, *args, **kwargs):
+        return original(self, hidden_states, *args, **kwargs) + _layer_cache(self, kwargs).seen_inputs
+    return forward
+
+
+def test_state_kept_on_the_cache_is_carried_and_any_other_use_refused(tmp_path, model_dir, monkeypatch) -> None:
+    """History a forward appends to on its cache layer is carried by the graph (``ops.cache_state``,
+    ``extend_state``, ``set_cache_state``), step after step as in eager transformers; state read
+    and used otherwise is refused, naming the module."""
+    from transformers import AutoModelForCausalLM
+
+    from expertflow.ir.hf_compat import new_cache
+
+    monkeypatch.setattr(derive, "_CACHE", OrderedDict())  # the loader derives this graph, not the unpatched one
+    layer_cls = type(build_skeleton(_preset_config("tiny-qwen3-moe"), torch.float32).model.layers[0])
+    original = layer_cls.forward
+    monkeypatch.setattr(layer_cls, "forward", _reads_state(original))
+    with pytest.raises(TraceFailure, match=r"'lm.model.layers.0': its forward reads cache.layers.0.seen_inputs, "
+                                           "state it keeps there, used otherwise than by appending to it"):
+        compile_graph(build_skeleton(_preset_config("tiny-qwen3-moe"), torch.float32))
+    monkeypatch.setattr(layer_cls, "forward", _appends_history(original))
+    gm, _ = compile_graph(build_skeleton(_preset_config("tiny-qwen3-moe"), torch.float32))
+    layers = _preset_config("tiny-qwen3-moe").num_hidden_layers
+    for op in (ops.cache_state, ops.extend_state, ops.set_cache_state):
+        assert len([n for n in gm.graph.nodes if n.target is op]) == layers, op
+    out = compile_model(str(model_dir("tiny-qwen3-moe")), tmp_path / "c", CompileOptions(), dumps=False, quiet=True)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir("tiny-qwen3-moe"), dtype=torch.float32).eval()
+    model = runtime.load(out, expert_cache=EVICT)
+    caches, ids, mask = (new_cache(hf), model.new_cache()), PROMPTS, PROMPT_MASK
+    for _ in range(3):  # the prefill, then two steps that read the history it left
+        with torch.no_grad():
+            want = hf(input_ids=ids, attention_mask=mask, past_key_values=caches[0]).logits
+        got = model(ids, attention_mask=mask, cache=caches[1]).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        ids, mask = want[:, -1:].argmax(-1), torch.cat([mask, mask.new_ones((2, 1))], dim=1)
+    assert caches[1].layers[0].seen_inputs.shape[1] == PROMPTS.shape[1] + 2
+    with pytest.raises(ValueError, match=r"keeps state on its cache \(seen_inputs\) that continuous batching"):
+        model.generate_many([[5, 6, 7], [8, 9]], max_new_tokens=2, continuous=True)
+    assert len(model.generate_many([[5, 6, 7], [8, 9]], max_new_tokens=2)) == 2  # fixed micro-batches
 
 
 def test_module_branching_on_the_device_runs_whole(tmp_path, model_dir, compiled_dir, hf_reference,

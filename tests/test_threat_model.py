@@ -130,9 +130,21 @@ def _attacks(canary: Path) -> dict[str, Any]:
         node = next(n for n in g["nodes"] if n["op"] == "call_module")
         node["target"] = "lm.__class__"
 
+    def state(path: Any, name: Any) -> dict:  # what a model keeps on its cache (ops.set_cache_state)
+        return {"name": "st", "op": "call_function", "target": "expertflow.ir.ops.set_cache_state",
+                "args": {"tuple": [{"node": "cache"}, {"tuple": path}, name, {"node": "input_ids"}]},
+                "kwargs": {"dict": []}, "meta": {}}
+
+    def cache_state_dunder(g):
+        g["nodes"].insert(6, state([], "__class__"))
+
+    def cache_state_elsewhere(g):  # only the cache or one of its layers holds state
+        g["nodes"].insert(6, state(["config", 0], "x"))
+
     return {f.__name__: f for f in (placeholder, keyword, node_name, dunder_get_attr, attrgetter, operator_call,
                                     getattr_dunder, builtin_key_callable, eval_target, os_system, torch_load,
-                                    method_call, aliasing_method, hook, module_escape)}
+                                    method_call, aliasing_method, hook, module_escape, cache_state_dunder,
+                                    cache_state_elsewhere)}
 
 
 ATTACKS = sorted(_attacks(Path("x")))
