@@ -446,10 +446,11 @@ def test_route_estimates_come_from_the_routing_path_predictor_without_a_forward(
     assert model.generate_many(ids, batch_size=2, max_new_tokens=6, do_sample=False) == alone
 
 
-@pytest.mark.parametrize("name", ["tiny-deepseek-v3", "tiny-gpt-oss"])
+@pytest.mark.parametrize("name", ["tiny-deepseek-v3", "tiny-gpt-oss", "tiny-llama4"])
 def test_learned_predictors_on_other_architectures(name, tmp_path):
-    """DeepSeek-V3 (dense first layers, shared experts, grouped routing) and GPT-OSS (biased
-    experts, sinks): calibration finds the first MoE layer's output for the second stage, and every
+    """DeepSeek-V3 (dense first layers, shared experts, grouped routing), GPT-OSS (biased experts,
+    sinks) and Llama 4 (MoE every other layer, input-scaled experts rewritten to run sparsely):
+    calibration finds the first MoE layer's output for the second stage, and every
     learned predictor keeps Hugging Face's tokens at three slots."""
     out = compile_model(name, tmp_path / "c", CompileOptions(predictor="routing_path"), dumps=False,
                         calibration=Calibration("builtin", 512))

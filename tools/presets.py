@@ -51,6 +51,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, head_dim=16, decoder_sparse_step=1,
         linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
         linear_conv_kernel_dim=4, layer_types=["linear_attention"] * 3 + ["full_attention"])),
+    # Llama 4 Maverick's shape in miniature: MoE every other layer, one routed expert per token whose
+    # router score scales its input, and a shared expert (transformers runs every expert densely;
+    # ExpertFlow runs the chosen one: ir/input_scaled.py).
+    "tiny-llama4": ("Llama4TextConfig", dict(
+        _COMMON, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=4, num_local_experts=8,
+        num_experts_per_tok=1, interleave_moe_layer_step=2, head_dim=16, attention_chunk_size=16)),
     # Multipliers far from 1, so a front end that drops the ones outside the layers is caught.
     # Not tiny: ~240M parameters (459 MiB) in bfloat16, for benchmarks (compile memory, decode).
     "bench-mixtral-240m": ("MixtralConfig", dict(
@@ -125,7 +131,7 @@ def build(name: str, seed: int = 0):
     return model.eval()
 
 
-ROUTER_WEIGHTS = ("mlp.gate.weight", "mlp.router.weight", "block_sparse_moe.router.weight")
+ROUTER_WEIGHTS = ("mlp.gate.weight", "mlp.router.weight", "block_sparse_moe.router.weight", "feed_forward.router.weight")
 
 
 def _spread_routers(model, seed: int) -> None:
