@@ -92,6 +92,12 @@ def _from_cache(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "placeholder" and node.target == "cache"
 
 
+def _holds_state(node: fx.Node, name: str) -> bool:
+    """Whether attribute ``name`` of the traced object is state: a tensor, or nothing yet."""
+    current = getattr(node.meta.get("ef.meta"), "__dict__", {}).get(name)
+    return current is None or isinstance(current, torch.Tensor)
+
+
 #: What fx's proxies set on themselves; any other attribute written to a proxy is the model's code.
 _PROXY_FIELDS = frozenset({"node", "tracer", "root", "attr", "_node"})
 
@@ -107,9 +113,11 @@ class MetaProxy(Proxy):
         return MetaAttribute(self, k)  # fx's own Attribute would lose the meta-aware methods
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """The model writing state onto its cache (``cache.layers[i].history = x``) is a graph node,
-        :func:`ops.set_cache_state`; anything else keeps fx's behaviour (a Python attribute)."""
-        if name in _PROXY_FIELDS or not _from_cache(self.node):
+        """The model writing state onto its cache (``cache.layers[i].history = x``: a tensor where
+        there was none or a tensor) is a graph node, :func:`ops.set_cache_state`; anything else
+        keeps fx's behaviour, a Python attribute of the proxy (Inkling 2's loop extends
+        ``cache.layers`` when the cache lacks its loop layers, which the cache it runs with has)."""
+        if name in _PROXY_FIELDS or not _from_cache(self.node) or not _holds_state(self.node, name):
             return object.__setattr__(self, name, value)
         address = cache_address(self.node)
         if address is None:
