@@ -16,11 +16,11 @@ from typing import Any
 
 import networkx as nx
 
+from . import meta_keys
+
 EF_PREFIX = "expertflow.ir.ops."
 #: Node kinds that cost nothing at run time: graph inputs/outputs and weight reads.
 FREE_OPS = frozenset({"placeholder", "get_attr", "output"})
-#: Streams that move bytes (``passes/schedule``): their nodes cost the compute stream nothing.
-COPY_STREAMS = frozenset({"copy", "demand"})
 _LAYER_IN_PATH = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
@@ -67,8 +67,8 @@ def layer_of(node: Any) -> int | None:
         meta, op, target = node.get("meta", {}), node.get("op"), node.get("target")
     else:
         meta, op, target = node.meta, node.op, node.target
-    if isinstance(meta.get("ef.layer"), int):
-        return meta["ef.layer"]
+    if isinstance(meta.get(meta_keys.LAYER), int):
+        return meta[meta_keys.LAYER]
     if op in ("call_module", "get_attr") and isinstance(target, str):
         match = _LAYER_IN_PATH.search(target)
         return int(match.group(1)) if match else None
@@ -171,7 +171,8 @@ def to_networkx(graph: Any) -> nx.DiGraph:
     g = nx.DiGraph()
     for index, rec in enumerate(node_records(graph)):
         g.add_node(rec.name, op=rec.op, target=rec.target, short=rec.short_target, ef_op=rec.ef_op,
-                   layer=rec.layer, stream=rec.meta.get("ef.stream"), role=rec.meta.get("ef.role"), index=index)
+                   layer=rec.layer, stream=rec.meta.get(meta_keys.STREAM), role=rec.meta.get(meta_keys.ROLE),
+                   index=index)
         for src in rec.inputs:
             g.add_edge(src, rec.name)
     return g
@@ -182,7 +183,7 @@ NodeCost = Callable[[Mapping[str, Any]], float]
 
 def unit_cost(attrs: Mapping[str, Any]) -> float:
     """1 per node the compute stream executes; inputs, weights, outputs and copy ops are free."""
-    return 0.0 if attrs["op"] in FREE_OPS or attrs.get("stream") in COPY_STREAMS else 1.0
+    return 0.0 if attrs["op"] in FREE_OPS or attrs.get("stream") in meta_keys.COPY_STREAMS else 1.0
 
 
 def weighted_cost(attrs: Mapping[str, Any]) -> float:

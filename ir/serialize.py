@@ -20,10 +20,10 @@ from torch import fx
 from torch.fx.node import _get_qualified_name
 from transformers import PreTrainedConfig
 
-from . import allowlist, ops
+from . import allowlist, meta_keys, ops
 
 SCHEMA = 3  # 3: the Driver is the causal LM's own forward (2-D mask in, masks built in the graph)
-META_KEYS = ("ef.layer", "ef.role", "ef.stream", "ef.module")
+META_KEYS = meta_keys.STORED
 #: The graph's inputs, in order: the Driver's forward, then the ExpertFlow execution context.
 INPUTS = ("input_ids", "attention_mask", "position_ids", "cache", "logits_to_keep", "ef_ctx")
 _RESERVED = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {"self", "torch", "inf", "nan", "NoneType"}

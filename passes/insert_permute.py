@@ -26,7 +26,7 @@ import operator
 
 from torch import fx
 
-from ..ir import ops
+from ..ir import meta_keys, ops
 from .manager import PassResult
 from .options import CompileOptions
 
@@ -47,7 +47,7 @@ def _rows_independent(gm: fx.GraphModule, compute: fx.Node) -> bool:
     """Whether the experts' result for a row is the same whichever rows are computed with it: not
     so for experts that multiply every row of the step as one batched product to stay bit-exact
     (``ir/input_scaled.py``), whose rows stay in place and whole."""
-    module = gm.get_submodule(compute.meta["ef.module"]) if compute.meta.get("ef.module") else None
+    module = gm.get_submodule(compute.meta[meta_keys.MODULE]) if compute.meta.get(meta_keys.MODULE) else None
     return getattr(module, "rows_independent", True)
 
 
@@ -61,5 +61,5 @@ def _wrap(graph: fx.Graph, compute: fx.Node) -> None:
     compute.replace_all_uses_with(restored, delete_user_cb=lambda user: user is not restored)
     compute.args = (ctx, layer, parts[0], parts[1], parts[2], plan)
     for node in (permuted, *parts, restored):
-        node.meta["ef.layer"] = layer
-        node.meta["ef.module"] = compute.meta.get("ef.module")
+        node.meta[meta_keys.LAYER] = layer
+        node.meta[meta_keys.MODULE] = compute.meta.get(meta_keys.MODULE)

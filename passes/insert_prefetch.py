@@ -41,7 +41,7 @@ import re
 
 from torch import fx
 
-from ..ir import ops
+from ..ir import meta_keys, ops
 from .lower_experts import context_node
 from .manager import PassError, PassResult
 from .options import CompileOptions
@@ -100,8 +100,8 @@ def _copy_slice(graph: fx.Graph, nodes: list[fx.Node], old_input: fx.Node, new_i
     env: dict[fx.Node, fx.Node] = {old_input: new_input}
     for node in nodes:
         env[node] = graph.node_copy(node, lambda n: env[n])
-        env[node].meta = {k: v for k, v in node.meta.items() if k != "ef.layer"}
-        env[node].meta.update({"ef.layer": layer, "ef.role": "predictor"})
+        env[node].meta = {k: v for k, v in node.meta.items() if k != meta_keys.LAYER}
+        env[node].meta.update({meta_keys.LAYER: layer, meta_keys.ROLE: "predictor"})
     return env[nodes[-1]]
 
 
@@ -115,9 +115,9 @@ def insert_prefetch(gm: fx.GraphModule, options: CompileOptions | None = None) -
     waits = [n.args[5] for n in computes]
     if not computes or all(w.args[2] is not None for w in waits):
         return PassResult(gm, False)
-    embed = next((n for n in graph.nodes if n.meta.get("ef.role") == "embed"), None)
+    embed = next((n for n in graph.nodes if n.meta.get(meta_keys.ROLE) == "embed"), None)
     if options.predictor == "routing_path":
-        result = _insert_path(gm, computes, embed, by_name.get(computes[-1].meta.get("ef.block_input") or ""))
+        result = _insert_path(gm, computes, embed, by_name.get(computes[-1].meta.get(meta_keys.BLOCK_INPUT) or ""))
     elif options.predictor in ("frequency", "transition"):
         result = _insert_tables(gm, computes, embed, options.predictor == "transition")
     else:
@@ -132,7 +132,7 @@ def insert_prefetch(gm: fx.GraphModule, options: CompileOptions | None = None) -
 def _insert_gate(gm: fx.GraphModule, computes: list[fx.Node], waits: list[fx.Node], embed: fx.Node | None,
                  by_name: dict[str, fx.Node], options: CompileOptions) -> PassResult:
     graph = gm.graph
-    inputs = [by_name.get(n.meta.get("ef.block_input") or "") for n in computes]
+    inputs = [by_name.get(n.meta.get(meta_keys.BLOCK_INPUT) or "") for n in computes]
     ctx = context_node(graph)
     anchors: dict[fx.Node, fx.Node] = {}
     modified = False
@@ -152,7 +152,7 @@ def _insert_gate(gm: fx.GraphModule, computes: list[fx.Node], waits: list[fx.Nod
             predicted = graph.call_function(ops.predict, (ctx, layer, copied))
             handle = graph.call_function(ops.prefetch, (ctx, layer, predicted))
         for new in (predicted, handle):
-            new.meta["ef.layer"] = layer
+            new.meta[meta_keys.LAYER] = layer
         wait.update_arg(2, handle)
         modified = True
     return PassResult(gm, modified)
@@ -171,12 +171,12 @@ def layer_output(block_input: fx.Node) -> fx.Node | None:
     block input's shape, a node outside the layer reads (the residual stream going on). None when
     the trace does not say (no module stack) or nothing of that shape leaves the layer."""
     layer = _decoder_layer(block_input)
-    shape = getattr(block_input.meta.get("ef.meta"), "shape", None)
+    shape = getattr(block_input.meta.get(meta_keys.VALUE), "shape", None)
     if layer is None or shape is None:
         return None
     inside = [n for n in block_input.graph.nodes if _decoder_layer(n) == layer]
     members = set(inside)
-    leaving = [n for n in inside if getattr(n.meta.get("ef.meta"), "shape", None) == shape
+    leaving = [n for n in inside if getattr(n.meta.get(meta_keys.VALUE), "shape", None) == shape
                and any(u not in members for u in n.users)]
     return leaving[-1] if leaving else None
 
@@ -190,18 +190,18 @@ def _insert_path(gm: fx.GraphModule, computes: list[fx.Node], embed: fx.Node | N
     graph, ctx = gm.graph, context_node(gm.graph)
     with graph.inserting_after(last_input):
         kept = graph.call_function(ops.path_context, (ctx, last_input))
-    kept.meta.update({"ef.role": "predictor", "ef.layer": computes[-1].args[1]})
+    kept.meta.update({meta_keys.ROLE: "predictor", meta_keys.LAYER: computes[-1].args[1]})
     with graph.inserting_after(embed):
         paths = graph.call_function(ops.predict_path, (ctx, embed))
-    paths.meta.update({"ef.role": "predictor"})
+    paths.meta.update({meta_keys.ROLE: "predictor"})
     by_name = {n.name: n for n in graph.nodes}
-    first_input = by_name.get(computes[0].meta.get("ef.block_input") or "")
+    first_input = by_name.get(computes[0].meta.get(meta_keys.BLOCK_INPUT) or "")
     output = layer_output(first_input) if first_input is not None and len(computes) > 1 else None
     refined = None
     if output is not None:
         with graph.inserting_after(output):
             refined = graph.call_function(ops.refine_path, (ctx, embed, output))
-        refined.meta.update({"ef.role": "predictor"})
+        refined.meta.update({meta_keys.ROLE: "predictor"})
     last = paths
     for j, compute in enumerate(computes):
         layer, wait = compute.args[1], compute.args[5]
@@ -215,8 +215,8 @@ def _insert_path(gm: fx.GraphModule, computes: list[fx.Node], embed: fx.Node | N
         with graph.inserting_after(predicted):
             last = graph.call_function(ops.prefetch, (ctx, layer, predicted))
         for new in (picked, predicted, last):
-            new.meta["ef.layer"] = layer
-        picked.meta["ef.role"] = "predictor"
+            new.meta[meta_keys.LAYER] = layer
+        picked.meta[meta_keys.ROLE] = "predictor"
         wait.update_arg(2, last)
     return PassResult(gm, True)
 
@@ -241,8 +241,8 @@ def _insert_tables(gm: fx.GraphModule, computes: list[fx.Node], embed: fx.Node |
             predicted = graph.call_function(ops.predict, (ctx, layer, guess))
             handle = graph.call_function(ops.prefetch, (ctx, layer, predicted))
         for new in (guess, predicted, handle):
-            new.meta["ef.layer"] = layer
-        guess.meta["ef.role"] = "predictor"
+            new.meta[meta_keys.LAYER] = layer
+        guess.meta[meta_keys.ROLE] = "predictor"
         wait.update_arg(2, handle)
         modified = True
     return PassResult(gm, modified)

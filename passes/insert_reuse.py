@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..ir import ops
+from ..ir import meta_keys, ops
 from .lower_experts import context_node
 from .manager import PassResult
 from .options import CompileOptions
@@ -35,5 +35,5 @@ def insert_reuse(gm: fx.GraphModule, options: CompileOptions | None = None) -> P
         return PassResult(gm, False)
     with graph.inserting_after(paths[0]):
         node = graph.call_function(ops.predict_reuse, (context_node(graph), paths[0].args[1]))
-    node.meta.update({"ef.role": "predictor"})
+    node.meta.update({meta_keys.ROLE: "predictor"})
     return PassResult(gm, True)

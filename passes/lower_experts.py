@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import fx
 
-from ..ir import ops
+from ..ir import meta_keys, ops
 from .manager import PassError, PassResult
 
 PASS = "lower_experts"
@@ -44,12 +44,12 @@ def _experts_args(node: fx.Node) -> tuple[Any, Any, Any]:
 
 def lower_experts(gm: fx.GraphModule, options: Any = None) -> PassResult:
     graph = gm.graph
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.meta.get("ef.role") == "experts"]
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.meta.get(meta_keys.ROLE) == "experts"]
     if not calls:
         return PassResult(gm, False)
     ctx = context_node(graph)
     for node in calls:
-        layer = node.meta.get("ef.layer")
+        layer = node.meta.get(meta_keys.LAYER)
         if layer is None:
             raise PassError(PASS, "experts call has no ef.layer annotation", node)
         hidden, index, weights = _experts_args(node)
@@ -58,10 +58,10 @@ def lower_experts(gm: fx.GraphModule, options: Any = None) -> PassResult:
             slots = graph.call_function(ops.wait, (ctx, layer, None, ids))
             out = graph.call_function(ops.expert_compute, (ctx, layer, hidden, ids, weights, slots))
         for new in (ids, slots, out):
-            new.meta["ef.layer"] = layer
-            new.meta["ef.module"] = node.target
-        out.meta["ef.meta"] = node.meta.get("ef.meta")
-        out.meta["ef.block_input"] = _block_input(node, hidden)
+            new.meta[meta_keys.LAYER] = layer
+            new.meta[meta_keys.MODULE] = node.target
+        out.meta[meta_keys.VALUE] = node.meta.get(meta_keys.VALUE)
+        out.meta[meta_keys.BLOCK_INPUT] = _block_input(node, hidden)
         node.replace_all_uses_with(out)
         graph.erase_node(node)
     return PassResult(gm, True)

@@ -21,7 +21,7 @@ import torch
 from torch import fx
 from torch.fx.proxy import Attribute, Proxy
 
-from ..ir import ops
+from ..ir import meta_keys, ops
 from ..ir.allowlist import CACHE_ATTRIBUTES
 from .driver import TraceFailure
 from .leaves import is_leaf_callable
@@ -29,7 +29,7 @@ from .leaves import is_leaf_callable
 
 def to_meta(value: Any) -> Any:
     if isinstance(value, Proxy):
-        return value.node.meta.get("ef.meta")
+        return value.node.meta.get(meta_keys.VALUE)
     if isinstance(value, (list, tuple)):
         items = [to_meta(v) for v in value]
         return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
@@ -46,7 +46,7 @@ def _static_length(proxy: Proxy) -> int | None:
     Tensors have no static length: their first dimension is the batch or the sequence, which the
     graph must not fix at the sizes it was traced with.
     """
-    meta = proxy.node.meta.get("ef.meta")
+    meta = proxy.node.meta.get(meta_keys.VALUE)
     return len(meta) if isinstance(meta, (tuple, list, torch.Size)) else None
 
 
@@ -61,10 +61,10 @@ class DynamicPython(TraceFailure):
 
 
 def _unknown_length(proxy: Proxy, what: str) -> TraceFailure:
-    meta = proxy.node.meta.get("ef.meta")
+    meta = proxy.node.meta.get(meta_keys.VALUE)
     why = (f"it is a tensor of shape {tuple(meta.shape)}, whose length is a run-time size"
            if isinstance(meta, torch.Tensor) else
-           proxy.node.meta.get("ef.meta_error", "its value is data-dependent"))
+           proxy.node.meta.get(meta_keys.VALUE_ERROR, "its value is data-dependent"))
     return DynamicPython(f"cannot {what} {proxy.node.format_node()}: its length is unknown ({why})")
 
 
@@ -79,7 +79,7 @@ def cache_address(node: Any) -> tuple[fx.Node, tuple] | None:
         layers = node.args[0]
         if isinstance(layers, fx.Node) and layers.op == "call_function" and layers.target is getattr \
                 and layers.args[1] == "layers" and cache_address(layers.args[0]) == (layers.args[0], ()):
-            index = node.args[1] % max(len(layers.meta.get("ef.meta") or ()), 1)
+            index = node.args[1] % max(len(layers.meta.get(meta_keys.VALUE) or ()), 1)
             return layers.args[0], ("layers", index)
     return None
 
@@ -94,7 +94,7 @@ def _from_cache(node: Any) -> bool:
 
 def _holds_state(node: fx.Node, name: str) -> bool:
     """Whether attribute ``name`` of the traced object is state: a tensor, or nothing yet."""
-    current = getattr(node.meta.get("ef.meta"), "__dict__", {}).get(name)
+    current = getattr(node.meta.get(meta_keys.VALUE), "__dict__", {}).get(name)
     return current is None or isinstance(current, torch.Tensor)
 
 
@@ -144,8 +144,8 @@ class MetaProxy(Proxy):
     def __bool__(self) -> bool:
         """Branching on a value fixed at compile time (a weight's dtype, ``x.dtype == torch.float32``)
         takes the branch; anything that can change between calls is control flow fx refuses."""
-        meta = self.node.meta.get("ef.meta")
-        if self.node.meta.get("ef.static") and isinstance(meta, bool):
+        meta = self.node.meta.get(meta_keys.VALUE)
+        if self.node.meta.get(meta_keys.STATIC) and isinstance(meta, bool):
             return meta
         if isinstance(meta, bool) and _compares_sizes(self.node) and self.tracer.resample(self.node) is meta:
             return meta
@@ -161,7 +161,7 @@ def _compares_sizes(node: fx.Node) -> bool:
     """``a == b`` or ``a != b`` of two sizes that both come from the traced values (not a literal):
     Gemma 4 asks ``hidden_states.shape[1] == input_ids.shape[1]``, whether its stack sliced."""
     return (node.op == "call_function" and node.target in (operator.eq, operator.ne) and len(node.args) == 2
-            and all(isinstance(a, fx.Node) and type(a.meta.get("ef.meta")) is int for a in node.args))
+            and all(isinstance(a, fx.Node) and type(a.meta.get(meta_keys.VALUE)) is int for a in node.args))
 
 
 def _describe(node: fx.Node, depth: int = 3) -> str:
@@ -197,7 +197,7 @@ class CacheProxy(MetaProxy):
 
     @property
     def __class__(self) -> type:  # type: ignore[override]
-        meta = self.node.meta.get("ef.meta")
+        meta = self.node.meta.get(meta_keys.VALUE)
         return type(meta) if meta is not None else MetaProxy
 
 
@@ -233,10 +233,10 @@ def _is_fixed_size(node: fx.Node) -> bool:
         tensor, index = node.args[0].args[0], node.args[1]
     else:
         return False
-    meta = tensor.meta.get("ef.meta") if isinstance(tensor, fx.Node) else None
+    meta = tensor.meta.get(meta_keys.VALUE) if isinstance(tensor, fx.Node) else None
     if type(index) is not int or not isinstance(meta, torch.Tensor):
         return False
-    return index % max(meta.dim(), 1) in tensor.meta.get("ef.fixed_dims", frozenset())
+    return index % max(meta.dim(), 1) in tensor.meta.get(meta_keys.FIXED_DIMS, frozenset())
 
 
 def is_static_value(node: fx.Node) -> bool:
@@ -258,4 +258,4 @@ def is_static_value(node: fx.Node) -> bool:
         return True
     if node.op not in ("call_function", "call_method") or is_leaf_callable(node.target):
         return False
-    return all(a.meta.get("ef.static", False) for a in node.all_input_nodes)
+    return all(a.meta.get(meta_keys.STATIC, False) for a in node.all_input_nodes)

@@ -15,20 +15,19 @@ from typing import Any
 
 from torch import fx
 
-from ..ir import ops
+from ..ir import meta_keys, ops
 from .manager import PassResult
 
 #: The stream of each ExpertFlow op that copies; every other node computes.
-STREAM_OF = {"prefetch": "copy", "wait": "demand"}
-STREAMS = ("copy", "demand", "compute")
+STREAM_OF = {"prefetch": meta_keys.COPY, "wait": meta_keys.DEMAND}
 
 
 def schedule(gm: fx.GraphModule, options: Any = None) -> PassResult:
     modified = False
     for node in gm.graph.nodes:
         name = ops.op_name(node.target) if node.op == "call_function" else None
-        stream = STREAM_OF.get(name or "", "compute")
-        if node.meta.get("ef.stream") != stream:
-            node.meta["ef.stream"] = stream
+        stream = STREAM_OF.get(name or "", meta_keys.COMPUTE)
+        if node.meta.get(meta_keys.STREAM) != stream:
+            node.meta[meta_keys.STREAM] = stream
             modified = True
     return PassResult(gm, modified)

@@ -41,7 +41,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call, _orig_module_getattr
 from torch.fx.proxy import Proxy
 
-from ..ir import ops
+from ..ir import meta_keys, ops
 from ..ir.allowlist import CACHE_ATTRIBUTES, CACHE_METHODS
 from ..ir.hf_compat import new_cache
 from .driver import EXPERT_FLAGS, Driver, TraceFailure, is_experts_module  # noqa: F401
@@ -139,16 +139,16 @@ class ExpertFlowTracer(fx.Tracer):
             target, args, kwargs = _cache_state_call(target, args, kwargs)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
-        node.meta["ef.fixed_dims"] = fixed_dims(node)
-        node.meta["ef.static"] = is_static_value(node)
+        node.meta[meta_keys.FIXED_DIMS] = fixed_dims(node)
+        node.meta[meta_keys.STATIC] = is_static_value(node)
         try:
             with _unpatched_modules():
-                node.meta["ef.meta"] = self._meta_value(kind, target, args, kwargs)
+                node.meta[meta_keys.VALUE] = self._meta_value(kind, target, args, kwargs)
         except Exception as exc:  # data-dependent ops have no meta value; shapes after them are unknown
-            node.meta["ef.meta"] = None
-            node.meta["ef.meta_error"] = f"{type(exc).__name__}: {exc}"
+            node.meta[meta_keys.VALUE] = None
+            node.meta[meta_keys.VALUE_ERROR] = f"{type(exc).__name__}: {exc}"
             if kind == "call_module" and isinstance(exc, TypeError) and all(
-                    a.meta.get("ef.meta") is not None for a in node.all_input_nodes):
+                    a.meta.get(meta_keys.VALUE) is not None for a in node.all_input_nodes):
                 # A leaf called with arguments it does not take (a rotary embedding that wants the
                 # layer type, say) would only fail when the compiled model runs: fail now.
                 raise TraceFailure(f"calling it with the traced arguments fails: {type(exc).__name__}: {exc}") from exc
@@ -317,10 +317,10 @@ def trace_model(lm: nn.Module, batch: int = 2, seq: int = 3) -> tuple[fx.GraphMo
             if match is None:
                 raise TraceFailure(f"experts module '{node.target}' is not inside {info.layers_path}", node.target)
             info.experts[int(match.group(1))] = node.target
-            node.meta["ef.layer"] = int(match.group(1))
-            node.meta["ef.role"] = "experts"
+            node.meta[meta_keys.LAYER] = int(match.group(1))
+            node.meta[meta_keys.ROLE] = "experts"
         elif node.op == "call_module" and node.target == f"{driver.layers_path.rsplit('.', 1)[0]}.embed_tokens":
-            node.meta["ef.role"] = "embed"
+            node.meta[meta_keys.ROLE] = "embed"
     return gm, info
 
 

@@ -16,7 +16,7 @@ import operator
 
 from torch import fx
 
-from ..ir import ops
+from ..ir import meta_keys, ops
 from .manager import PassError
 
 PASS = "verify"
@@ -26,10 +26,10 @@ def verify_graph(gm: fx.GraphModule, after: str = "") -> None:
     where = f"{PASS} after {after}" if after else PASS
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     lowered = any(n.target is ops.expert_compute for n in gm.graph.nodes)
-    scheduled = any("ef.stream" in n.meta for n in gm.graph.nodes)
+    scheduled = any(meta_keys.STREAM in n.meta for n in gm.graph.nodes)
     waits = [n for n in gm.graph.nodes if n.target is ops.wait]
     for node in gm.graph.nodes:
-        if lowered and node.op == "call_module" and node.meta.get("ef.role") == "experts":
+        if lowered and node.op == "call_module" and node.meta.get(meta_keys.ROLE) == "experts":
             raise PassError(where, "MoE layer is not lowered", node)
         if scheduled:
             _check_stream(node, where)
@@ -48,14 +48,12 @@ def verify_graph(gm: fx.GraphModule, after: str = "") -> None:
 
 
 def _check_stream(node: fx.Node, where: str) -> None:
-    from .schedule import STREAMS
-
-    stream = node.meta.get("ef.stream")
+    stream = node.meta.get(meta_keys.STREAM)
     if stream is None:
         raise PassError(where, "node has no stream", node)
-    if stream not in STREAMS:
-        raise PassError(where, f"unknown stream {stream!r} (streams: {', '.join(STREAMS)})", node)
-    if (node.target is ops.prefetch or node.target is ops.wait) and stream == "compute":
+    if stream not in meta_keys.STREAMS:
+        raise PassError(where, f"unknown stream {stream!r} (streams: {', '.join(meta_keys.STREAMS)})", node)
+    if (node.target is ops.prefetch or node.target is ops.wait) and stream == meta_keys.COMPUTE:
         raise PassError(where, "a copy op is on the compute stream", node)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..ir import meta_keys
 from .cache import ExpertCache, Handle
 from .permutation import wave_order
 from .reuse import encode, expected_next_use
@@ -68,7 +69,7 @@ class RuntimeContext:
         self.cache = cache
         self.modules = modules
         # (op, layer) -> "copy" | "demand": the stream the schedule pass gave each copying node
-        self.demand = {key: stream == "demand" for key, stream in (streams or {}).items()}
+        self.demand = {key: stream == meta_keys.DEMAND for key, stream in (streams or {}).items()}
         self._views: dict[tuple[int, int, int], nn.Module] = {}
         self.timeline: Timeline | None = None  # set by runtime.load(timeline=True)
         self.routing: RoutingTrace | None = None  # set by runtime.load(record_routing=True)

@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 
 from .. import __version__
+from ..ir import meta_keys, ops
 from ..ir.hf_compat import cache_maker
 from ..ir.serialize import GraphFormatError, graph_from_json
 from ..ir.skeleton import assign_weights, build_skeleton
@@ -39,7 +40,7 @@ from .manifest import (VERIFIED_AS_READ, LoadError, check_files, memory_plan, re
 from .tensor_file import HEADER_LIMIT, read_header, read_tensor_file
 from .model import CompiledModel, model_class
 from .store import ExpertLayout, HostStore
-from ..ir import ops
+from ..passes.drop_prefetch import drop_prefetch
 from ..passes.options import CompileOptions
 from .path_predictor import FILE as PREDICTOR_FILE
 from .predictors import attach_predictors
@@ -162,34 +163,16 @@ def _check_dense(file: Path, found: dict[str, tuple[torch.dtype, tuple[int, ...]
 def copy_streams(graph: fx.Graph, where: str) -> dict[tuple[str, int], str]:
     """Which copy stream each layer's prefetch and wait copies on, as the schedule pass decided
     (``ef.stream``): "copy" (speculative, in issue order) or "demand" (ahead of every prefetch)."""
-    from ..ir import ops
-
     streams = {}
     for node in graph.nodes:
         name = ops.op_name(node.target) if node.op == "call_function" else None
         if name in ("prefetch", "wait"):
-            stream = node.meta.get("ef.stream")
-            if stream not in ("copy", "demand"):
+            stream = node.meta.get(meta_keys.STREAM)
+            if stream not in meta_keys.COPY_STREAMS:
                 raise LoadError(f"{where}: {name} node {node.name} copies on stream {stream!r}; the runtime has the "
                                 "'copy' and 'demand' streams; recompile the model")
             streams[(name, node.args[1])] = stream
     return streams
-
-
-def _drop_prefetch(gm: fx.GraphModule) -> None:
-    """With every expert resident nothing needs predicting: waits lose their handles, the
-    prefetches, the reuse predictor and the predictor's context keeper go, and the predictor nodes
-    become dead code."""
-    from ..ir import ops
-    from ..passes.dce import dce
-
-    for node in gm.graph.nodes:
-        if node.target is ops.wait:
-            node.update_arg(2, None)
-    for node in [n for n in gm.graph.nodes if n.target in (ops.prefetch, ops.path_context, ops.predict_reuse)]:
-        gm.graph.erase_node(node)
-    dce(gm)
-    gm.recompile()
 
 
 @dataclass(frozen=True)
@@ -296,7 +279,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     gm = fx.GraphModule(driver, ok.graph)
     everything = slots == parse_budget(None, layouts)
     if everything:
-        _drop_prefetch(gm)
+        drop_prefetch(gm)
+        gm.recompile()
     store = HostStore(regular_file(path, EXPERTS), layouts, pin=dev.type == "cuda",
                       digest=manifest["files"][EXPERTS] if verify else None)
     prior = load_prior(path, manifest, layouts) if options["policy"] == "predictive" else None

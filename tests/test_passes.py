@@ -508,6 +508,28 @@ def test_permute_then_unpermute_is_the_identity() -> None:
         assert ops.unpermute(None, x) is x
 
 
+# --- drop_prefetch ----------------------------------------------------------------------------
+
+def test_drop_prefetch_structure_numbers_and_no_op() -> None:
+    """Every expert resident: the prefetches and what only fed them go, waits wait on nothing, the
+    numbers stay; a graph without prediction is left alone (modified False)."""
+    from expertflow.passes.drop_prefetch import drop_prefetch
+
+    lm = real("tiny-mixtral")
+    gm, info = lowered(lm, predictor="cross_layer_gate")
+    before = run(gm, lm, Reference(lm, info))
+    assert of(gm, ops.prefetch)
+    assert drop_prefetch(gm).modified
+    verify_graph(gm)
+    assert not of(gm, ops.prefetch) and not of(gm, ops.predict)
+    assert all(wait.args[2] is None for wait in of(gm, ops.wait)) and len(of(gm, ops.wait)) == len(info.experts)
+    gm.recompile()
+    ctx = Reference(lm, info)
+    assert_close(run(gm, lm, ctx), before)
+    assert not [c for c in ctx.calls if c[0] == "prefetch"]
+    assert not drop_prefetch(gm).modified
+
+
 # --- schedule ---------------------------------------------------------------------------------
 
 def test_schedule_streams() -> None:

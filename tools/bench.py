@@ -26,8 +26,8 @@ import torch
 
 from ..ir.hf_compat import cache_keyword_of
 from . import bench_rows
-from .compile import one_line
-from .source import UserError, cli_terms, resolve_model
+from .shell import UserError, run_command
+from .source import resolve_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -284,11 +284,11 @@ def render(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        result = run(args)
-    except (UserError, ValueError, OSError, subprocess.CalledProcessError) as exc:
-        print(f"expertflow-bench: error: {cli_terms(one_line(exc))}", file=sys.stderr)
-        return 2
+    return run_command("expertflow-bench", lambda: _main(args), (ValueError, OSError, subprocess.CalledProcessError))
+
+
+def _main(args: argparse.Namespace) -> int:
+    result = run(args)
     print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..ir import ops
+from ..ir import meta_keys, ops
 from ..runtime.tokenizer import encode_text
 from ..passes.insert_prefetch import layer_output, router_slice
 
@@ -89,11 +89,11 @@ class Probe:
     @staticmethod
     def of(gm: fx.GraphModule) -> "Probe":
         computes = [n for n in gm.graph.nodes if n.target is ops.expert_compute]
-        embed = next(n for n in gm.graph.nodes if n.meta.get("ef.role") == "embed")
+        embed = next(n for n in gm.graph.nodes if n.meta.get(meta_keys.ROLE) == "embed")
         by_name = {n.name: n for n in gm.graph.nodes}
-        first = by_name.get(computes[0].meta.get("ef.block_input") or "") if len(computes) > 1 else None
+        first = by_name.get(computes[0].meta.get(meta_keys.BLOCK_INPUT) or "") if len(computes) > 1 else None
         output = layer_output(first) if first is not None else None
-        return Probe(embed.name, {n.args[1]: n.meta["ef.block_input"] for n in computes},
+        return Probe(embed.name, {n.args[1]: n.meta[meta_keys.BLOCK_INPUT] for n in computes},
                      {n.args[1]: ops.unpermuted(n.args[3]).name for n in computes},
                      {n.args[1]: ops.unpermuted(n.args[4]).name for n in computes},
                      output.name if output is not None else None)

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +16,8 @@ from typing import Any
 from tqdm import tqdm
 
 from ..passes.options import POLICIES, PREDICTORS, PREFETCH, CompileOptions
-from .source import UserError, resolve_model
+from .shell import UserError, one_line, run_command
+from .source import resolve_model
 
 HELP = __doc__ + """
 
@@ -260,48 +260,22 @@ def _libraries_quiet(quiet: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def one_line(exc: BaseException) -> str:
-    """The first paragraph of an error message, on one line (library errors run to several)."""
-    text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, KeyError) and exc.args:
-        text = f"missing key {exc.args[0]!r}"
-    return " ".join(text.split("\n\n")[0].split())
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM (timeout, CI cancelling) cleans up exactly as Ctrl-C does
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
-    try:
-        return _main(args)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    return run_command("expertflow-compile", lambda: _main(args), (ValueError, OSError, ImportError, KeyError),
+                       interrupted="interrupted; nothing was written")
 
 
 def _main(args: argparse.Namespace) -> int:
     from .artefact import remove_stale
 
-    try:
-        for stale in remove_stale(args.output):
-            print(f"expertflow-compile: removed {stale}, left by a compile that was killed", file=sys.stderr)
-        options = CompileOptions(lookahead=args.lookahead, predictor=args.predictor, policy=args.policy,
-                                 permute=not args.no_permute, prefetch=args.prefetch)
-        calibration = Calibration(args.calibration, args.calibration_tokens, args.seed) if args.calibration else None
-        out = compile_model(args.model, args.output, options, force=args.force, dumps=not args.no_dumps,
-                            quiet=args.quiet, calibration=calibration)
-    except (UserError, ValueError, OSError, ImportError, KeyError) as exc:
-        print(f"expertflow-compile: error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("expertflow-compile: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    for stale in remove_stale(args.output):
+        print(f"expertflow-compile: removed {stale}, left by a compile that was killed", file=sys.stderr)
+    options = CompileOptions(lookahead=args.lookahead, predictor=args.predictor, policy=args.policy,
+                             permute=not args.no_permute, prefetch=args.prefetch)
+    calibration = Calibration(args.calibration, args.calibration_tokens, args.seed) if args.calibration else None
+    out = compile_model(args.model, args.output, options, force=args.force, dumps=not args.no_dumps,
+                        quiet=args.quiet, calibration=calibration)
     plan = json.loads((out / "manifest.json").read_text())["memory_plan"]
     print(f"compiled {args.model} -> {out} ({plan['moe_layers']} MoE layers, "
           f"{plan['all_resident_slots']} experts of {plan['expert_blob_bytes']} bytes)")

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .artefact import remove_stale
-from .source import UserError, check_source, resolve_model
+from .shell import UserError
+from .source import check_source, resolve_model
 
 
 def entries_dir(cache_dir: Path) -> Path:

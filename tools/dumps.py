@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..ir.graph_view import COPY_STREAMS, FREE_OPS, NodeInfo, node_records
+from ..ir import meta_keys
+from ..ir.graph_view import FREE_OPS, NodeInfo, node_records
 
 # Node fill colours (Graphviz names) by kind, in legend order. The legend, to_dot and
 # expertflow-inspect's --help are all built from this table, so they cannot disagree.
@@ -34,18 +35,19 @@ LEGEND_NODE = "__legend__"
 def node_table(graph: Any) -> str:
     rows = [("name", "op", "target", "layer", "stream")]
     for n in node_records(graph):
-        rows.append((n.name, n.op, n.short_target, str(n.meta.get("ef.layer", "")), n.meta.get("ef.stream", "")))
+        rows.append((n.name, n.op, n.short_target, str(n.meta.get(meta_keys.LAYER, "")),
+                     n.meta.get(meta_keys.STREAM, "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows) + "\n"
 
 
 def node_kind(rec: NodeInfo) -> str:
     """The NODE_KINDS key of a node: its stream first, so copies stand out whatever they are."""
-    if rec.meta.get("ef.stream") in COPY_STREAMS:
+    if rec.meta.get(meta_keys.STREAM) in meta_keys.COPY_STREAMS:
         return "copy"
     if rec.ef_op:
         return "expertflow"
-    if rec.meta.get("ef.role") == "predictor":
+    if rec.meta.get(meta_keys.ROLE) == "predictor":
         return "predictor"
     return "free" if rec.op in FREE_OPS else "compute"
 
@@ -72,7 +74,7 @@ def placement(records: Sequence[NodeInfo]) -> list[int | None]:
         if rec.op in ("placeholder", "output"):
             where.append(None)
             continue
-        ahead = rec.ef_op in ("predict", "prefetch") or rec.meta.get("ef.role") == "predictor"
+        ahead = rec.ef_op in ("predict", "prefetch") or rec.meta.get(meta_keys.ROLE) == "predictor"
         if not ahead:
             layer = rec.layer
             if layer is not None:
@@ -102,7 +104,7 @@ def _node_line(rec: NodeInfo, layer: int | None) -> str:
         name = name[len(prefix):]
     # The fx name already says what a glue node does (getitem_3, linear_2): a second line only
     # where it adds something, the ExpertFlow op and the layer it works for.
-    tags = [t for t in (rec.ef_op, f"L{rec.meta['ef.layer']}" if "ef.layer" in rec.meta else None) if t]
+    tags = [t for t in (rec.ef_op, f"L{rec.meta['ef.layer']}" if meta_keys.LAYER in rec.meta else None) if t]
     label = "\\n".join([name, " ".join(tags)] if tags else [name])
     return f'  "{rec.name}" [label="{label}", fillcolor="{NODE_KINDS[node_kind(rec)][0]}"];'
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..runtime.chat import render_chat
 from ..runtime.tokenizer import encode_text
-from .source import UserError, cli_terms
+from .shell import UserError, cli_terms, run_command
 
 EXAMPLES = """
 examples:
@@ -193,21 +193,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ..runtime.device import check_device
     from ..runtime.manifest import LoadError
-    from .compile import one_line
 
-    try:
-        if args.list_cache or args.clean_cache:
-            return _cache_command(args)
-        check_device(args.device)  # with the arguments: before transformers is imported or a compile starts
-        result = run(args)
-    except (UserError, LoadError, ValueError, OSError, ImportError) as exc:
-        print(f"expertflow-generate: error: {cli_terms(one_line(exc))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nexpertflow-generate: interrupted", file=sys.stderr)
-        return 130
+    return run_command("expertflow-generate", lambda: _main(args), (LoadError, ValueError, OSError, ImportError))
+
+
+def _main(args: argparse.Namespace) -> int:
+    from ..runtime.device import check_device
+
+    if args.list_cache or args.clean_cache:
+        return _cache_command(args)
+    check_device(args.device)  # with the arguments: before transformers is imported or a compile starts
+    result = run(args)
     if args.stats:  # on stderr: stdout holds the generated text alone
         print(f"\n{result['new_tokens']} tokens in {result['seconds']:.2f} s "
               f"({result['new_tokens'] / result['seconds']:.1f} tokens/s), compiled model {result['path']}",

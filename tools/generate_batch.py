@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .source import UserError
+from .shell import UserError
 
 
 def read_prompts(path: Path) -> list[str]:

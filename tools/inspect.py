@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from ..ir import graph_view as gv
 from ..runtime.manifest import SCHEMA_VERSION as MANIFEST_SCHEMA  # noqa: F401  (stdlib-only: no torch import)
 from ..runtime.manifest import JSON_LIMIT, LoadError, check_files, read_bytes, read_json, read_manifest
 from .dumps import colour_key, node_table, to_dot
+from .shell import UserError, run_command
 
 PROG = "expertflow-inspect"
 # The formats this reader understands. Duplicated from tools.artefact / ir.serialize because those
@@ -36,10 +36,6 @@ may come before or after COMPILED: only --out takes a value.
 outside, and a legend of the colours:
 {colour_key()}
 """
-
-
-class InspectError(Exception):
-    """Bad input: printed as one line, exit status 2."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,18 +65,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_compiled(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(manifest, graph) of a compiled directory, read as the loader reads it (regular files
-    inside the directory, the manifest's digest, graph.json's checksum); InspectError says what
+    inside the directory, the manifest's digest, graph.json's checksum); UserError says what
     is wrong with it."""
     if not path.exists():
-        raise InspectError(f"{path} does not exist")
+        raise UserError(f"{path} does not exist")
     try:
         manifest = read_manifest(path)
         graph = read_json(path, "graph.json", digest=manifest["files"]["graph.json"])  # checked as read
     except LoadError as exc:
-        raise InspectError(str(exc)) from None
+        raise UserError(str(exc)) from None
     if not isinstance(graph, dict) or graph.get("schema") != GRAPH_SCHEMA or not isinstance(graph.get("nodes"), list):
         schema = graph.get("schema") if isinstance(graph, dict) else None
-        raise InspectError(f"{path}/graph.json has schema {schema!r}, {PROG} reads {GRAPH_SCHEMA}")
+        raise UserError(f"{path}/graph.json has schema {schema!r}, {PROG} reads {GRAPH_SCHEMA}")
     _check_nodes(path / "graph.json", graph["nodes"])
     return manifest, graph
 
@@ -93,23 +89,23 @@ def _dump(path: Path, manifest: dict[str, Any], name: str) -> str | None:
     try:
         return read_bytes(path, key, JSON_LIMIT, manifest["files"][key]).decode()  # checked as read
     except (LoadError, OSError, UnicodeDecodeError) as exc:
-        raise InspectError(str(exc) if isinstance(exc, LoadError) else f"cannot read {path / key}: {exc}") from None
+        raise UserError(str(exc) if isinstance(exc, LoadError) else f"cannot read {path / key}: {exc}") from None
 
 
 def _check_nodes(path: Path, nodes: list[Any]) -> None:
     """Checked up front so a damaged file is one error line, not a traceback from the analysis."""
     for i, node in enumerate(nodes):
         if not (isinstance(node, dict) and all(isinstance(node.get(k), str) for k in ("name", "op", "target"))):
-            raise InspectError(f"{path} node {i} lacks a name, op or target")
+            raise UserError(f"{path} node {i} lacks a name, op or target")
     try:
         records = gv.node_records(nodes)
     except (TypeError, ValueError, AttributeError) as exc:
-        raise InspectError(f"{path} has a malformed argument: {exc}") from None
+        raise UserError(f"{path} has a malformed argument: {exc}") from None
     seen: set[str] = set()
     for rec in records:
         missing = next((name for name in rec.inputs if name not in seen), None)
         if missing is not None:
-            raise InspectError(f"{path} node {rec.name!r} uses {missing!r} before it is defined")
+            raise UserError(f"{path} node {rec.name!r} uses {missing!r} before it is defined")
         seen.add(rec.name)
 
 
@@ -212,7 +208,7 @@ def format_summary(s: dict[str, Any]) -> str:
 def _dump_file(path: Path, manifest: dict[str, Any], name: str) -> str:
     text = _dump(path, manifest, name)
     if text is None:
-        raise InspectError(f"{path} has no dumps/{name} (compiled with --no-dumps?); recompile without it")
+        raise UserError(f"{path} has no dumps/{name} (compiled with --no-dumps?); recompile without it")
     return text
 
 
@@ -220,20 +216,20 @@ def render_svg(dot_text: str, out: Path | None) -> str:
     """SVG of ``dot_text``: returned, or written to ``out`` (then "")."""
     dot = shutil.which("dot")
     if dot is None:
-        raise InspectError("graphviz 'dot' not found; install graphviz or use --dot")
+        raise UserError("graphviz 'dot' not found; install graphviz or use --dot")
     try:
         done = subprocess.run([dot, "-Tsvg", *(["-o", str(out)] if out else [])], input=dot_text, text=True,
                               capture_output=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise InspectError(f"graphviz 'dot' failed: {exc}") from None
+        raise UserError(f"graphviz 'dot' failed: {exc}") from None
     if done.returncode != 0:
-        raise InspectError(f"graphviz 'dot' failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+        raise UserError(f"graphviz 'dot' failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
     return "" if out else done.stdout
 
 
 def run(args: argparse.Namespace) -> str:
     """What to print for ``args`` (with --out, the file is written and its path printed);
-    raises InspectError on bad input."""
+    raises UserError on bad input."""
     path: Path = args.compiled
     out: Path | None = args.out
     manifest, graph = load_compiled(path)
@@ -256,7 +252,7 @@ def run(args: argparse.Namespace) -> str:
     try:
         out.write_text(text)
     except OSError as exc:
-        raise InspectError(f"cannot write {out}: {exc.strerror}") from None
+        raise UserError(f"cannot write {out}: {exc.strerror}") from None
     return f"{out}\n"
 
 
@@ -270,34 +266,30 @@ def _stored_or(path: Path, manifest: dict[str, Any], name: str, make: Callable[[
 def _onnx(path: Path, manifest: dict[str, Any], graph: dict[str, Any], out: Path | None) -> str:
     if out is None:
         if "dumps/graph.onnx" not in manifest["files"]:
-            raise InspectError(f"{path} has no dumps/graph.onnx; add --out PATH to write one from graph.json")
+            raise UserError(f"{path} has no dumps/graph.onnx; add --out PATH to write one from graph.json")
         try:
             check_files(path, manifest, only=("dumps/graph.onnx",))
         except LoadError as exc:
-            raise InspectError(str(exc)) from None
+            raise UserError(str(exc)) from None
         return f"{path / 'dumps' / 'graph.onnx'}\n"
     try:
         from .onnx_dump import write_onnx
     except ImportError as exc:
-        raise InspectError(f"cannot write ONNX: {exc}") from None
+        raise UserError(f"cannot write ONNX: {exc}") from None
     try:
         return f"{write_onnx(graph, out)}\n"
     except OSError as exc:
-        raise InspectError(f"cannot write {out}: {exc.strerror}") from None
+        raise UserError(f"cannot write {out}: {exc.strerror}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        text = run(args)
-    except InspectError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `expertflow-inspect --table | head` is normal use, not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is quiet
+    return run_command(PROG, lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    sys.stdout.write(run(args))
+    sys.stdout.flush()  # a reader that closed the pipe (`| head`) ends here, quietly (tools/shell.py)
     return 0
 
 

@@ -17,12 +17,13 @@ from typing import Any
 import onnx
 from onnx import helper
 
+from ..ir import meta_keys
 from ..ir.graph_view import NodeInfo, node_records
 
 EF_DOMAIN = "ai.expertflow"
 TORCH_DOMAIN = "ai.expertflow.torch"
 #: Meta keys exported as node attributes (the ONNX attribute name drops the ``ef.`` prefix).
-META_ATTRS = ("ef.layer", "ef.stream", "ef.role", "ef.module")
+META_ATTRS = (meta_keys.LAYER, meta_keys.STREAM, meta_keys.ROLE, meta_keys.MODULE)
 
 
 def _value_type() -> onnx.TypeProto:

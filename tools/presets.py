@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import preset_tokenizer
+from .shell import UserError
 
 # 384 ids: the byte-level tokenizer's 3 specials and 256 bytes, and 125 merges (tools/preset_tokenizer).
 _COMMON = dict(vocab_size=384, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -105,8 +106,6 @@ def shipped(name: str) -> Path:
     """The shipped preset's directory, as save_pretrained wrote it."""
     path = SHIPPED[name]
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        from .source import UserError
-
         raise UserError(f"the shipped preset {name} is missing from {path}: this ExpertFlow was installed "
                         "without its package data; reinstall it from a checkout (pip install .)")
     return path

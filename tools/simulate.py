@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..runtime.policy import POLICIES as RUNTIME_POLICIES
 from .artefact import current_umask
 from .cache_sim import POLICIES, Access, SimResult, TimeModel, next_uses, predict_time, simulate
+from .shell import UserError, run_command
 from .trace_file import parse_trace
 
 PROG = "expertflow-simulate"
@@ -56,22 +57,18 @@ examples:
 """
 
 
-class UsageError(Exception):
-    """Bad input: printed as one line, exit status 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, no usage block: the house rule for bad input
-        raise UsageError(message)
+        raise UserError(message)
 
 
 def _positive_ints(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise UserError(f"{what} must be comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
-        raise UsageError(f"{what} must be integers of at least 1, got {text!r}")
+        raise UserError(f"{what} must be integers of at least 1, got {text!r}")
     return values
 
 
@@ -120,58 +117,58 @@ def _check(args: argparse.Namespace) -> None:
     """Everything that can be checked before a replay, so that a bad input costs nothing. The
     missing trace of a compiled directory is said first: it is what such a user needs to hear."""
     if args.compiled is not None and not args.compiled.is_dir():
-        raise UsageError(f"{args.compiled} is not a directory")
+        raise UserError(f"{args.compiled} is not a directory")
     if args.trace is None and args.compiled is not None:
         if not (args.compiled / "calibration.safetensors").is_file():
-            raise UsageError(f"{args.compiled} has no calibration traces: compile with --calibration builtin, "
+            raise UserError(f"{args.compiled} has no calibration traces: compile with --calibration builtin, "
                              "or pass --trace FILE")
         if args.cache is None:
-            raise UsageError("--cache is required")
+            raise UserError("--cache is required")
         args.cache = sorted(set(_positive_ints(args.cache, "--cache")))
         args.policies = [v.strip() for v in args.policies.split(",") if v.strip() and v.strip() != "belady"]
         unknown = [v for v in args.policies if v not in RUNTIME_POLICIES]
         if unknown or not args.policies:
-            raise UsageError(f"unknown policy {', '.join(unknown) or '(none given)'}; with COMPILED: "
+            raise UserError(f"unknown policy {', '.join(unknown) or '(none given)'}; with COMPILED: "
                              f"{', '.join(RUNTIME_POLICIES)} (Belady's MIN is the loads/MIN column)")
         if args.group not in ("token", "prefill") and not (args.group.startswith("batch:")
                                                           and args.group[6:].isdigit() and int(args.group[6:]) > 0):
-            raise UsageError(f"--group {args.group!r}: use token, batch:N (N >= 1) or prefill")
+            raise UserError(f"--group {args.group!r}: use token, batch:N (N >= 1) or prefill")
         _check_time(args)
         if args.schedule is not None:
             args.schedule = sorted(set(_positive_ints(args.schedule, "--schedule")))
             if args.prompt_len < 1:
-                raise UsageError("--prompt-len must be at least 1")
+                raise UserError("--prompt-len must be at least 1")
         return
     if args.schedule is not None:
-        raise UsageError("--schedule needs a compiled directory with calibration traces, not --trace")
+        raise UserError("--schedule needs a compiled directory with calibration traces, not --trace")
     if args.trace is None:
-        raise UsageError("no routing trace: pass --trace FILE (or a compiled directory with calibration traces)")
+        raise UserError("no routing trace: pass --trace FILE (or a compiled directory with calibration traces)")
     for flag, value in (("--experts-per-layer", args.experts_per_layer), ("--cache", args.cache)):
         if value is None:
-            raise UsageError(f"{flag} is required")
+            raise UserError(f"{flag} is required")
     args.cache = sorted(set(_positive_ints(args.cache, "--cache")))
     args.policies = list(dict.fromkeys(v.strip() for v in args.policies.split(",") if v.strip()))
     unknown = [v for v in args.policies if v not in POLICIES]
     if unknown or not args.policies:
-        raise UsageError(f"unknown policy {', '.join(unknown) or '(none given)'}; known: {', '.join(POLICIES)}")
+        raise UserError(f"unknown policy {', '.join(unknown) or '(none given)'}; known: {', '.join(POLICIES)}")
     if args.experts_per_layer < 1 or args.expert_bytes < 1:
-        raise UsageError("--experts-per-layer and --expert-bytes must be at least 1")
+        raise UserError("--experts-per-layer and --expert-bytes must be at least 1")
     _check_time(args)
     if not args.trace.is_file():
-        raise UsageError(f"trace {args.trace} is not a readable file")
+        raise UserError(f"trace {args.trace} is not a readable file")
     if args.plot is not None:
         if not args.plot.parent.is_dir():
-            raise UsageError(f"--plot: directory {args.plot.parent} does not exist")
+            raise UserError(f"--plot: directory {args.plot.parent} does not exist")
         if importlib.util.find_spec("matplotlib") is None:
-            raise UsageError("--plot needs matplotlib: pip install matplotlib")
+            raise UserError("--plot needs matplotlib: pip install matplotlib")
 
 
 def _check_time(args: argparse.Namespace) -> None:
     if (args.bandwidth is None) != (args.layer_ms is None):
-        raise UsageError("--bandwidth and --layer-ms go together: the time model needs both")
+        raise UserError("--bandwidth and --layer-ms go together: the time model needs both")
     if args.bandwidth is not None and not (math.isfinite(args.bandwidth) and args.bandwidth > 0
                                            and math.isfinite(args.layer_ms) and args.layer_ms >= 0):
-        raise UsageError("--bandwidth must be above 0 and --layer-ms at least 0")
+        raise UserError("--bandwidth must be above 0 and --layer-ms at least 0")
 
 
 def _compiled(args: argparse.Namespace) -> int:
@@ -306,22 +303,22 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(PROG, lambda: _main(argv), (OSError,))
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    if args.trace is None:
+        return _compiled(args)
     try:
-        args = parse_args(argv)
-        if args.trace is None:
-            return _compiled(args)
-        try:
-            trace = parse_trace(args.trace, args.experts_per_layer)
-        except ValueError as exc:
-            raise UsageError(f"{args.trace}: {exc}") from None
-        if not trace:
-            raise UsageError(f"{args.trace}: the trace has no records")
-        rows = replay(trace, args)
-        if args.plot is not None:
-            write_plot(rows, args.plot)
-    except (UsageError, OSError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        trace = parse_trace(args.trace, args.experts_per_layer)
+    except ValueError as exc:
+        raise UserError(f"{args.trace}: {exc}") from None
+    if not trace:
+        raise UserError(f"{args.trace}: the trace has no records")
+    rows = replay(trace, args)
+    if args.plot is not None:
+        write_plot(rows, args.plot)
     if args.json:
         print("\n".join(json.dumps(row) for row in rows))
     else:

@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
-
-
-#: The Python API's argument names in runtime errors, and the command-line flags that set them.
-_CLI_TERMS = ((re.compile(r"\bexpert_cache=(['\"]?)([^'\"\s:;,]*)\1"), r"--budget \2"),
-              (re.compile(r"\bdevice=(['\"]?)([^'\"\s:;,]*)\1"), r"--device \2"))
-
-
-def cli_terms(message: str) -> str:
-    """A runtime error as a command-line user reads it: ``expert_cache=0`` becomes ``--budget 0``."""
-    for pattern, flag in _CLI_TERMS:
-        message = pattern.sub(flag, message)
-    return message
+from . import presets
+from .shell import UserError
 
 
 def check_source(model: str, source: Path, needs_tokenizer: bool) -> None:
@@ -50,8 +36,6 @@ def check_source(model: str, source: Path, needs_tokenizer: bool) -> None:
 
 def resolve_model(model: str, presets_dir: Path | None = None) -> Path:
     """The local directory holding ``model``'s config.json and weights; never touches the network."""
-    from . import presets
-
     if presets.is_random(model) or model in presets.SHIPPED:
         return presets.materialize(model, presets_dir)
     try:
