@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 #: Routing predictors the passes can insert (``insert_prefetch``).
 PREDICTORS = ("cross_layer_gate", "routing_path", "transition", "frequency", "none")
@@ -45,3 +46,16 @@ class CompileOptions:
             raise ValueError(f"unknown prefetch mode {self.prefetch!r}; choose one of {', '.join(PREFETCH)}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+
+    def to_json(self) -> dict[str, Any]:
+        """What a manifest stores as ``options``: every field, so a new option is never dropped."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, stored: dict[str, Any], **overrides: Any) -> "CompileOptions":
+        """The options a manifest stored (a field an older manifest lacks takes its default), with
+        the ``overrides`` that are not None applied; ValueError names anything else."""
+        unknown = sorted(set(stored) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown compile option {', '.join(map(str, unknown))}")
+        return cls(**{**stored, **{k: v for k, v in overrides.items() if v is not None}})

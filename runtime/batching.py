@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from . import continuous as cb
+from .continuous import padded
 from .routing import RoutingTrace
 from .tokenizer import encode_text
 from .scheduler import SCHEDULES, Picker, distinct_experts, expert_sets, plan_batches
@@ -55,17 +57,6 @@ def check_request(prompts: Any, batch_size: Any, schedule: Any, strings_ok: bool
                 raise ValueError(f"prompt {i} is a string but this model has no tokenizer: pass token-id lists")
         elif not (isinstance(p, (list, tuple)) and p and all(type(t) is int for t in p)):
             raise ValueError(f"prompt {i} is neither a string nor a non-empty list of token ids")
-
-
-def padded(prompts: Sequence[list[int]], rows: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(prompts[i]) for i in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, i in enumerate(rows):
-        n = len(prompts[i])
-        ids[r, width - n:] = torch.tensor(prompts[i])
-        mask[r, width - n:] = 1
-    return ids, mask
 
 
 def predicted_estimates(model: Any, prompts: Sequence[list[int]]) -> torch.Tensor | None:
@@ -177,8 +168,6 @@ def generate_many(model: Any, prompts: Any, batch_size: Any, schedule: Any, toke
 def _generate(model: Any, prompts: list[list[int]], limits: list[int] | None, batch_size: int, schedule: str,
               pad: int, eos: set[int], continuous: bool | None,
               generation_kwargs: dict[str, Any]) -> tuple[list[list[int]], Schedule]:
-    from . import continuous as cb
-
     why_not = cb.unsupported(model, generation_kwargs) if continuous is not False else None
     if continuous and why_not:
         raise ValueError(f"continuous batching cannot run this request: {why_not}; pass continuous=False")

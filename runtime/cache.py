@@ -8,15 +8,15 @@ correction) and pins those slots until the compute that reads them is queued.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
 from .device_state import SlotTable, StallClock
 from .policy import Policy, make_policy
+from .pool import Pool
 from .store import ExpertLayout, HostStore
-from .streams import CopyEngine, Ticket
+from .streams import CopyEngine
 from .victims import Victims
 
 
@@ -36,23 +36,6 @@ class LayerStats:
     split_steps: int = 0        # steps needing more experts than slots: computed in several waves
     bytes_moved: int = 0
     stall_s: float = 0.0
-
-
-@dataclass
-class Pool:
-    """Slots for every layer whose experts share one layout."""
-
-    tensor: torch.Tensor
-    owner: list[tuple[int, int] | None]
-    ident: int = 0  # which pool: the copy engine orders copies per (pool, slot)
-    where: dict[tuple[int, int], int] = field(default_factory=dict)
-    lru: OrderedDict = field(default_factory=OrderedDict)
-    pinned: set[int] = field(default_factory=set)
-    reserved: dict[int, int] = field(default_factory=dict)  # slot -> layer it was prefetched for
-    tickets: dict[int, Ticket] = field(default_factory=dict)
-    #: slots whose load or eviction has begun and not finished: only an interrupt leaves one here,
-    #: and ``ExpertCache.abort`` then clears what it left half-done (``_settle``)
-    unsettled: set[int] = field(default_factory=set)
 
 
 @dataclass

@@ -179,9 +179,19 @@ def _append(row: Row, token: int, eos: set[int]) -> None:
     row.done = token in eos or row.new >= row.limit
 
 
-def _prefill(model: Any, prompts: Sequence[list[int]], group: list[int], pad: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    from .batching import padded
+def padded(prompts: Sequence[list[int]], rows: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts ``rows`` names, left-padded with ``pad`` to the longest: ids and the 2-D mask."""
+    width = max(len(prompts[i]) for i in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, i in enumerate(rows):
+        n = len(prompts[i])
+        ids[r, width - n:] = torch.tensor(prompts[i])
+        mask[r, width - n:] = 1
+    return ids, mask
 
+
+def _prefill(model: Any, prompts: Sequence[list[int]], group: list[int], pad: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
     ids, mask = padded(prompts, group, pad)
     ids, mask = ids.to(model.device), mask.to(model.device)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)

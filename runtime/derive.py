@@ -172,7 +172,7 @@ def derive(manifest: dict[str, Any], config: Any, dtype: torch.dtype, where: str
         _CACHE.move_to_end(key)
         return _CACHE[key]
     try:
-        options = CompileOptions(**manifest["options"])
+        options = CompileOptions.from_json(manifest["options"])
     except (TypeError, ValueError) as exc:
         raise LoadError(f"{where}: options {manifest['options']!r} are not compile options ({exc})") from None
     from ..passes.trace import TraceFailure

@@ -15,7 +15,7 @@ so a directory that compiles loads.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -219,7 +219,7 @@ def _checked(path: Path, manifest: dict[str, Any], layouts: dict[int, ExpertLayo
     _check_derived(path, manifest, layouts, derived)
     graph = _graph(path, manifest, derived, digests)  # validated before any code is generated from it
     options = _options(manifest, where, *overrides)
-    if options != {**DEFAULT_OPTIONS, **manifest["options"]}:
+    if options != {**DEFAULT_OPTIONS, **manifest["options"]}:  # an override changes the graph: derive that one
         derived = derive({**manifest, "options": options}, config, dtype, where)
         graph = derived.graph
     header = read_header(path, DENSE)
@@ -300,7 +300,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     return model
 
 
-DEFAULT_OPTIONS = asdict(CompileOptions())
+DEFAULT_OPTIONS = CompileOptions().to_json()
 
 
 def _unread(manifest: dict[str, Any]) -> list[str]:
@@ -313,13 +313,9 @@ def _unread(manifest: dict[str, Any]) -> list[str]:
 def _options(manifest: dict[str, Any], where: str, predictor: str | None, lookahead: int | None,
              policy: str | None, prefetch: str | None = None) -> dict[str, Any]:
     """The manifest's compile options with the caller's overrides, checked (LoadError)."""
-    options = {**DEFAULT_OPTIONS, **manifest["options"]}
-    for name, value in (("predictor", predictor), ("lookahead", lookahead), ("policy", policy),
-                        ("prefetch", prefetch)):
-        if value is not None:
-            options[name] = value
     try:
-        CompileOptions(**options)
+        options = CompileOptions.from_json(manifest["options"], predictor=predictor, lookahead=lookahead,
+                                           policy=policy, prefetch=prefetch).to_json()
     except (TypeError, ValueError) as exc:
         raise LoadError(f"{where}: {exc}") from None
     if options["predictor"] == "routing_path" and PREDICTOR_FILE not in manifest["files"]:

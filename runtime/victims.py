@@ -10,12 +10,8 @@ already hold out. Empty slots are taken first, lowest first, before any eviction
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .policy import Key, Policy
-
-if TYPE_CHECKING:
-    from .cache import Pool
+from .pool import Pool
 
 
 class Victims:

@@ -36,3 +36,24 @@ def test_bad_options_are_refused():
         CompileOptions(lookahead=0)
     with pytest.raises(ValueError, match="unknown predictor"):
         CompileOptions(predictor="oracle")
+
+
+def test_options_go_to_the_manifest_and_back_whole(tmp_path, model_dir):
+    """Every field reaches the manifest (a new option cannot be dropped by the writer) and comes
+    back equal; a field an older manifest lacks takes its default; an unknown one is refused;
+    overrides that are not None apply."""
+    import dataclasses
+    import json
+
+    options = CompileOptions(lookahead=2, predictor="none", policy="lru", prefetch="hint", permute=False)
+    assert set(options.to_json()) == {f.name for f in dataclasses.fields(CompileOptions)}
+    assert CompileOptions.from_json(options.to_json()) == options
+    assert CompileOptions.from_json({"lookahead": 2}) == CompileOptions(lookahead=2)
+    assert CompileOptions.from_json(options.to_json(), policy="lfu", lookahead=None).policy == "lfu"
+    with pytest.raises(ValueError, match="unknown compile option speed"):
+        CompileOptions.from_json({"speed": 3})
+    out = compile_model(str(model_dir("tiny-mixtral")), tmp_path / "c", options, dumps=False)
+    assert json.loads((out / "manifest.json").read_text())["options"] == options.to_json()
+    from expertflow.runtime import loader
+
+    assert loader.check(out).options == options.to_json()
