@@ -37,7 +37,7 @@ def main() -> int:
     args = p.parse_args()
     try:
         budget = runtime.budget_argument(args.budget)
-        runtime.check_budget(budget)  # bad options fail before the compile, not after
+        runtime.Budget.read(budget)  # bad options fail before the compile, not after
         runtime.check_device(args.device)
         out = args.out or Path("compiled") / re.sub(r"[^A-Za-z0-9._-]+", "_", args.model.strip("/"))
         if (out / "manifest.json").is_file():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_WHERE = {"Budget": "budget", "budget_argument": "budget", "check_budget": "budget", "parse_budget": "budget",
+_WHERE = {"Budget": "budget", "budget_argument": "budget",
           "check_device": "device", "load": "loader", "load_tokenizer": "tokenizer", "LoadError": "manifest",
           "CompiledModel": "model"}
 

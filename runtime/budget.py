@@ -15,70 +15,76 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 @dataclass(frozen=True)
 class Budget:
     """An expert-cache request before it meets a model: so many slots, bytes, or percent of the
-    experts; ``None`` everywhere is every expert resident."""
+    experts; ``None`` everywhere is every expert resident. :meth:`read` parses what a caller
+    wrote (once); :meth:`slots_on` resolves it to slots on a model's layouts."""
 
     slots: int | None = None
     nbytes: float | None = None
     percent: float | None = None
     auto: bool = False  # the largest that fits the device's free memory (``auto_budget``)
+    given: int | str | None = None  # what the caller wrote, for messages
+
+    @classmethod
+    def read(cls, budget: int | str | None) -> "Budget":
+        """Reads ``expert_cache`` (an int of slots, a size like '4GiB', a fraction like '25%', None,
+        'all' or 'auto'); LoadError for what no model could take, so a CLI can refuse it before compiling."""
+        if budget is None or budget == "all":
+            return cls(given=budget)
+        if budget == "auto":
+            return cls(auto=True, given=budget)
+        if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+            raise LoadError(f"expert_cache={budget!r}: give a slot count (int), a size like '4GiB', a fraction "
+                            "like '25%', 'auto' or 'all'")
+        if isinstance(budget, int):
+            if budget < 1:
+                raise LoadError(f"expert_cache={budget!r} holds no expert: the minimum is 1 slot")
+            return cls(slots=budget, given=budget)
+        text = budget.strip()
+        if re.fullmatch(r"[0-9]+", text):  # a size without a unit is too easily a slot count
+            raise LoadError(f"expert_cache={budget!r} is a string of digits: pass the int {int(text)} for "
+                            f"{int(text)} slots, or a size with its unit ('{text}MiB')")
+        number = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+        if percent := re.fullmatch(number + r"\s*%", text):
+            share = float(percent.group(1))
+            if not 0 < share <= 100:
+                raise LoadError(f"expert_cache={budget!r}: a fraction must be above 0% and at most 100%")
+            return cls(percent=share, given=budget)
+        match = re.fullmatch(number + r"\s*([A-Za-z]*)", text)
+        if not match or match.group(2).upper() not in _UNITS:
+            raise LoadError(f"expert_cache={budget!r} is not a size or a fraction; write e.g. '512MiB', '4GiB' or '25%'")
+        return cls(nbytes=float(match.group(1)) * _UNITS[match.group(2).upper()], given=budget)
+
+    def slots_on(self, layouts: dict[int, ExpertLayout]) -> int:
+        """Slots per pool this request buys on a model with ``layouts`` (at most every expert)."""
+        everything = all_slots(layouts)
+        pools = len({lay.signature for lay in layouts.values()})
+        slot_bytes = max(lay.blob_bytes for lay in layouts.values()) * pools
+        if self.auto:
+            raise LoadError("expert_cache='auto' needs the device's free memory: pass it to runtime.load")
+        if self.slots is not None:
+            slots = self.slots
+        elif self.percent is not None:
+            slots = max(1, round(everything * self.percent / 100))
+        elif self.nbytes is not None:
+            slots = int(self.nbytes // slot_bytes)
+        else:
+            return everything
+        if slots < 1:
+            raise LoadError(f"expert_cache={self.given!r} holds no expert: the minimum is 1 slot "
+                            f"({slot_bytes} bytes); all resident is {everything} slots")
+        return min(slots, everything)
 
 
-def check_budget(budget: int | str | None) -> Budget:
-    """Reads ``expert_cache`` (an int of slots, a size like '4GiB', a fraction like '25%', None or
-    'all'); LoadError for what no model could take, so a CLI can refuse it before compiling."""
-    if budget is None or budget == "all":
-        return Budget()
-    if budget == "auto":
-        return Budget(auto=True)
-    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
-        raise LoadError(f"expert_cache={budget!r}: give a slot count (int), a size like '4GiB', a fraction "
-                        "like '25%', 'auto' or 'all'")
-    if isinstance(budget, int):
-        if budget < 1:
-            raise LoadError(f"expert_cache={budget!r} holds no expert: the minimum is 1 slot")
-        return Budget(slots=budget)
-    text = budget.strip()
-    if re.fullmatch(r"[0-9]+", text):  # a size without a unit is too easily a slot count
-        raise LoadError(f"expert_cache={budget!r} is a string of digits: pass the int {int(text)} for "
-                        f"{int(text)} slots, or a size with its unit ('{text}MiB')")
-    number = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-    if percent := re.fullmatch(number + r"\s*%", text):
-        share = float(percent.group(1))
-        if not 0 < share <= 100:
-            raise LoadError(f"expert_cache={budget!r}: a fraction must be above 0% and at most 100%")
-        return Budget(percent=share)
-    match = re.fullmatch(number + r"\s*([A-Za-z]*)", text)
-    if not match or match.group(2).upper() not in _UNITS:
-        raise LoadError(f"expert_cache={budget!r} is not a size or a fraction; write e.g. '512MiB', '4GiB' or '25%'")
-    return Budget(nbytes=float(match.group(1)) * _UNITS[match.group(2).upper()])
-
-
-def parse_budget(budget: int | str | None, layouts: dict[int, ExpertLayout]) -> int:
-    """Slots per pool for ``expert_cache`` (see :func:`check_budget`) on a model with ``layouts``."""
-    request = check_budget(budget)
+def all_slots(layouts: dict[int, ExpertLayout]) -> int:
+    """Slots per pool that hold every expert: the largest pool's experts."""
     per_pool: dict[tuple, int] = {}
     for lay in layouts.values():
         per_pool[lay.signature] = per_pool.get(lay.signature, 0) + lay.num_experts
-    everything = max(per_pool.values())
-    slot_bytes = max(lay.blob_bytes for lay in layouts.values()) * len(per_pool)
-    if request.auto:
-        raise LoadError("expert_cache='auto' needs the device's free memory: pass it to runtime.load")
-    if request.slots is not None:
-        slots = request.slots
-    elif request.percent is not None:
-        slots = max(1, round(everything * request.percent / 100))
-    elif request.nbytes is not None:
-        slots = int(request.nbytes // slot_bytes)
-    else:
-        return everything
-    if slots < 1:
-        raise LoadError(f"expert_cache={budget!r} holds no expert: the minimum is 1 slot "
-                        f"({slot_bytes} bytes); all resident is {everything} slots")
-    return min(slots, everything)
+    return max(per_pool.values())
 
 
 def budget_argument(text: str) -> int | str:
-    """A command line's ``--budget``: digits are a slot count, anything else goes to parse_budget."""
+    """A command line's ``--budget``: digits are a slot count, anything else goes to Budget.read."""
     return int(text) if text.strip().isdigit() else text
 
 
@@ -104,7 +110,7 @@ def auto_budget(layouts: dict[int, ExpertLayout], free: int, dense: int, kv: int
     10% (at least 256 MiB); LoadError when not even one does."""
     pools = len({lay.signature for lay in layouts.values()})
     slot_bytes = max(lay.blob_bytes for lay in layouts.values()) * pools
-    everything = parse_budget(None, layouts)
+    everything = all_slots(layouts)
     margin = max(free // 10, 256 * 2**20)
     room = free - dense - kv - margin
     slots = min(everything, room // slot_bytes) if room > 0 else 0

@@ -30,7 +30,7 @@ from ..ir.serialize import GraphFormatError, graph_from_json
 from ..ir.skeleton import assign_weights, build_skeleton
 from ..passes.driver import Driver
 from .arena import available_host_bytes
-from .budget import AutoBudget, auto_budget, check_budget, kv_cache_bytes, parse_budget
+from .budget import AutoBudget, Budget, all_slots, auto_budget, kv_cache_bytes
 from .cache import ExpertCache
 from .context import RuntimeContext
 from .derive import CONFIG_ERRORS, Derived, check_generation, derive, make_config
@@ -261,12 +261,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     manifest, layouts = _manifest(path)
     dev = check_device(device)
     # before the checksums: a bad budget fails at once
-    slots = 0 if check_budget(expert_cache).auto else parse_budget(expert_cache, layouts)
+    request = Budget.read(expert_cache)
+    slots = 0 if request.auto else request.slots_on(layouts)
     ok = _checked(path, manifest, layouts, verify, (predictor, lookahead, policy, prefetch))
     config, dtype, derived, options = ok.config, ok.dtype, ok.derived, ok.options
     where, digests = f"{path}/manifest.json", manifest["files"] if verify else {}
     auto = None
-    if check_budget(expert_cache).auto:
+    if request.auto:
         auto = _auto(manifest, layouts, config, dtype, dev, batch_size, max_context)
         slots = auto.slots
     lm = build_skeleton(config, dtype)
@@ -277,7 +278,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
             if buf is not None and buf.device != dev and buf.device.type != "meta":
                 module._buffers[name] = buf.to(dev)
     gm = fx.GraphModule(driver, ok.graph)
-    everything = slots == parse_budget(None, layouts)
+    everything = slots == all_slots(layouts)
     if everything:
         drop_prefetch(gm)
         gm.recompile()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from expertflow.runtime import LoadError, load, parse_budget
+from expertflow.runtime import Budget, LoadError, load
 from expertflow.runtime.cache import ExpertCache
 from expertflow.runtime.store import ExpertLayout, Part
 from expertflow.runtime.streams import CopyEngine
@@ -179,18 +179,18 @@ def test_out_of_range_ids_are_ignored(make_cache) -> None:
     (None, 32), ("all", 32), (5, 5), (100, 32), ("4MiB", 4), ("4 mib", 4), ("4.5MiB", 4), (".5GiB", 32),
     ("3MB", 2), ("4GiB", 32), ("1048576B", 1), ("1MiB", 1), ("25%", 8), ("12.5 %", 4), ("100%", 32), ("1%", 1),
 ])
-def test_parse_budget(budget: Any, slots: int) -> None:
-    assert parse_budget(budget, layouts_for(layers=4, experts=8, blob=2**20)) == slots
+def test_budget_slots(budget: Any, slots: int) -> None:
+    assert Budget.read(budget).slots_on(layouts_for(layers=4, experts=8, blob=2**20)) == slots
 
 
-def test_parse_budget_splits_bytes_between_pools() -> None:
+def test_budget_slots_split_bytes_between_pools() -> None:
     # Layers whose experts differ in layout get a pool each, and a byte budget pays for both.
     layouts = layouts_for(layers=2, experts=8, blob=2**20)
     layouts.update({l + 2: lay for l, lay in layouts_for(2, 8, 2**20, "int32").items()})
-    assert parse_budget("4MiB", layouts) == 2
-    assert parse_budget(None, layouts) == 16
+    assert Budget.read("4MiB").slots_on(layouts) == 2
+    assert Budget.read(None).slots_on(layouts) == 16
     with pytest.raises(LoadError, match="minimum is 1 slot"):
-        parse_budget("1.5MiB", layouts)
+        Budget.read("1.5MiB").slots_on(layouts)
 
 
 # --- a real model ----------------------------------------------------------------------------

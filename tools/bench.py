@@ -105,10 +105,10 @@ def compile_peak_rss(model: str, out: Path) -> int:
 
 def gpu_memory_bytes(text: str) -> int:
     """``--gpu-memory``'s size in bytes; UserError for anything but a size."""
-    from ..runtime.budget import check_budget
+    from ..runtime.budget import Budget
 
     try:
-        nbytes = check_budget(text).nbytes
+        nbytes = Budget.read(text).nbytes
     except ValueError:
         nbytes = None
     if nbytes is None:

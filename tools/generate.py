@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .generate_batch import generate_batch, read_prompts
 
     budget = runtime.budget_argument(args.budget)
-    runtime.check_budget(budget)  # a bad budget fails now, not after a compile
+    runtime.Budget.read(budget)  # a bad budget fails now, not after a compile
     texts = read_prompts(args.prompts_file) if args.prompts_file is not None else [args.prompt]
     path = compiled_path(args.model, args.cache_dir, args.quiet, needs_tokenizer=True)
     manifest = read_manifest(path)  # checked as runtime.load checks it: the directory may be a stranger's
