@@ -97,7 +97,7 @@ def readable(source: Any, attribute: Any) -> bool:
     if attribute in ATTRIBUTES:
         return True
     op, target = getattr(source, "op", None), getattr(source, "target", None)
-    if attribute in CACHE_ATTRIBUTES and op == "placeholder" and target == "cache":
+    if attribute in CACHE_ATTRIBUTES and ops.is_cache_input(source):
         return True
     try:
         return attribute in RETURN_FIELDS.get((op, target), ())

@@ -175,8 +175,13 @@ def check_state_address(path: Any, name: Any) -> None:
         raise ValueError(f"cache state name {str(name)[:60]!r} is not a plain lower-case attribute name")
 
 
+def is_cache_input(node: Any) -> bool:
+    """Whether ``node`` (an fx node, or anything) is the graph's cache input."""
+    return getattr(node, "op", None) == "placeholder" and getattr(node, "target", None) == "cache"
+
+
 def _state_holder(cache: Any, path: tuple) -> Any:
-    check_state_address(path, "x")
+    """The object ``path`` names (checked by the caller: :func:`check_state_address`)."""
     return cache if path == () else cache.layers[path[1]]
 
 
@@ -217,8 +222,6 @@ for _fn in (route, predict_reuse, path_context, prefetch, wait, set_cache_state)
 OPS = {fn.__name__: fn for fn in (route, predict, predict_path, refine_path, predict_reuse, path_context, predict_frequency,
                                   predict_transition, path_layer, prefetch, wait, expert_compute, permute, unpermute,
                                   cache_state, set_cache_state, extend_state)}
-#: Which stream each op belongs to when the schedule pass has nothing better to say.
-COPY_OPS = frozenset({"prefetch", "wait"})
 
 
 def op_name(target: object) -> str | None:

@@ -154,7 +154,7 @@ def _check_call(op: str, target: Any, args: Any, kwargs: Any, name: str) -> None
                                f"{calls} returns, read from that call's node")
     if target in (ops.cache_state, ops.set_cache_state):
         cache = args[0] if args else None
-        if not (isinstance(cache, fx.Node) and cache.op == "placeholder" and cache.target == "cache") or kwargs \
+        if not ops.is_cache_input(cache) or kwargs \
                 or len(args) != (3 if target is ops.cache_state else 4):
             raise GraphFormatError(f"node {name!r}: {target.__name__} takes the cache input, a path and a name")
         try:
@@ -205,7 +205,7 @@ def graph_from_json(data: Any, root: torch.nn.Module) -> fx.Graph:
         args, kwargs = _decode(item.get("args"), env), _decode(item.get("kwargs"), env)
         if op == "call_method" and target not in allowlist.METHODS and not (
                 target in allowlist.CACHE_METHODS and isinstance(args, tuple) and args
-                and isinstance(args[0], fx.Node) and args[0].op == "placeholder" and args[0].target == "cache"):
+                and ops.is_cache_input(args[0])):
             raise GraphFormatError(f"method {str(target)[:60]!r} is not on ExpertFlow's closed list of "
                                    "tensor methods")
         if op in ("call_function", "call_method", "call_module"):

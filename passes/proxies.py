@@ -73,12 +73,12 @@ def cache_address(node: Any) -> tuple[fx.Node, tuple] | None:
     (``()``) or one of its layers (``cache.layers[i]``: ``("layers", i)``); else None."""
     if not isinstance(node, fx.Node):
         return None
-    if node.op == "placeholder" and node.target == "cache":
+    if ops.is_cache_input(node):
         return node, ()
     if node.op == "call_function" and node.target is operator.getitem and type(node.args[1]) is int:
         layers = node.args[0]
         if isinstance(layers, fx.Node) and layers.op == "call_function" and layers.target is getattr \
-                and layers.args[1] == "layers" and cache_address(layers.args[0]) == (layers.args[0], ()):
+                and layers.args[1] == "layers" and ops.is_cache_input(layers.args[0]):
             index = node.args[1] % max(len(layers.meta.get(meta_keys.VALUE) or ()), 1)
             return layers.args[0], ("layers", index)
     return None
@@ -89,7 +89,7 @@ def _from_cache(node: Any) -> bool:
     while isinstance(node, fx.Node) and node.op == "call_function" and node.target in (getattr, operator.getitem,
                                                                                      ops.cache_state):
         node = node.args[0]
-    return isinstance(node, fx.Node) and node.op == "placeholder" and node.target == "cache"
+    return ops.is_cache_input(node)
 
 
 def _holds_state(node: fx.Node, name: str) -> bool:
@@ -252,7 +252,7 @@ def is_static_value(node: fx.Node) -> bool:
             and node.args[1] in _STATIC_ATTRIBUTES:
         return True
     if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
-            and node.args[1] in CACHE_ATTRIBUTES and getattr(node.args[0], "target", None) == "cache":
+            and node.args[1] in CACHE_ATTRIBUTES and ops.is_cache_input(node.args[0]):
         return True
     if node.op == "call_method" and node.target == "dim" and len(node.args) == 1:
         return True

@@ -130,7 +130,7 @@ class ExpertFlowTracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def proxy(self, node: fx.Node) -> Proxy:
-        if node.op == "placeholder" and node.target == "cache":
+        if ops.is_cache_input(node):
             return CacheProxy(node, self)
         return MetaProxy(node, self)
 
@@ -353,7 +353,7 @@ def refuse_cache_contents(gm: fx.GraphModule) -> None:
     allowed = CACHE_ATTRIBUTES | CACHE_METHODS
     for node in gm.graph.nodes:
         cache_read = ((node.op == "call_function" and node.target is getattr) or node.op == "call_method") and \
-            isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder" and node.args[0].target == "cache"
+            ops.is_cache_input(node.args[0])
         name = node.args[1] if node.op == "call_function" and cache_read else node.target
         if node.target is ops.cache_state and any(u.target is not ops.extend_state or u.args[0] is not node
                                                   for u in node.users):
