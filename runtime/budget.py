@@ -56,9 +56,7 @@ class Budget:
 
     def slots_on(self, layouts: dict[int, ExpertLayout]) -> int:
         """Slots per pool this request buys on a model with ``layouts`` (at most every expert)."""
-        everything = all_slots(layouts)
-        pools = len({lay.signature for lay in layouts.values()})
-        slot_bytes = max(lay.blob_bytes for lay in layouts.values()) * pools
+        everything, one = all_slots(layouts), slot_bytes(layouts)
         if self.auto:
             raise LoadError("expert_cache='auto' needs the device's free memory: pass it to runtime.load")
         if self.slots is not None:
@@ -66,13 +64,18 @@ class Budget:
         elif self.percent is not None:
             slots = max(1, round(everything * self.percent / 100))
         elif self.nbytes is not None:
-            slots = int(self.nbytes // slot_bytes)
+            slots = int(self.nbytes // one)
         else:
             return everything
         if slots < 1:
             raise LoadError(f"expert_cache={self.given!r} holds no expert: the minimum is 1 slot "
-                            f"({slot_bytes} bytes); all resident is {everything} slots")
+                            f"({one} bytes); all resident is {everything} slots")
         return min(slots, everything)
+
+
+def slot_bytes(layouts: dict[int, ExpertLayout]) -> int:
+    """What one slot costs: a slot in every pool (layers whose experts differ in layout have a pool each)."""
+    return max(lay.blob_bytes for lay in layouts.values()) * len({lay.signature for lay in layouts.values()})
 
 
 def all_slots(layouts: dict[int, ExpertLayout]) -> int:
@@ -108,17 +111,15 @@ class AutoBudget:
 def auto_budget(layouts: dict[int, ExpertLayout], free: int, dense: int, kv: int) -> AutoBudget:
     """The most slots (up to every expert) that fit ``free`` after ``dense``, ``kv`` and a margin of
     10% (at least 256 MiB); LoadError when not even one does."""
-    pools = len({lay.signature for lay in layouts.values()})
-    slot_bytes = max(lay.blob_bytes for lay in layouts.values()) * pools
-    everything = all_slots(layouts)
+    one, everything = slot_bytes(layouts), all_slots(layouts)
     margin = max(free // 10, 256 * 2**20)
     room = free - dense - kv - margin
-    slots = min(everything, room // slot_bytes) if room > 0 else 0
+    slots = min(everything, room // one) if room > 0 else 0
     if slots < 1:
         raise LoadError(f"expert_cache='auto': {free / 2**30:.2f} GiB free holds the dense weights "
                         f"({dense / 2**30:.2f} GiB), KV cache ({kv / 2**30:.2f} GiB) and margin but not one expert slot "
-                        f"({slot_bytes} bytes); use a smaller batch or context, or a larger device")
-    return AutoBudget(int(slots), free, dense, kv, margin, slot_bytes)
+                        f"({one} bytes); use a smaller batch or context, or a larger device")
+    return AutoBudget(int(slots), free, dense, kv, margin, one)
 
 
 def kv_cache_bytes(config: object, batch: int, context: int, element_size: int) -> int:
