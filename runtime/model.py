@@ -27,6 +27,7 @@ from ..passes.driver import logits_selector
 from .context import RuntimeContext
 from .inputs import check_attention_mask, check_input_ids, check_position_ids
 from .budget import AutoBudget
+from .cache_model import LayerStats
 from .batching import Schedule
 from .routing import RoutingTrace
 from .timeline import Timeline
@@ -199,8 +200,6 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
                 "total": total}
 
     def reset_stats(self) -> None:
-        from .cache import LayerStats
-
         for layer in self.context.cache.stats:
             self.context.cache.stats[layer] = LayerStats()
         self.context.cache.stall.clear()

@@ -83,8 +83,8 @@ def test_an_error_inside_the_experts_releases_its_slots(compiled_dir, hf_referen
 #: The cache's load and evict code: an interrupt is injected at each of its statements and at the
 #: entry of each function it calls (CPython checks for signals at function entry too).
 _LOAD_AND_EVICT = {f.__code__ for f in (ExpertCache._load, ExpertCache._forget, ExpertCache._name,
-                                        ExpertCache._drop_unneeded, SlotTable.set, Ticket.cancel,
-                                        CopyEngine.submit)}
+                                        ExpertCache._drop_unneeded, ExpertCache._placed, ExpertCache._submit,
+                                        SlotTable.set, Ticket.cancel, CopyEngine.submit)}
 
 
 class _Injector:

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from expertflow.tools import cache_sim
+from expertflow.runtime.policy import POLICIES as RUNTIME_POLICIES, LayerCycle, Policy
 from expertflow.tools import simulate as cli
 from expertflow.tools.cache_sim import POLICIES, Access, TimeModel, predict_time, simulate
+from expertflow.tools.sim_cache import SimCache
 from expertflow.tools.trace_file import parse_lines, parse_trace
 
+#: The policies ``reference_loads`` writes out (predictive's estimates have no plain-scan form).
+REFERENCE_POLICIES = ("lru", "lfu", "layer_cycle", "belady")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -176,7 +179,7 @@ def test_every_policy_matches_the_reference_on_random_traces():
     for _ in range(120):
         trace = random_trace(rng, 12, 4, 6, 3)
         capacity = rng.randint(1, 9)
-        for policy in POLICIES:
+        for policy in REFERENCE_POLICIES:
             assert simulate(trace, policy, capacity).loads == reference_loads(trace, policy, capacity), \
                 (policy, capacity, trace)
 
@@ -237,41 +240,44 @@ def test_layer_cycle_replays_the_runtime_cache():
         engine.close()
 
 
-class _ScanLayerCycle(cache_sim._LayerCycle):
-    """layer_cycle as the replay had it before it kept its held positions: each eviction scans
-    every layer position, from the current one downwards (quadratic on a trace of many layers)."""
+class _ScanLayerCycle(Policy):
+    """layer_cycle by a scan of every layer position, from the current one downwards, each
+    layer's candidates least recently used first (the rule, written out without a sort)."""
 
-    def use(self, key: tuple[int, int]) -> None:
-        lru = self.by_position[self.position[key[0]]]
-        lru[key] = None
-        lru.move_to_end(key)
+    name = "layer_cycle"
 
-    def evict(self, protect: set[tuple[int, int]]) -> tuple[int, int]:
-        n = len(self.by_position)
-        for d in range(n, 0, -1):
-            lru = self.by_position[(self.now + d) % n]
-            key = next((k for k in lru if k not in protect), None)
-            if key is not None:
-                del lru[key]
-                return key
-        raise AssertionError("no evictable slot")
+    def ranking(self, candidates, limit=None):
+        n = len(self.position)
+        now = self.now if self.now is not None else n - 1
+        by_position = {}
+        for key in candidates:
+            by_position.setdefault(self.position[key[0]], []).append(key)
+        ranked = [key for d in range(n, 0, -1) for key in by_position.get((now + d) % n, [])]
+        return ranked[:limit]
+
+    def victim(self, candidates):
+        first = self.ranking(candidates, 1)
+        return first[0] if first else None
+
+
+_FORGET = SimCache._forget  # the model's own, before a test records through it
 
 
 def _victims(maker: type, trace: list[Access], capacity: int, monkeypatch) -> list[tuple[int, int]]:
     victims: list[tuple[int, int]] = []
 
-    class Recording(maker):
-        def evict(self, protect):
-            victims.append(super().evict(protect))
-            return victims[-1]
+    def recording(self, pool, slot, key):
+        victims.append(key)
+        _FORGET(self, pool, slot, key)
 
-    monkeypatch.setitem(cache_sim._MAKERS, "layer_cycle", Recording)
+    monkeypatch.setattr(SimCache, "_forget", recording)
+    monkeypatch.setitem(RUNTIME_POLICIES, "layer_cycle", maker)
     simulate(trace, "layer_cycle", capacity)
     return victims
 
 
 def test_layer_cycle_evicts_what_the_position_scan_did(monkeypatch):
-    """The held-position search picks the same victims as the scan it replaced, on random traces
+    """The runtime's layer_cycle ranking picks the same victims as a scan of the positions, on random traces
     and on traces of many layers in falling order (a new token each record: the quadratic case)."""
     rng = random.Random(11)
     for i in range(150):
@@ -282,10 +288,10 @@ def test_layer_cycle_evicts_what_the_position_scan_did(monkeypatch):
             trace = steps(*[(rng.choice(layers) if rng.random() < 0.5 else layers[t % len(layers)],
                              rng.sample(range(6), rng.randint(1, 3))) for t in range(rng.randint(5, 120))])
         capacity = rng.randint(1, 10)
-        assert _victims(cache_sim._LayerCycle, trace, capacity, monkeypatch) == \
+        assert _victims(LayerCycle, trace, capacity, monkeypatch) == \
             _victims(_ScanLayerCycle, trace, capacity, monkeypatch), (capacity, trace)
     falling = steps(*[(3000 - t, [t % 8, (3 * t + 1) % 8]) for t in range(3000)])
-    fast = _victims(cache_sim._LayerCycle, falling, 16, monkeypatch)
+    fast = _victims(LayerCycle, falling, 16, monkeypatch)
     assert len(fast) > 5000 and fast == _victims(_ScanLayerCycle, falling, 16, monkeypatch)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from expertflow.runtime import cache as cache_module
+from expertflow.runtime import cache_model as cache_module
 from expertflow.runtime.cache import ExpertCache
 from expertflow.runtime.policy import POLICIES, Key, Policy, RoutingPrior, make_policy
 from expertflow.runtime.reuse import SCALE

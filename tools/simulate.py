@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..runtime.policy import POLICIES as RUNTIME_POLICIES
 from .artefact import current_umask
-from .cache_sim import POLICIES, Access, SimResult, TimeModel, next_uses, predict_time, simulate
+from .cache_sim import POLICIES, TRACE_DEFAULT, Access, SimResult, TimeModel, next_uses, predict_time, simulate
 from .shell import UserError, run_command
 from .trace_file import parse_trace
 
@@ -34,6 +34,8 @@ policies:
   lfu          fewest accesses so far in the trace, least recently used among ties
   layer_cycle  the runtime's rule: an empty slot, else the layer that runs again last (layers run
                in a cycle per token), least recently used within it
+  predictive   ExpertFlow's predictive cache: the expert whose expected next use is farthest (on a
+               bare trace, from each expert's online popularity and recent use rate)
   belady       Belady's MIN: the expert needed again farthest in the future (needs the whole trace)
 
 trace format (JSONL): one record per token and MoE layer, in execution order by (seq, token,
@@ -93,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", metavar="C1,C2,...",
                    help="cache sizes to replay, in expert slots shared by all layers, e.g. 8,16,32")
     p.add_argument("--policies", default=None, metavar="P1,P2,...",
-                   help=f"policies to replay (default {','.join(POLICIES)}; with COMPILED "
+                   help=f"policies to replay (default {','.join(TRACE_DEFAULT)}; with COMPILED "
                         f"{','.join(RUNTIME_POLICIES)}); Belady is always replayed for the loads/MIN column")
     p.add_argument("--expert-bytes", type=int, default=1, metavar="B",
                    help="bytes one expert's copy moves (default 1: the bytes column counts loads)")
@@ -113,7 +115,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _check(args: argparse.Namespace) -> None:
     if args.policies is None:
-        args.policies = ",".join(RUNTIME_POLICIES if args.trace is None and args.compiled is not None else POLICIES)
+        args.policies = ",".join(RUNTIME_POLICIES if args.trace is None and args.compiled is not None else TRACE_DEFAULT)
     """Everything that can be checked before a replay, so that a bad input costs nothing. The
     missing trace of a compiled directory is said first: it is what such a user needs to hear."""
     if args.compiled is not None and not args.compiled.is_dir():
