@@ -499,3 +499,61 @@ def test_the_hint_rows_left_out_are_those_that_repeat_none():
         none, hinted = replay(trace, [[] for _ in trace], policy, 4), replay(trace, hints, policy, 4)
         if policy in left_out:
             assert (hinted.loads, hinted.resident, hinted.missed) == (none.loads, none.resident, none.missed)
+
+
+def _chain_trace(path: Path, tokens: int, seed: int = 0) -> Path:
+    """4 layers, 8 experts, top-2: layer 0 routes at random, each later layer by a fixed map of
+    the previous layer's route (what a transition table learns exactly)."""
+    rng = random.Random(seed)
+    perm = [rng.sample(range(8), 8) for _ in range(4)]
+    lines = []
+    for t in range(tokens):
+        route = tuple(sorted(rng.sample(range(8), 2)))
+        for layer in range(4):
+            if layer:
+                route = tuple(sorted({perm[layer][e] for e in route}))
+            lines.append(json.dumps({"seq": t // 50, "token": t % 50, "layer": layer, "experts": list(route)}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_trace_predictors_replay_a_trace_through_every_policy(tmp_path, capsys):
+    """--predictor on a bare trace: fitted on the first share of its tokens, every policy (predictive
+    included, with the fitted prior) replays the rest with and without the predictor's prefetches.
+    On a trace whose layers follow their predecessor exactly, transition predicts every later
+    layer: only layer 0 ever misses (its prediction is the frequency prior)."""
+    trace = _chain_trace(tmp_path / "chain.jsonl", 400)
+    args = ["--trace", str(trace), "--experts-per-layer", "8", "--cache", "6", "--quiet", "--json",
+            "--predictor", "transition", "--fit", "0.5", "--policies", ",".join(RUNTIME_POLICIES)]
+    assert cli.main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["policy"], r["predictor"]) for r in rows] == [
+        (p, q) for p in RUNTIME_POLICIES for q in ("none", "transition")]
+    for r in rows:
+        assert r["tokens"] == 200 and r["accesses"] == 200 * 4 * 2
+        if r["predictor"] == "transition":
+            assert all(c["loads"] == 0 for layer, c in r["per_layer"].items() if layer != "0"), r
+            assert r["wasted_prefetches"] <= 200 * 2  # only layer 0's guesses (the frequency prior) miss
+    none = {r["policy"]: r for r in rows if r["predictor"] == "none"}
+    assert all(r["hits"] > none[r["policy"]]["hits"] for r in rows if r["predictor"] == "transition")
+
+
+def test_predictive_replays_a_bare_trace_and_never_beats_belady(tmp_path, capsys):
+    trace = write_trace(tmp_path / "trace.jsonl", seed=3)
+    assert cli.main(["--trace", str(trace), "--experts-per-layer", "8", "--cache", "3,6", "--quiet", "--json",
+                     "--policies", "predictive"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["policy"] for r in rows] == ["predictive", "predictive"]
+    assert all(r["loads_over_min"] >= 1.0 and r["hits"] + r["loads"] == r["accesses"] for r in rows)
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--predictor", "frequency", "--fit", "1"], "--fit must be between 0 and 1"),
+    (["--predictor", "routing_path"], "invalid choice: 'routing_path'"),
+    (["--predictor", "frequency", "--fit", "0.001"], "leaves no tokens to fit on"),
+])
+def test_trace_predictor_bad_input_is_one_line(tmp_path, capsys, extra, says):
+    trace = write_trace(tmp_path / "trace.jsonl", tokens=10)
+    assert cli.main(["--trace", str(trace), "--experts-per-layer", "8", "--cache", "4", "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1

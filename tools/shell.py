@@ -56,15 +56,15 @@ def run_command(prog: str, body: Callable[[], int], errors: tuple[type[BaseExcep
         previous = None
     try:
         return body()
+    except BrokenPipeError:  # first: it is an OSError, which a command may list among its errors
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is quiet
+        return 0
     except (UserError, *errors) as exc:
         print(f"{prog}: error: {cli_terms(one_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\n{prog}: {interrupted}", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is quiet
-        return 0
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -25,6 +25,8 @@ from .artefact import current_umask
 from .cache_sim import POLICIES, TRACE_DEFAULT, Access, SimResult, TimeModel, next_uses, predict_time, simulate
 from .shell import UserError, run_command
 from .trace_file import parse_trace
+from .trace_predict import PREDICTORS as TRACE_PREDICTORS, split_and_predict
+from .prefetch_sim import replay as prefetch_replay
 
 PROG = "expertflow-simulate"
 
@@ -97,6 +99,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--policies", default=None, metavar="P1,P2,...",
                    help=f"policies to replay (default {','.join(TRACE_DEFAULT)}; with COMPILED "
                         f"{','.join(RUNTIME_POLICIES)}); Belady is always replayed for the loads/MIN column")
+    p.add_argument("--predictor", default="none", choices=("none", *TRACE_PREDICTORS),
+                   help="with --trace: also replay a trace-only predictor's prefetches (frequency: each layer's "
+                        "most chosen experts; transition: the likeliest given the previous layer's route), fitted "
+                        "with the routing prior on the first --fit share of the trace's tokens; every row then "
+                        "replays the rest, with (predictor column) and without (none) its prefetches")
+    p.add_argument("--fit", type=float, default=0.5, metavar="SHARE",
+                   help="with --predictor: the share of the trace's tokens, from its start, that fits the "
+                        "predictor and prior (default 0.5)")
     p.add_argument("--expert-bytes", type=int, default=1, metavar="B",
                    help="bytes one expert's copy moves (default 1: the bytes column counts loads)")
     p.add_argument("--bandwidth", type=float, metavar="GBPS",
@@ -143,6 +153,8 @@ def _check(args: argparse.Namespace) -> None:
         return
     if args.schedule is not None:
         raise UserError("--schedule needs a compiled directory with calibration traces, not --trace")
+    if not 0 < args.fit < 1:
+        raise UserError(f"--fit must be between 0 and 1 (a share of the trace's tokens), got {args.fit}")
     if args.trace is None:
         raise UserError("no routing trace: pass --trace FILE (or a compiled directory with calibration traces)")
     for flag, value in (("--experts-per-layer", args.experts_per_layer), ("--cache", args.cache)):
@@ -211,6 +223,8 @@ def _compiled(args: argparse.Namespace) -> int:
 
 def replay(trace: list[Access], args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per (policy, cache), in policy then cache order; Belady runs for the ratio too."""
+    if args.predictor != "none":
+        return _predicted(trace, args)
     names = list(dict.fromkeys([*args.policies, "belady"]))
     future = next_uses(trace)
     time_model = (TimeModel(args.bandwidth, args.layer_ms, args.expert_bytes)
@@ -239,6 +253,40 @@ def replay(trace: list[Access], args: argparse.Namespace) -> list[dict[str, Any]
     return rows
 
 
+def _predicted(trace: list[Access], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--predictor``: rows per (policy, cache, predictor) on the held-out tokens, none first."""
+    try:
+        steps, issues, prior = split_and_predict(trace, args.predictor, args.experts_per_layer, args.fit)
+    except ValueError as exc:
+        raise UserError(f"{args.trace}: {exc}") from None
+    time_model = (TimeModel(args.bandwidth, args.layer_ms, args.expert_bytes)
+                  if args.bandwidth is not None else None)
+    rows = []
+    plans = {"none": [[] for _ in steps], args.predictor: issues}
+    with tqdm(total=len(args.cache) * (len(args.policies) * 2 + 1), desc="replaying", unit="replay",
+              disable=True if args.quiet else None, file=sys.stderr) as bar:
+        for cache in args.cache:
+            best = simulate(steps, "belady", cache, args.expert_bytes).loads
+            bar.update()
+            for name in [p for p in args.policies if p != "belady"]:
+                for predictor, plan in plans.items():
+                    r = prefetch_replay(steps, plan, name, cache, predictor, args.expert_bytes, prior, time_model)
+                    bar.update()
+                    row: dict[str, Any] = {
+                        "policy": name, "predictor": predictor, "cache": cache, "accesses": r.accesses,
+                        "hits": r.hits, "hit_rate": r.hit_rate, "loads": r.loads, "bytes": r.bytes,
+                        "loads_over_min": r.loads / best if best else 1.0, "tokens": r.tokens,
+                        "expert_bytes": r.expert_bytes, "wasted_prefetches": r.wasted,
+                        "dropped_prefetches": r.dropped, "per_layer": {
+                            str(layer): {"hits": c["ready"], "loads": c["loads"]} for layer, c in r.per_layer.items()}}
+                    if time_model is not None:
+                        copy_ms = r.bytes / (time_model.bandwidth_gbps * 1e9) * 1e3
+                        row.update(ms_per_token=r.ms / max(r.tokens, 1), bound_ms_per_token=copy_ms / max(r.tokens, 1),
+                                   over_bound=r.ms / copy_ms if copy_ms else None)
+                    rows.append(row)
+    return rows
+
+
 def _size(n: int, expert_bytes: int) -> str:
     if n < 1024 or expert_bytes == 1:  # bytes of 1-byte experts are a count of loads: keep it exact
         return str(n)
@@ -250,18 +298,25 @@ def _size(n: int, expert_bytes: int) -> str:
     return f"{size / 1024:.2f} TiB"
 
 
-def render(trace: list[Access], rows: list[dict[str, Any]], source: Path) -> str:
+def render(trace: list[Access], rows: list[dict[str, Any]], source: Path, fit: float | None = None) -> str:
+    """The table; ``fit``: the share of tokens a --predictor was fitted on (rows replay the rest)."""
     layers = {a.layer for a in trace}
     distinct = len({(a.layer, e) for a in trace for e in a.experts})
-    lines = [f"trace {source}: {len(trace)} steps, {rows[0]['tokens']} tokens, {len(layers)} MoE layers, "
-             f"{distinct} distinct experts touched; predictor: none (demand loading)"]
-    header = ["policy", "cache", "accesses", "hits", "hit rate", "loads", "bytes", "loads/MIN"]
+    predicted = sorted({r["predictor"] for r in rows} - {"none"})
+    said = (f"{predicted[0]}, fitted on the first {fit:.0%} of tokens; rows replay the other "
+            f"{rows[0]['tokens']}, without (none) and with its prefetches" if predicted and fit is not None
+            else "none (demand loading)")
+    tokens = len({(a.seq, a.token) for a in trace})
+    lines = [f"trace {source}: {len(trace)} steps, {tokens} tokens, {len(layers)} MoE layers, "
+             f"{distinct} distinct experts touched; predictor: {said}"]
+    header = ["policy", *(["predictor"] if predicted else []), "cache", "accesses", "hits", "hit rate", "loads",
+              "bytes", "loads/MIN"]
     timed = "ms_per_token" in rows[0]
     if timed:
         header += ["ms/token", "/bound"]
     table = [header]
     for r in rows:
-        cells = [r["policy"], str(r["cache"]), str(r["accesses"]), str(r["hits"]), f"{r['hit_rate']:.3f}",
+        cells = [r["policy"], *([r["predictor"]] if predicted else []), str(r["cache"]), str(r["accesses"]), str(r["hits"]), f"{r['hit_rate']:.3f}",
                  str(r["loads"]), _size(r["bytes"], r["expert_bytes"]), f"{r['loads_over_min']:.3f}"]
         if timed:
             over = r["over_bound"]
@@ -269,7 +324,8 @@ def render(trace: list[Access], rows: list[dict[str, Any]], source: Path) -> str
         table.append(cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:  # names left-aligned, numbers right-aligned
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append("  ".join(c.ljust(w) if i < 1 + bool(predicted) else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(lines)
 
 
@@ -324,7 +380,7 @@ def _main(argv: list[str] | None) -> int:
     if args.json:
         print("\n".join(json.dumps(row) for row in rows))
     else:
-        print(render(trace, rows, args.trace))
+        print(render(trace, rows, args.trace, args.fit if args.predictor != "none" else None))
         if args.plot is not None:
             print(f"plot: {args.plot}")
     return 0
