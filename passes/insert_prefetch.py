@@ -95,14 +95,14 @@ def router_slice(block_input: fx.Node, index: fx.Node) -> list[fx.Node] | None:
     return [n for n in block_input.graph.nodes if n in needed]
 
 
-def _copy_slice(graph: fx.Graph, nodes: list[fx.Node], old_input: fx.Node, new_input: fx.Node,
-                layer: int) -> fx.Node:
+def copy_slice(graph: fx.Graph, nodes: list[fx.Node], old_input: fx.Node, new_input: fx.Node) -> list[fx.Node]:
+    """Copies of ``nodes`` (a ``router_slice`` of ``old_input``) into ``graph`` (theirs or another),
+    in order, reading ``new_input`` where they read ``old_input``: the last computes the ids. Each
+    copy keeps its original's meta; a caller placing them in the model's graph re-tags them."""
     env: dict[fx.Node, fx.Node] = {old_input: new_input}
     for node in nodes:
         env[node] = graph.node_copy(node, lambda n: env[n])
-        env[node].meta = {k: v for k, v in node.meta.items() if k != meta_keys.LAYER}
-        env[node].meta.update({meta_keys.LAYER: layer, meta_keys.ROLE: "predictor"})
-    return env[nodes[-1]]
+    return [env[node] for node in nodes]
 
 
 def insert_prefetch(gm: fx.GraphModule, options: CompileOptions | None = None) -> PassResult:
@@ -148,9 +148,12 @@ def _insert_gate(gm: fx.GraphModule, computes: list[fx.Node], waits: list[fx.Nod
             continue  # the router needs more than the hidden state: this layer loads on demand
         # before the node that followed the source at first: layers sharing a source keep depth order
         with graph.inserting_before(anchors.setdefault(source, source.next)):
-            copied = _copy_slice(graph, nodes, block_input, source, layer)
-            predicted = graph.call_function(ops.predict, (ctx, layer, copied))
+            copies = copy_slice(graph, nodes, block_input, source)
+            predicted = graph.call_function(ops.predict, (ctx, layer, copies[-1]))
             handle = graph.call_function(ops.prefetch, (ctx, layer, predicted))
+        for copied in copies:  # they are layer's predictor, no longer nodes of the layer they were copied from
+            copied.meta = {k: v for k, v in copied.meta.items() if k != meta_keys.LAYER}
+            copied.meta.update({meta_keys.LAYER: layer, meta_keys.ROLE: "predictor"})
         for new in (predicted, handle):
             new.meta[meta_keys.LAYER] = layer
         wait.update_arg(2, handle)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -9,8 +10,6 @@ from typing import Any
 PREDICTORS = ("cross_layer_gate", "routing_path", "transition", "frequency", "none")
 #: What a prediction does (``insert_prefetch``): copy the experts early, or only hint the policy.
 PREFETCH = ("copy", "hint")
-#: Expert-cache eviction rules the runtime implements (``runtime/policy.py``).
-POLICIES = ("layer_cycle", "lru", "lfu", "predictive")
 
 
 @dataclass(frozen=True)
@@ -25,6 +24,8 @@ class CompileOptions:
     #: (no prefetch; every expert loads on demand at its wait).
     predictor: str = "cross_layer_gate"
     #: Which resident expert the runtime's cache evicts (not a graph rewrite: the runtime reads it).
+    #: Its names are the runtime's registry (``runtime.policy.POLICIES``), which passes cannot
+    #: import: whoever makes options from input checks it there (``known_policy``).
     policy: str = "layer_cycle"
     #: What a prediction does: "copy" (start copying the predicted experts into slots early) or
     #: "hint" (only tell the cache policy what the layer will need, so it keeps those and evicts
@@ -44,8 +45,13 @@ class CompileOptions:
             raise ValueError(f"permute must be true or false, got {self.permute!r}")
         if self.prefetch not in PREFETCH:
             raise ValueError(f"unknown prefetch mode {self.prefetch!r}; choose one of {', '.join(PREFETCH)}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+
+    def known_policy(self, policies: Collection[str]) -> "CompileOptions":
+        """These options, if ``policies`` (the runtime's registry) names their cache policy; else
+        ValueError. Checked after the other fields, as when construction checked it."""
+        if self.policy not in policies:
+            raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(policies)}")
+        return self
 
     def to_json(self) -> dict[str, Any]:
         """What a manifest stores as ``options``: every field, so a new option is never dropped."""

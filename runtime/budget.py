@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 from .manifest import LoadError
 from .store import ExpertLayout
 
@@ -108,10 +110,15 @@ class AutoBudget:
                 f"free, less dense weights {gib(self.dense)}, KV cache {gib(self.kv)} and margin {gib(self.margin)}")
 
 
-def auto_budget(layouts: dict[int, ExpertLayout], free: int, dense: int, kv: int) -> AutoBudget:
-    """The most slots (up to every expert) that fit ``free`` after ``dense``, ``kv`` and a margin of
-    10% (at least 256 MiB); LoadError when not even one does."""
+def auto_budget(layouts: dict[int, ExpertLayout], free: int, dense: int, config: object, batch: int, context: int,
+                dtype: torch.dtype) -> AutoBudget:
+    """The most slots (up to every expert) that fit ``free`` bytes after ``dense`` bytes of dense
+    weights, a KV cache (``kv_cache_bytes``) of ``config`` for ``batch`` sequences of ``context``
+    tokens in ``dtype``, and a margin of 10% (at least 256 MiB); LoadError when not even one does.
+    The one rule from memory to slots: ``expert_cache='auto'`` (runtime.load, the device's free
+    memory) and expertflow-bench's ``--gpu-memory`` (an amount given) both read it."""
     one, everything = slot_bytes(layouts), all_slots(layouts)
+    kv = kv_cache_bytes(config, batch, context, dtype.itemsize)
     margin = max(free // 10, 256 * 2**20)
     room = free - dense - kv - margin
     slots = min(everything, room // one) if room > 0 else 0

@@ -24,6 +24,7 @@ from ..passes.driver import Driver
 from ..passes.options import CompileOptions
 from ..passes.pipeline import compile_graph
 from .manifest import LoadError
+from .policy import POLICIES
 from .store import ExpertLayout
 
 # Bounds on a config from a stranger, checked before transformers builds anything from it (each
@@ -172,7 +173,7 @@ def derive(manifest: dict[str, Any], config: Any, dtype: torch.dtype, where: str
         _CACHE.move_to_end(key)
         return _CACHE[key]
     try:
-        options = CompileOptions.from_json(manifest["options"])
+        options = CompileOptions.from_json(manifest["options"]).known_policy(POLICIES)
     except (TypeError, ValueError) as exc:
         raise LoadError(f"{where}: options {manifest['options']!r} are not compile options ({exc})") from None
     from ..passes.trace import TraceFailure

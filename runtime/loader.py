@@ -30,7 +30,7 @@ from ..ir.serialize import GraphFormatError, graph_from_json
 from ..ir.skeleton import assign_weights, build_skeleton
 from ..passes.driver import Driver
 from .arena import available_host_bytes
-from .budget import AutoBudget, Budget, all_slots, auto_budget, kv_cache_bytes
+from .budget import AutoBudget, Budget, all_slots, auto_budget
 from .cache import ExpertCache
 from .context import RuntimeContext
 from .derive import CONFIG_ERRORS, Derived, check_generation, derive, make_config
@@ -45,7 +45,7 @@ from ..passes.options import CompileOptions
 from .path_predictor import FILE as PREDICTOR_FILE
 from .predictors import attach_predictors
 from .route_tables import FILE as TABLES_FILE
-from .policy import make_policy
+from .policy import POLICIES, make_policy
 from .prior import load_prior
 from .routing import RoutingTrace
 from .streams import CopyEngine
@@ -71,8 +71,7 @@ def _auto(manifest: dict[str, Any], layouts: dict[int, ExpertLayout], config: An
         if host is None:
             raise LoadError("expert_cache='auto' cannot tell this host's free memory; give a size such as '4GiB'")
         free = max(host - plan["expert_bytes_total"], 0)
-    kv = kv_cache_bytes(config, batch, context, torch.empty((), dtype=dtype).element_size())
-    return auto_budget(layouts, free, plan["dense_bytes"], kv)
+    return auto_budget(layouts, free, plan["dense_bytes"], config, batch, context, dtype)
 
 
 def _layouts(manifest: dict[str, Any], where: str) -> dict[int, ExpertLayout]:
@@ -316,7 +315,7 @@ def _options(manifest: dict[str, Any], where: str, predictor: str | None, lookah
     """The manifest's compile options with the caller's overrides, checked (LoadError)."""
     try:
         options = CompileOptions.from_json(manifest["options"], predictor=predictor, lookahead=lookahead,
-                                           policy=policy, prefetch=prefetch).to_json()
+                                           policy=policy, prefetch=prefetch).known_policy(POLICIES).to_json()
     except (TypeError, ValueError) as exc:
         raise LoadError(f"{where}: {exc}") from None
     if options["predictor"] == "routing_path" and PREDICTOR_FILE not in manifest["files"]:

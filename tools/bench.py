@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from ..ir.hf_compat import cache_keyword_of
+from ..runtime.budget import Budget, auto_budget
+from ..runtime.manifest import read_manifest
 from . import bench_rows
 from .shell import UserError, run_command
 from .source import resolve_model
@@ -105,8 +107,6 @@ def compile_peak_rss(model: str, out: Path) -> int:
 
 def gpu_memory_bytes(text: str) -> int:
     """``--gpu-memory``'s size in bytes; UserError for anything but a size."""
-    from ..runtime.budget import Budget
-
     try:
         nbytes = Budget.read(text).nbytes
     except ValueError:
@@ -200,8 +200,6 @@ def _offloaded_runs(compiled: Path) -> list[tuple[str, dict[str, Any]]]:
     """(row name, runtime.load overrides): on-demand LRU, then ExpertFlow with each predictor it
     has (with the routing-path predictor also the predictive policy and its reuse predictor in
     both prefetch modes), then, last, the directory as compiled if no row above is exactly that."""
-    from ..runtime.manifest import read_manifest
-
     manifest = read_manifest(compiled)
     options = manifest["options"]
     policy, prefetch = options.get("policy", "layer_cycle"), options.get("prefetch", "copy")
@@ -228,8 +226,6 @@ def _accelerate_row(source: Path, device: torch.device, compiled: Path, slots: i
 
     from transformers import AutoModelForCausalLM
 
-    from ..runtime.manifest import read_manifest
-
     name = "transformers + accelerate CPU offload"
     if device.type != "cuda":
         return bench_rows.Row(name, skipped="accelerate offloads to a GPU; this run is on the CPU")
@@ -244,12 +240,9 @@ def _accelerate_row(source: Path, device: torch.device, compiled: Path, slots: i
 
 def _slots_for(args: argparse.Namespace, full: Any, compiled: Path) -> int:
     """The slots ``expert_cache='auto'`` would take on a device with ``--gpu-memory`` free."""
-    from ..runtime.budget import auto_budget, kv_cache_bytes
-    from ..runtime.manifest import read_manifest
-
-    kv = kv_cache_bytes(full.config, args.batch, args.prompt_len + args.tokens + 1, full.dtype.itemsize)
     dense = read_manifest(compiled)["memory_plan"]["dense_bytes"]
-    return auto_budget(full.context.cache.layouts, gpu_memory_bytes(args.gpu_memory), dense, kv).slots
+    return auto_budget(full.context.cache.layouts, gpu_memory_bytes(args.gpu_memory), dense, full.config,
+                       args.batch, args.prompt_len + args.tokens + 1, full.dtype).slots
 
 
 def _num(value: float | None) -> str:

@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from ..ir import meta_keys, ops
 from ..runtime.tokenizer import encode_text
-from ..passes.insert_prefetch import layer_output, router_slice
+from ..passes.insert_prefetch import copy_slice, layer_output, router_slice
 
 FILE = "calibration.safetensors"
 #: Text every Python has offline, none of it seen by tiny-trained-moe's training: the predictors
@@ -131,10 +131,8 @@ def router_functions(gm: fx.GraphModule, probe: Probe) -> dict[int, Callable[[to
         if nodes is None:
             continue  # a router reading more than the hidden state: no cross-layer gate for it
         graph = fx.Graph()
-        env = {by_name[block]: graph.placeholder("hidden")}
-        for node in nodes:
-            env[node] = graph.node_copy(node, lambda a: env[a])
-        graph.output(env[nodes[-1]])
+        hidden = graph.placeholder("hidden")
+        graph.output(copy_slice(graph, nodes, by_name[block], hidden)[-1])
         out[layer] = fx.GraphModule(gm, graph)
     return out
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..passes.options import POLICIES, PREDICTORS, PREFETCH, CompileOptions
+from ..passes.options import PREDICTORS, PREFETCH, CompileOptions
+from ..runtime.policy import POLICIES
 from .shell import UserError, one_line, run_command
 from .source import resolve_model
 
@@ -92,7 +93,9 @@ class Calibration:
 
 def compile_model(model: str, output: Path, options: CompileOptions, force: bool = False,
                   dumps: bool = True, quiet: bool = True, calibration: Calibration | None = None) -> Path:
-    """Compiles ``model`` into ``output``; raises UserError on bad input."""
+    """Compiles ``model`` into ``output``; raises UserError on bad input (ValueError, like the
+    options' own checks, for a cache policy the runtime does not have)."""
+    options.known_policy(POLICIES)  # before the output is checked: bad options fail before anything is read
     output = Path(output)
     check_output(output, force)  # before the model is loaded: a bad -o should fail in a second
     if options.predictor in ("routing_path", "transition", "frequency") and calibration is None:

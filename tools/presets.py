@@ -20,6 +20,7 @@ from typing import Any
 
 from . import preset_tokenizer
 from .shell import UserError
+from .tiny_config import spread_routers
 
 # 384 ids: the byte-level tokenizer's 3 specials and 256 bytes, and 125 merges (tools/preset_tokenizer).
 _COMMON = dict(vocab_size=384, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -126,32 +127,12 @@ def build(name: str, seed: int = 0):
         config._attn_implementation = attn
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    _spread_routers(model, seed)
+    spread_routers(model, seed, preset_recipe=True)
     return model.eval()
 
 
-ROUTER_WEIGHTS = ("mlp.gate.weight", "mlp.router.weight", "block_sparse_moe.router.weight", "feed_forward.router.weight")
-
-
-def _spread_routers(model, seed: int) -> None:
-    """Random init leaves routers near-uniform; wider router weights give realistic, peaked routing.
-
-    DeepSeek's selection bias (``e_score_correction_bias``) is zero at init, which would leave
-    that term of the router untested: it gets values as large as the sigmoid scores it shifts.
-    """
-    import torch
-
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(ROUTER_WEIGHTS):
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-        for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.3)
-
-
-# Bump when build() makes different weights for the same preset entry (e.g. _spread_routers changes).
+# Bump when build() makes different weights for the same preset entry (e.g. tiny_config.spread_routers'
+# preset_recipe draws other tensors).
 RECIPE = 3
 STAMP = "expertflow-preset.json"
 

@@ -202,32 +202,41 @@ def build_tiny(model_type: str, seed: int = 0, dtype=None, **overrides: Any):
     return model.eval()
 
 
-def spread_routers(model: Any, seed: int = 0) -> None:
-    """Every parameter or buffer of an MoE block (outside its experts) with one row per expert is
-    a router weight or a per-expert bias: router weights are widened, biases given values."""
+def spread_routers(model: Any, seed: int = 0, preset_recipe: bool = False) -> None:
+    """Random init leaves routers near-uniform: router weights are widened (peaked, realistic
+    routing; ties and near-ties in top-k would make exactness checks flaky), and per-expert biases,
+    zero at init, get values (DeepSeek's selection bias would otherwise leave its term untested).
+    Every parameter or buffer of an MoE block (outside its experts) with one row per expert is one:
+    2-D a router weight, 1-D a bias; drawn block by block from a generator seeded ``seed + 1``.
+
+    ``preset_recipe`` draws what ``tools/presets`` always has (its ``RECIPE``): every router weight
+    first, then only the selection biases (``e_score_correction_bias``; gpt-oss's router bias keeps
+    its init). A change to what is drawn for presets changes their weights: bump ``presets.RECIPE``."""
     import torch
 
     from ..ir.input_scaled import DENSE_EXPERTS
     from ..passes.trace import is_experts_module
 
-    gen = torch.Generator().manual_seed(seed + 1)
     blocks = {}
     for name, module in model.named_modules():
         if is_experts_module(module) or isinstance(module, DENSE_EXPERTS):
             parent = name.rpartition(".")[0]
             blocks[parent] = (module.gate_up_proj if hasattr(module, "gate_up_proj") else module.down_proj).shape[0]
+    found = []  # (name in its block, tensor), in the order they are drawn
+    for block, n in blocks.items():
+        owner = model.get_submodule(block)
+        for name, tensor in list(owner.named_parameters()) + list(owner.named_buffers()):
+            if name.startswith("experts.") or "shared" in name or tensor.shape[:1] != (n,) or tensor.is_meta:
+                continue
+            if tensor.is_floating_point() and tensor.dim() in (1, 2):
+                found.append((name, tensor))
+    if preset_recipe:
+        found = ([(name, t) for name, t in found if t.dim() == 2]
+                 + [(name, t) for name, t in found if name.endswith("e_score_correction_bias")])
+    gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for block, n in blocks.items():
-            owner = model.get_submodule(block)
-            for name, tensor in list(owner.named_parameters()) + list(owner.named_buffers()):
-                if name.startswith("experts.") or "shared" in name or tensor.shape[:1] != (n,) or tensor.is_meta:
-                    continue
-                if not tensor.is_floating_point():
-                    continue
-                if tensor.dim() == 2:
-                    tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
-                elif tensor.dim() == 1:
-                    tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.3)
+        for _, tensor in found:
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * (0.5 if tensor.dim() == 2 else 0.3))
 
 
 def shrink_report(model_type: str) -> dict[str, tuple[Any, Any]]:
