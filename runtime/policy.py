@@ -31,11 +31,11 @@ from __future__ import annotations
 from bisect import insort
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from .prior import RoutingPrior
 from .reuse import decode
 
-Key = tuple[int, int]
+Key = tuple[int, int]  # (layer, expert)
 #: The predictive policy also keeps each expert's own recent use rate (per token, decayed by
 #: RECENCY each token: about the last 1 / (1 - RECENCY) tokens) and blends the expected next use
 #: it implies into every estimate, geometric weight ONLINE_WEIGHT: a prior or a reuse predictor
@@ -46,15 +46,6 @@ ONLINE_WEIGHT = 0.3
 _NEVER = (0.0, 0)  # the recent use rate of an expert never used
 _LEARNED_WEIGHT = 1 - ONLINE_WEIGHT
 _MARGIN = 1 + 1e-9  # a bound above any rounding of the score it bounds
-
-
-@dataclass(frozen=True)
-class RoutingPrior:
-    """Per (layer, expert): P(chosen by the next step | chosen by this one), and P(chosen by the
-    next step | not chosen by this one); fitted on calibration traces (``tools/train_predictor``)."""
-
-    reuse: dict[Key, float]
-    fresh: dict[Key, float]
 
 
 class Policy:

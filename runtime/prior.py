@@ -8,15 +8,25 @@ policy estimates popularity online. Values are probabilities: anything else is r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
 from .manifest import LoadError
-from .policy import RoutingPrior
 from .store import read_tensors
 
 FILE = "prior.safetensors"
+
+
+@dataclass(frozen=True)
+class RoutingPrior:
+    """Per (layer, expert): P(chosen by the next step | chosen by this one), and P(chosen by the
+    next step | not chosen by this one); fitted on calibration traces (``tools/train_predictor``)."""
+
+    reuse: dict[tuple[int, int], float]
+    fresh: dict[tuple[int, int], float]
 
 
 def prior_tensors(experts: torch.Tensor, seq: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

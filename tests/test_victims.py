@@ -11,7 +11,8 @@ import torch
 
 from expertflow.runtime import cache_model as cache_module
 from expertflow.runtime.cache import ExpertCache
-from expertflow.runtime.policy import POLICIES, Key, Policy, RoutingPrior, make_policy
+from expertflow.runtime.policy import POLICIES, Key, Policy, make_policy
+from expertflow.runtime.prior import RoutingPrior
 from expertflow.runtime.reuse import SCALE
 from expertflow.runtime.streams import CopyEngine, Ticket
 

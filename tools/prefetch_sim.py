@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..runtime.cache_model import Handle
-from ..runtime.policy import RoutingPrior
+from ..runtime.prior import RoutingPrior
 from .sim_cache import Clock, SimCache, TimeModel, make_sim_policy
 from .trace_file import Access
 

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..runtime.cache_model import CacheModel
-from ..runtime.policy import POLICIES, Key, Policy, RoutingPrior
+from ..runtime.policy import POLICIES, Key, Policy
+from ..runtime.prior import RoutingPrior
 from ..runtime.pool import Pool
 from .trace_file import Access
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..runtime.policy import RoutingPrior
+from ..runtime.prior import RoutingPrior
 from ..runtime.prior import as_prior, prior_tensors
 from . import predictors as P
 from .prefetch_sim import Issue
