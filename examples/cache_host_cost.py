@@ -24,10 +24,10 @@ import time
 
 import torch
 
-from expertflow.runtime.cache import ExpertCache
-from expertflow.runtime.policy import POLICIES, make_policy
-from expertflow.runtime.store import ExpertLayout, Part
-from expertflow.runtime.streams import CopyEngine
+from expertflow.runtime.cache.expert_cache import ExpertCache
+from expertflow.runtime.cache.policy import POLICIES, make_policy
+from expertflow.runtime.store.host import ExpertLayout, Part
+from expertflow.runtime.cache.streams import CopyEngine
 
 BLOB = 16  # bytes per expert: the copies are real but cost nothing next to the bookkeeping
 

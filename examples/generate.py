@@ -18,10 +18,10 @@ from pathlib import Path
 
 from expertflow import runtime
 from expertflow.passes.options import CompileOptions
-from expertflow.tools.compile import compile_model
+from expertflow.tools.cli.compile import compile_model
 from expertflow.tools.shell import one_line
-from expertflow.tools.generate import stats_table
-from expertflow.tools.presets import PRESETS
+from expertflow.tools.cli.generate import stats_table
+from expertflow.tools.presets.catalog import PRESETS
 from expertflow.tools.shell import UserError
 
 PROMPTS = ["def __init__(self", "class Parser:\n    \"\"\""]

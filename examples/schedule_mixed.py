@@ -22,7 +22,7 @@ from pathlib import Path
 
 from expertflow import runtime
 from expertflow.passes.options import CompileOptions
-from expertflow.tools.compile import Calibration, compile_model
+from expertflow.tools.cli.compile import Calibration, compile_model
 
 MODULES = ("argparse", "collections", "email.message", "json.decoder", "string", "textwrap", "calendar", "shlex")
 

@@ -2,7 +2,7 @@
 
     python examples/train_tiny_moe.py [--out DIR] [--steps N] [--seed S] [--minutes M]
 
-This is how the shipped preset ``tiny-trained-moe`` (tools/preset_models/tiny-trained-moe) was
+This is how the shipped preset ``tiny-trained-moe`` (tools/presets/preset_models/tiny-trained-moe) was
 made: a ~2.7M-parameter ``MixtralForCausalLM`` (4 layers, 8 experts, top-2) with a byte-level BPE
 tokenizer, both trained here on CPU in a few minutes, so its routing is learned (peaked,
 balanced by the auxiliary loss), not random, and its greedy text looks like Python.
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "tools" / "preset_models" / "tiny-trained-moe"
+DEFAULT_OUT = REPO / "tools" / "presets" / "preset_models" / "tiny-trained-moe"
 
 #: Training text: stdlib modules (dotted names, read as files; packages as their __init__.py).
 TRAIN_MODULES = tuple(sorted("""
@@ -52,7 +52,7 @@ TRAIN_MODULES = tuple(sorted("""
 #: Held-out text: never trained on (neither the tokenizer nor the model).
 HELDOUT_MODULES = ("calendar", "fractions", "getopt", "shlex", "textwrap")
 
-SPECIAL = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2, as tools/preset_tokenizer
+SPECIAL = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2, as tools/presets/preset_tokenizer
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 2048
 SEQ_LEN = 128
@@ -97,11 +97,11 @@ def corpus(modules: tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 def build_tokenizer(texts: list[str], vocab_size: int = VOCAB) -> Any:
-    """A byte-level BPE trained on ``texts``, built as tools/preset_tokenizer builds the presets'."""
+    """A byte-level BPE trained on ``texts``, built as tools/presets/preset_tokenizer builds the presets'."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from expertflow.tools.preset_tokenizer import CHAT_TEMPLATE
+    from expertflow.tools.presets.preset_tokenizer import CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -183,7 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="directory to write the model, tokenizer and TRAINING.md into (default "
-                        "tools/preset_models/tiny-trained-moe); it may hold only files this script writes, "
+                        "tools/presets/preset_models/tiny-trained-moe); it may hold only files this script writes, "
                         "which are replaced")
     p.add_argument("--steps", type=int, default=1800,
                    help=f"optimizer steps of {BATCH} windows of {SEQ_LEN} tokens; the learning-rate schedule "
@@ -387,7 +387,7 @@ The `.py` files of stdlib modules under `sysconfig.get_paths()["stdlib"]` of Pyt
 
 Byte-level BPE (`tokenizers`), trained on the training modules only: {r['vocab']} ids; `<pad>`=0, `<s>`=1,
 `</s>`=2, then the 256 bytes and the merges. `<s>` is prepended, padding is on the left, and the chat
-template is `expertflow.tools.preset_tokenizer.CHAT_TEMPLATE`.
+template is `expertflow.tools.presets.preset_tokenizer.CHAT_TEMPLATE`.
 
 ## Model
 

@@ -4,7 +4,7 @@ Each op is a plain module-level function, so an fx graph calls it as a ``call_fu
 that prints as readable code (``expertflow.ir.ops.prefetch(ef_ctx, 3, ids)``) and serialises
 by qualified name. The ops take the execution context (``ef_ctx``, a graph input) as their first
 argument and delegate to it: the graph says *what* moves and *when*; the runtime context
-(``expertflow.runtime.context``) says *how*. Ops with side effects are registered with fx so
+(``expertflow.runtime.generate.context``) says *how*. Ops with side effects are registered with fx so
 dead-code elimination keeps them. Three ops take the cache input instead of the context: the
 history a model keeps on transformers' cache object (``cache_state``, ``extend_state``,
 ``set_cache_state``), which the front end makes of the model's own attribute reads and writes.
@@ -58,7 +58,7 @@ def predict(ctx: ExecutionContext, layer: int, predicted_index: torch.Tensor) ->
 def predict_path(ctx: ExecutionContext, hidden: torch.Tensor) -> torch.Tensor:
     """The routing-path predictor: every MoE layer's expected experts for each token of ``hidden``
     (the token embeddings), as ids [tokens, MoE layers, k], from one forward of the network the
-    compiled directory ships (``runtime/path_predictor.py``)."""
+    compiled directory ships (``runtime/predict/path_predictor.py``)."""
     return ctx.predict_path(hidden)
 
 
@@ -72,7 +72,7 @@ def refine_path(ctx: ExecutionContext, embeds: torch.Tensor, hidden: torch.Tenso
 def predict_reuse(ctx: ExecutionContext, embeds: torch.Tensor) -> torch.Tensor:
     """The reuse predictor: tells the cache policy, from the token embeddings (and the context
     ``predict_path`` read), how many tokens until each expert is needed again after this step
-    (``runtime/reuse.py``); returns ``embeds`` unchanged (a side effect, like ``path_context``)."""
+    (``runtime/predict/reuse.py``); returns ``embeds`` unchanged (a side effect, like ``path_context``)."""
     ctx.predict_reuse(embeds)
     return embeds
 
@@ -86,7 +86,7 @@ def path_context(ctx: ExecutionContext, hidden: torch.Tensor) -> torch.Tensor:
 
 def predict_frequency(ctx: ExecutionContext, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     """The frequency prior: ``layer``'s most often chosen experts (calibration counts the compiled
-    directory ships, ``runtime/route_tables.py``), as ids [tokens, k], one row per token of
+    directory ships, ``runtime/predict/route_tables.py``), as ids [tokens, k], one row per token of
     ``hidden``; the same for every token (the static-cache baseline)."""
     return ctx.predict_frequency(layer, hidden)
 

@@ -5,7 +5,7 @@ predictive policy (``options.policy == "predictive"``), right after ``predict_pa
 embeds)`` it inserts ``predict_reuse(ef_ctx, embeds)``: once per step, from the token embedding
 and the same context, the expected number of tokens until each (MoE layer, expert) is used again
 after this step. The runtime reads the estimates with the next wait's routing decision and the
-policy evicts the expert whose next use is farthest (``runtime/reuse.py``). It computes nothing the
+policy evicts the expert whose next use is farthest (``runtime/predict/reuse.py``). It computes nothing the
 model's outputs depend on (a side effect).
 
 Before: ``insert_prefetch`` has run (a ``predict_path`` node with the embedding as its input).

@@ -4,7 +4,7 @@ Rewrites (metadata only): ``ef.stream`` is ``"copy"`` on ``prefetch`` (speculati
 copy stream, in issue order), ``"demand"`` on ``wait`` (its mispredicted experts are copied on the
 high-priority demand stream, ahead of every queued prefetch, and the compute stream joins the
 copies there) and ``"compute"`` on everything else. The runtime reads these at load time
-(``runtime/loader.copy_streams``): the stream a node names is the stream its copies take.
+(``runtime/assemble/loader.copy_streams``): the stream a node names is the stream its copies take.
 
 Before: lowered graph. After: every node has ``ef.stream``.
 """

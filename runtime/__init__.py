@@ -1,6 +1,6 @@
 """ExpertFlow runtime: ``load`` a compiled directory and run it with a fixed expert-slot budget.
 
-Names are imported on first use, so ``expertflow.runtime.manifest`` (stdlib only) can be read by
+Names are imported on first use, so ``expertflow.runtime.store.manifest`` (stdlib only) can be read by
 tools that must not pay for importing torch.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_WHERE = {"Budget": "budget", "budget_argument": "budget",
-          "check_device": "device", "load": "loader", "load_tokenizer": "tokenizer", "LoadError": "manifest",
-          "CompiledModel": "model"}
+_WHERE = {"Budget": "store.budget", "budget_argument": "store.budget",
+          "check_device": "store.device", "load": "assemble.loader", "load_tokenizer": "store.tokenizer",
+          "LoadError": "store.manifest", "CompiledModel": "generate.model"}
 
 __all__ = sorted(_WHERE)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from expertflow.passes.options import CompileOptions
-from expertflow.tools import presets
-from expertflow.tools.compile import compile_model
+from expertflow.tools.presets import catalog as presets
+from expertflow.tools.cli.compile import compile_model
 
 # Two prompts, the first left-padded: what the exactness tests feed every model.
 PROMPTS = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18]])

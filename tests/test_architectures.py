@@ -27,11 +27,11 @@ from expertflow.passes.insert_prefetch import ancestors
 from expertflow.passes.options import CompileOptions
 from expertflow.passes.pipeline import compile_graph
 from expertflow.passes.trace import TraceFailure, is_experts_module
-from expertflow.runtime import derive
-from expertflow.runtime.model import CompiledModel
-from expertflow.tools import presets
-from expertflow.tools.compile import compile_model
-from expertflow.tools.source import UserError
+from expertflow.runtime.assemble import derive
+from expertflow.runtime.generate.model import CompiledModel
+from expertflow.tools.presets import catalog as presets
+from expertflow.tools.cli.compile import compile_model
+from expertflow.tools.make.source import UserError
 
 
 
@@ -261,7 +261,7 @@ def test_llama4_runs_only_the_chosen_experts_and_is_bit_exact(tmp_path) -> None:
     bit for bit: two experts per token and dense layers between MoE layers, so waves at EVICT
     slots add two experts per row in an order of their own."""
     from expertflow.ir.input_scaled import InputScaledExperts
-    from expertflow.tools.tiny_config import build_tiny
+    from expertflow.tools.presets.tiny_config import build_tiny
 
     hf = build_tiny("llama4_text", num_experts_per_tok=2, moe_layers=[0, 2])
     hf.save_pretrained(tmp_path / "hf")
@@ -293,7 +293,7 @@ def test_experts_outside_the_interface_are_named() -> None:
 
     from expertflow.ir.skeleton import params_on_meta
     from expertflow.passes.driver import not_moe_reason
-    from expertflow.tools.tiny_config import tiny_config
+    from expertflow.tools.presets.tiny_config import tiny_config
 
     with params_on_meta():
         dense = AutoModelForCausalLM.from_config(tiny_config("llama4_text"))

@@ -18,16 +18,16 @@ import torch
 
 from expertflow import runtime
 from expertflow.runtime import LoadError, load
-from expertflow.runtime.manifest import digest_of
-from expertflow.tools import artefact
-from expertflow.tools.compile import main
+from expertflow.runtime.store.manifest import digest_of
+from expertflow.tools.make import artefact
+from expertflow.tools.cli.compile import main
 
 # Runs the CLI with sockets disabled: an attempt to reach the network is a traceback and exit 1,
 # so "exit 2 with one line" also proves nothing was fetched.
 OFFLINE_MAIN = ("import socket, sys\n"
                 "def refuse(*a, **k): raise AssertionError('expertflow-compile tried the network')\n"
                 "socket.socket.connect = refuse\n"
-                "from expertflow.tools.compile import main\n"
+                "from expertflow.tools.cli.compile import main\n"
                 "sys.exit(main(sys.argv[1:]))\n")
 PREFIX = "expertflow-compile: error: "
 
@@ -35,7 +35,7 @@ PREFIX = "expertflow-compile: error: "
 def run_cli(*args: str, env: dict[str, str] | None = None, guarded: bool = True) -> subprocess.CompletedProcess:
     """The CLI in a fresh interpreter: guarded (no sockets), or exactly as ``python -m`` runs it."""
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-    entry = ["-c", OFFLINE_MAIN] if guarded else ["-m", "expertflow.tools.compile"]
+    entry = ["-c", OFFLINE_MAIN] if guarded else ["-m", "expertflow.tools.cli.compile"]
     return subprocess.run([sys.executable, *entry, *args, "--quiet"], capture_output=True, text=True,
                           env=full_env, timeout=300)
 
@@ -119,7 +119,7 @@ def test_unreadable_model_dir_even_as_root(mixtral_src: str, tmp_path: Path, cap
     # Root bypasses permission bits, so deny the access check itself for this one directory.
     src = mixtral_src
     real_access = os.access
-    monkeypatch.setattr("expertflow.tools.source.os.access",
+    monkeypatch.setattr("expertflow.tools.make.source.os.access",
                         lambda p, mode: False if str(p) == src else real_access(p, mode))
     assert main([src, "-o", str(tmp_path / "out"), "--quiet"]) == 2
     assert f"{src} is not readable" in one_line(capsys.readouterr().err)
@@ -448,8 +448,8 @@ def test_model_refuses_bad_input(case: str, compiled_dir) -> None:
 _SLOW_COMPILE = """
 import sys, time
 from pathlib import Path
-from expertflow.tools import artefact
-from expertflow.tools.compile import main
+from expertflow.tools.make import artefact
+from expertflow.tools.cli.compile import main
 
 def slow(weights, layouts, tmp, progress):
     (tmp / "dense.safetensors").write_bytes(b"half")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from expertflow.tools import bench
+from expertflow.tools.cli import bench
 
 
 def test_bench_reports_consistent_numbers(tmp_path, compiled_dir, capsys):

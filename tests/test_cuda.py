@@ -39,7 +39,7 @@ def test_cuda_pool_lives_on_gpu_and_store_is_pinned(compiled_dir):
 def test_cuda_bf16_matches_hf(model_dir, tmp_path):
     """bf16 weights (the dtype real checkpoints ship in): the same tokens as HF eager in bf16."""
     from expertflow.passes.options import CompileOptions
-    from expertflow.tools.compile import compile_model
+    from expertflow.tools.cli.compile import compile_model
 
     source = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(model_dir("tiny-mixtral"), dtype=torch.bfloat16).save_pretrained(source)
@@ -72,9 +72,9 @@ def test_cuda_two_layouts_a_slow_reader_is_never_overwritten():
     torch.cuda._sleep still reads pool 0's slot 0 when a copy into that slot is queued: the copy
     must wait for that reader (its event is keyed by (pool, slot)), and a copy into pool 1's
     slot 0 must not be mistaken for it."""
-    from expertflow.runtime.cache import ExpertCache
-    from expertflow.runtime.store import ExpertLayout, Part
-    from expertflow.runtime.streams import CopyEngine
+    from expertflow.runtime.cache.expert_cache import ExpertCache
+    from expertflow.runtime.store.host import ExpertLayout, Part
+    from expertflow.runtime.cache.streams import CopyEngine
 
     blob = 1 << 20
     part32 = Part("down_proj", "float32", (512, 512), 0)
@@ -105,7 +105,7 @@ def test_cuda_two_layouts_a_slow_reader_is_never_overwritten():
 def test_cuda_slowed_compute_keeps_hf_tokens(compiled_dir, hf_reference, monkeypatch):
     """Every expert compute slowed with torch.cuda._sleep, at one slot: each copy into a slot
     races the compute still reading it, so a missing event changes the tokens."""
-    from expertflow.runtime.context import RuntimeContext
+    from expertflow.runtime.generate.context import RuntimeContext
 
     hf, ids, mask = hf_reference("tiny-mixtral")
     hf = hf.to("cuda")
@@ -163,7 +163,7 @@ def test_cuda_a_copy_orphaned_by_an_interrupt_never_lands_over_a_later_one(monke
     """A Ctrl-C after a prefetch's copy is queued and before its event is recorded leaves a copy
     nothing knows of, on a busy prefetch stream. A later demand copy into the same slot runs on
     the other stream; it must wait for the orphan, or the orphan lands over it."""
-    from expertflow.runtime.streams import CopyEngine
+    from expertflow.runtime.cache.streams import CopyEngine
 
     dev = torch.device("cuda")
     engine = CopyEngine(dev)

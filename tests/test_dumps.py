@@ -12,8 +12,8 @@ import onnx
 import pytest
 
 from expertflow.ir.graph_view import node_records
-from expertflow.tools.dumps import LEGEND_NODE, NODE_KINDS, PREFETCH_EDGE, colour_key, node_table, to_dot
-from expertflow.tools.onnx_dump import EF_DOMAIN, TORCH_DOMAIN, to_onnx
+from expertflow.tools.make.dumps import LEGEND_NODE, NODE_KINDS, PREFETCH_EDGE, colour_key, node_table, to_dot
+from expertflow.tools.make.onnx_dump import EF_DOMAIN, TORCH_DOMAIN, to_onnx
 
 MOE_LAYERS = 4  # tiny-mixtral: every one of its 4 decoder layers is a MoE layer
 
@@ -179,7 +179,7 @@ def test_svg_is_compact(mixtral):
 def test_progress_bars_count_passes_and_moe_layers(capsys, model_dir, tmp_path):
     # Compile-time output: the bars should count what the summary line counts.
     from expertflow.passes.pipeline import PIPELINE
-    from expertflow.tools.compile import main
+    from expertflow.tools.cli.compile import main
 
     assert main([str(model_dir("tiny-mixtral")), "-o", str(tmp_path / "c"), "--no-dumps"]) == 0
     out, err = capsys.readouterr()

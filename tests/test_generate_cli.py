@@ -14,9 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from expertflow import runtime
-from expertflow.runtime.manifest import digest_of
-from expertflow.tools import artefact
-from expertflow.tools.generate import main
+from expertflow.runtime.store.manifest import digest_of
+from expertflow.tools.make import artefact
+from expertflow.tools.cli.generate import main
 
 PROMPT = "Beautiful is better than"
 
@@ -226,7 +226,7 @@ def test_errors_name_the_command_line_flags_and_a_long_run_is_warned(compiled_di
 
 def test_device_cuda_without_a_gpu_fails_with_the_arguments():
     """Before transformers is imported or anything compiled (it took 17 s, a compile, to say so)."""
-    child = ("import sys; from expertflow.tools.generate import main; rc = main(sys.argv[1:]); "
+    child = ("import sys; from expertflow.tools.cli.generate import main; rc = main(sys.argv[1:]); "
              "print('transformers' in sys.modules, rc)")
     proc = subprocess.run([sys.executable, "-c", child, "tiny-trained-moe", "hi", "--device", "cuda", "--cache-dir",
                            "/nonexistent/never-made"], capture_output=True, text=True, timeout=120)
@@ -240,7 +240,7 @@ def test_device_cuda_without_a_gpu_fails_with_the_arguments():
 def test_the_compile_cache_names_lists_cleans_and_sweeps_killed_runs(model_dir, tmp_path, monkeypatch, capsys):
     import transformers
 
-    from expertflow.tools import compile_cache
+    from expertflow.tools.cli import compile_cache
 
     shutil.copytree(model_dir("tiny-mixtral"), tmp_path / "my-model")
     monkeypatch.chdir(tmp_path)

@@ -14,8 +14,8 @@ from expertflow import runtime
 from expertflow.ir.hf_compat import CACHE_KEYWORDS, cache_keyword_of, mask_cache_keyword, module_cache_keyword
 from expertflow.ir.skeleton import build_skeleton
 from expertflow.passes.driver import Driver
-from expertflow.runtime.manifest import digest_of
-from expertflow.tools import artefact
+from expertflow.runtime.store.manifest import digest_of
+from expertflow.tools.make import artefact
 
 
 class _Old(nn.Module):

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from expertflow import runtime
-from expertflow.runtime import arena as arena_mod
-from expertflow.runtime import manifest as manifest_mod
-from expertflow.runtime.loader import _layouts
-from expertflow.runtime.manifest import LoadError, read_manifest, sha256
-from expertflow.runtime.store import HostStore
+from expertflow.runtime.store import arena as arena_mod
+from expertflow.runtime.store import manifest as manifest_mod
+from expertflow.runtime.assemble.loader import _layouts
+from expertflow.runtime.store.manifest import LoadError, read_manifest, sha256
+from expertflow.runtime.store.host import HostStore
 
 NAME = "tiny-trained-moe"
 
@@ -91,7 +91,7 @@ def test_padding_beyond_the_blobs_is_refused(compiled_dir, tmp_path):
 
 
 def test_auto_budget_takes_what_free_memory_leaves(compiled_dir, monkeypatch):
-    from expertflow.runtime import loader
+    from expertflow.runtime.assemble import loader
 
     directory = compiled_dir(NAME)
     plan = read_manifest(directory)["memory_plan"]

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from expertflow import runtime
-from expertflow.runtime.cache import ExpertCache
-from expertflow.runtime.context import RuntimeContext
-from expertflow.runtime.device_state import SlotTable
-from expertflow.runtime.streams import CopyEngine
+from expertflow.runtime.cache.expert_cache import ExpertCache
+from expertflow.runtime.generate.context import RuntimeContext
+from expertflow.runtime.cache.device_state import SlotTable
+from expertflow.runtime.cache.streams import CopyEngine
 
 from conftest import PROMPT_MASK, PROMPTS
 

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from expertflow import runtime
 from expertflow.passes.options import CompileOptions
-from expertflow.tools.compile import Calibration, compile_model
-from expertflow.tools.source import resolve_model
+from expertflow.tools.cli.compile import Calibration, compile_model
+from expertflow.tools.make.source import resolve_model
 
 NAME = "tiny-qwen3-next"
 LONG = 64
@@ -104,7 +104,7 @@ PATTERNS = {
 def test_layer_patterns_beyond_the_defaults(model_type: str, tmp_path) -> None:
     from conftest import assert_matches_hf
 
-    from expertflow.tools.tiny_config import build_tiny
+    from expertflow.tools.presets.tiny_config import build_tiny
 
     hf = build_tiny(model_type, seed=1, **PATTERNS[model_type])
     hf.save_pretrained(tmp_path / "hf")

@@ -15,8 +15,8 @@ import onnx
 import pytest
 
 from expertflow.ir import graph_view as gv
-from expertflow.runtime.manifest import digest_of, sha256
-from expertflow.tools import inspect as ins
+from expertflow.runtime.store.manifest import digest_of, sha256
+from expertflow.tools.cli import inspector as ins
 
 PROG_ERROR = "expertflow-inspect: error: "
 
@@ -60,7 +60,7 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
 
 def test_schema_constants_agree_with_the_writers():
     from expertflow.ir.serialize import SCHEMA
-    from expertflow.runtime.manifest import SCHEMA_VERSION
+    from expertflow.runtime.store.manifest import SCHEMA_VERSION
 
     assert (ins.GRAPH_SCHEMA, ins.MANIFEST_SCHEMA) == (SCHEMA, SCHEMA_VERSION)
 
@@ -264,7 +264,7 @@ def test_help_explains_every_option(capsys):
     for option in ("--summary", "--json", "--table", "--code", "--dot", "--svg", "--onnx", "--out PATH", "COMPILED"):
         assert option in out
     # The colour key is the legend's: the same colour names, each with its meaning.
-    from expertflow.tools.dumps import NODE_KINDS, PREFETCH_EDGE
+    from expertflow.tools.make.dumps import NODE_KINDS, PREFETCH_EDGE
 
     flat = " ".join(out.split())
     for colour, meaning in [*NODE_KINDS.values(), (f"{PREFETCH_EDGE} edge", "a prefetch to the wait")]:
@@ -280,7 +280,7 @@ def test_options_are_mutually_exclusive(capsys, mixtral):
 
 def test_cli_runs_without_importing_torch(mixtral):
     # Inspect reads JSON only: importing torch would cost a second or more per call.
-    code = ("import sys; from expertflow.tools.inspect import main; rc = main([sys.argv[1]]); "
+    code = ("import sys; from expertflow.tools.cli.inspector import main; rc = main([sys.argv[1]]); "
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     done = subprocess.run([sys.executable, "-c", code, str(mixtral)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
@@ -290,7 +290,7 @@ def test_cli_runs_without_importing_torch(mixtral):
 
 def test_console_script_error_exit_status(tmp_path):
     exe = shutil.which("expertflow-inspect")
-    cmd = [exe] if exe else [sys.executable, "-m", "expertflow.tools.inspect"]
+    cmd = [exe] if exe else [sys.executable, "-m", "expertflow.tools.cli.inspector"]
     done = subprocess.run([*cmd, str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr == f"{PROG_ERROR}{tmp_path / 'nope'} does not exist\n"

@@ -12,14 +12,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from expertflow import runtime
 from expertflow.passes.options import CompileOptions
-from expertflow.runtime.manifest import LoadError
-from expertflow.tools import simulate
-from expertflow.tools.cache_sim import Access, simulate as demand_replay
-from expertflow.tools.compile import Calibration, compile_model
-from expertflow.runtime.routing import Request
-from expertflow.tools.prefetch_sim import Issue, from_log, replay, reuse_from_log
-from expertflow.tools.source import UserError, resolve_model
-from expertflow.tools.train_predictor import multi_hot, train_path_predictor
+from expertflow.runtime.store.manifest import LoadError
+from expertflow.tools.cli import simulate
+from expertflow.tools.sim.cache_sim import Access, simulate as demand_replay
+from expertflow.tools.cli.compile import Calibration, compile_model
+from expertflow.runtime.observe.routing import Request
+from expertflow.tools.sim.prefetch_sim import Issue, from_log, replay, reuse_from_log
+from expertflow.tools.make.source import UserError, resolve_model
+from expertflow.tools.make.train_predictor import multi_hot, train_path_predictor
 
 NAME = "tiny-trained-moe"
 PROMPTS = ["def __init__(self", "import os\nimport sys\n", "class Error(Exception):"]
@@ -302,7 +302,7 @@ def _forge(calibrated, tmp_path, name, forge):
 
     from safetensors.torch import load_file, save_file
 
-    from expertflow.runtime.manifest import digest_of, sha256
+    from expertflow.runtime.store.manifest import digest_of, sha256
 
     forged = tmp_path / "forged"
     shutil.copytree(calibrated, forged)
@@ -427,7 +427,7 @@ def test_route_estimates_come_from_the_routing_path_predictor_without_a_forward(
     """With a routing-path predictor, generate_many estimates each prompt's route from its token
     embeddings alone: no model forward runs for it, the estimate is the predictor's top-k share
     per layer, and every output is still the prompt's own."""
-    from expertflow.runtime import batching
+    from expertflow.runtime.generate import batching
 
     model = runtime.load(calibrated, expert_cache=5)
     tokenizer = runtime.load_tokenizer(calibrated)
@@ -469,7 +469,7 @@ def test_learned_predictors_on_other_architectures(name, tmp_path):
 def test_reuse_targets_match_a_brute_force_count():
     """next_use: 1 where a (layer, expert)'s next use after a token is within h tokens of it (in
     the same sequence); weight 0 where the sequence ends before h with no use seen."""
-    from expertflow.tools.train_predictor import next_use
+    from expertflow.tools.make.train_predictor import next_use
 
     rng = random.Random(3)
     seq = torch.tensor([0] * 9 + [1] * 6)
@@ -492,8 +492,8 @@ def test_the_predictive_policy_evicts_the_farthest_expected_reuse():
     next use, less one if its layer already ran this step) whole cycles; it is blended
     (geometric, ONLINE_WEIGHT) with the next use its decayed recent use rate implies; announced
     keys stay certain."""
-    from expertflow.runtime.policy import ONLINE_WEIGHT, RECENCY, make_policy
-    from expertflow.runtime.reuse import SCALE
+    from expertflow.runtime.cache.policy import ONLINE_WEIGHT, RECENCY, make_policy
+    from expertflow.runtime.predict.reuse import SCALE
 
     def blend(learned: float, d: int, rate: float) -> float:
         online = d + 3 * (1 / max(rate, 1e-3) - 1)
@@ -555,7 +555,7 @@ def test_load_does_not_hash_what_it_never_reads_and_the_simulator_still_checks_i
     simulator reads: runtime.load skips their checksum; expertflow-simulate refuses a damaged file."""
     import shutil
 
-    from expertflow.tools.simulate_compiled import evaluate
+    from expertflow.tools.sim.simulate_compiled import evaluate
 
     damaged = tmp_path / "damaged"
     shutil.copytree(calibrated, damaged)
@@ -596,8 +596,8 @@ def test_a_bf16_model_calibrates_with_its_hidden_states_kept_in_bf16(tmp_path):
 def test_the_predictive_victim_is_the_first_farthest_next_use(seed):
     """``victim`` scores every candidate in one frame (speed); it must pick exactly the first
     candidate of largest ``next_use``, with or without reuse estimates, hints and uses."""
-    from expertflow.runtime.policy import make_policy
-    from expertflow.runtime.reuse import SCALE
+    from expertflow.runtime.cache.policy import make_policy
+    from expertflow.runtime.predict.reuse import SCALE
 
     rng = random.Random(seed)
     layers, experts = [0, 2, 5], 4

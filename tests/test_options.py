@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from expertflow import runtime
 from expertflow.passes.options import CompileOptions
-from expertflow.tools.compile import compile_model
+from expertflow.tools.cli.compile import compile_model
 
 
 @pytest.mark.parametrize("options", [CompileOptions(lookahead=2), CompileOptions(lookahead=3),
@@ -54,6 +54,6 @@ def test_options_go_to_the_manifest_and_back_whole(tmp_path, model_dir):
         CompileOptions.from_json({"speed": 3})
     out = compile_model(str(model_dir("tiny-mixtral")), tmp_path / "c", options, dumps=False)
     assert json.loads((out / "manifest.json").read_text())["options"] == options.to_json()
-    from expertflow.runtime import loader
+    from expertflow.runtime.assemble import loader
 
     assert loader.check(out).options == options.to_json()

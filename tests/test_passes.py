@@ -29,8 +29,8 @@ from expertflow.passes.schedule import schedule
 from expertflow.passes.driver import logits_selector
 from expertflow.passes.trace import Driver, TraceInfo, trace_model
 from expertflow.passes.verify import verify_graph
-from expertflow.runtime.route_tables import RouteTables
-from expertflow.tools import presets
+from expertflow.runtime.predict.route_tables import RouteTables
+from expertflow.tools.presets import catalog as presets
 
 
 class Reference:
@@ -455,7 +455,7 @@ def test_insert_permute_keeps_input_scaled_rows_in_place() -> None:
     import copy
 
     from expertflow.ir.input_scaled import adapt_experts
-    from expertflow.tools.tiny_config import build_tiny
+    from expertflow.tools.presets.tiny_config import build_tiny
 
     lm = build_tiny("llama4_text", num_experts_per_tok=2)
     sparse = copy.deepcopy(lm)
@@ -554,7 +554,7 @@ def test_the_runtime_copies_on_the_streams_the_schedule_names(compiled_dir, monk
     """What the pass decides is what runs: a wait scheduled on the copy stream makes its misses
     speculative-priority copies; a prefetch scheduled on the demand stream jumps the queue."""
     from expertflow import runtime
-    from expertflow.runtime.streams import CopyEngine
+    from expertflow.runtime.cache.streams import CopyEngine
     from conftest import PROMPTS
 
     seen: list[tuple[str, bool]] = []
@@ -571,7 +571,7 @@ def test_the_runtime_copies_on_the_streams_the_schedule_names(compiled_dir, monk
     for node in model.graph_module.graph.nodes:
         if node.target in (ops.prefetch, ops.wait):
             node.meta["ef.stream"] = {"copy": "demand", "demand": "copy"}[node.meta["ef.stream"]]
-    from expertflow.runtime.loader import copy_streams
+    from expertflow.runtime.assemble.loader import copy_streams
 
     model.context.demand = {k: v == "demand" for k, v in copy_streams(model.graph_module.graph, "test").items()}
     model.reset_stats()

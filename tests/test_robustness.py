@@ -13,10 +13,10 @@ import torch
 from conftest import EVICT, PROMPT_MASK, PROMPTS
 
 from expertflow import runtime
-from expertflow.runtime.cache import ExpertCache
-from expertflow.runtime.device_state import SlotTable
-from expertflow.runtime.policy import make_policy
-from expertflow.runtime.streams import CopyEngine, Ticket
+from expertflow.runtime.cache.expert_cache import ExpertCache
+from expertflow.runtime.cache.device_state import SlotTable
+from expertflow.runtime.cache.policy import make_policy
+from expertflow.runtime.cache.streams import CopyEngine, Ticket
 
 
 def _sane(model) -> None:
@@ -315,7 +315,7 @@ def test_timeline_is_a_chrome_trace_with_copy_and_compute_tracks(compiled_dir, t
 
 
 def test_generate_cli_writes_a_timeline(compiled_dir, tmp_path, capsys):
-    from expertflow.tools.generate import main
+    from expertflow.tools.cli.generate import main
 
     out = tmp_path / "t.json"
     assert main([str(compiled_dir("tiny-mixtral")), "Hello", "--max-new-tokens", "3", "--quiet", "--budget", "2",
@@ -341,7 +341,7 @@ def test_a_cuda_copy_left_unrecorded_by_an_interrupt_orders_the_next_one_after_i
     """On CUDA an interrupted ``submit`` may have queued its copy without recording its event;
     the next copy into that slot, on the other stream, then waits for the orphan's whole stream,
     and still for the slot's last write and last reader, which stay known until a copy records."""
-    from expertflow.runtime.streams import CopyEngine
+    from expertflow.runtime.cache.streams import CopyEngine
 
     engine = CopyEngine(torch.device("cpu"))
     try:
@@ -363,7 +363,7 @@ def test_a_copy_orphaned_by_an_interrupt_never_lands_over_a_later_one():
     over it afterwards. A copy whose wake-up the interrupt lost must still run."""
     import time
 
-    from expertflow.runtime.streams import CopyEngine, Ticket
+    from expertflow.runtime.cache.streams import CopyEngine, Ticket
 
     engine = CopyEngine(torch.device("cpu"))
     engine.close()  # no worker yet: both copies are queued before either runs

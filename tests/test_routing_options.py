@@ -2,7 +2,7 @@
 
 The sweep (``tests/test_sweep.py``) builds each architecture at its defaults; real checkpoints set
 options the defaults leave off (DeepSeek-V2's group-limited routing, sigmoid scores, renormalised
-top-k, a shared expert, dense layers between MoE layers). ``tools/routing_options`` reads them
+top-k, a shared expert, dense layers between MoE layers). ``tools/presets/routing_options`` reads them
 from each config class and the code that branches on them, not from a list of models. Each is
 built at tiny size, saved, compiled (which runs the loader's own checks before the directory
 appears), loaded at 1 slot and with every expert resident, and compared with transformers'
@@ -21,7 +21,7 @@ import torch
 from conftest import PROMPT_MASK, PROMPTS
 from test_sweep import expected_to_pass
 
-from expertflow.tools.routing_options import Option, companions, routing_options
+from expertflow.tools.presets.routing_options import Option, companions, routing_options
 
 NEW_TOKENS = 4
 #: Options ExpertFlow does not compile yet, each with what stops it (the compile refuses them, naming it).
@@ -45,7 +45,7 @@ def _hf(option: Option, out: Path) -> tuple[Any, dict[str, Any]]:
     error: first with the option alone, then with the unset fields it may need."""
     from transformers import AutoModelForCausalLM
 
-    from expertflow.tools.tiny_config import build_tiny
+    from expertflow.tools.presets.tiny_config import build_tiny
 
     first = None
     for extra in ({}, companions(option.model_type)):
@@ -76,7 +76,7 @@ def _why(exc: Exception) -> str:
 def test_option_compiles_loads_and_is_exact(option: Option, tmp_path: Path) -> None:
     from expertflow import runtime
     from expertflow.passes.options import CompileOptions
-    from expertflow.tools.compile import compile_model
+    from expertflow.tools.cli.compile import compile_model
 
     (logits, tokens), overrides = _hf(option, tmp_path / "hf")
     compiled = compile_model(str(tmp_path / "hf"), tmp_path / "compiled", CompileOptions(), dumps=False, quiet=True)
@@ -92,7 +92,7 @@ def test_option_compiles_loads_and_is_exact(option: Option, tmp_path: Path) -> N
 # What compiles loads: compile runs the loader's own checks on what it wrote.
 
 def _group_limited() -> Any:
-    from expertflow.tools.tiny_config import build_tiny
+    from expertflow.tools.presets.tiny_config import build_tiny
 
     return build_tiny("deepseek_v2", seed=0, topk_method="group_limited_greedy", **companions("deepseek_v2"))
 
@@ -101,7 +101,7 @@ def test_a_graph_the_loader_refuses_is_a_compile_error_naming_the_node(tmp_path:
     """With the closed lists as they were before named-tuple fields (DeepSeek-V2's group-limited
     routing reads ``.max(dim=-1).values``), compiling fails naming the node, and leaves nothing."""
     from expertflow.ir import allowlist
-    from expertflow.tools import compile as cli
+    from expertflow.tools.cli import compile as cli
 
     _group_limited().save_pretrained(tmp_path / "hf")
     monkeypatch.setattr(allowlist, "RETURN_FIELDS", {})

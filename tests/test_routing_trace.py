@@ -9,10 +9,10 @@ import torch
 
 from expertflow import runtime
 from expertflow.passes.options import CompileOptions
-from expertflow.tools.cache_sim import simulate
-from expertflow.tools.trace_file import parse_trace
-from expertflow.tools.compile import compile_model
-from expertflow.tools.simulate import main as simulate_main
+from expertflow.tools.sim.cache_sim import simulate
+from expertflow.tools.sim.trace_file import parse_trace
+from expertflow.tools.cli.compile import compile_model
+from expertflow.tools.cli.simulate import main as simulate_main
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import torch
 from torch.testing import assert_close
 
 from expertflow.runtime import Budget, LoadError, load
-from expertflow.runtime.cache import ExpertCache
-from expertflow.runtime.store import ExpertLayout, Part
-from expertflow.runtime.streams import CopyEngine
+from expertflow.runtime.cache.expert_cache import ExpertCache
+from expertflow.runtime.store.host import ExpertLayout, Part
+from expertflow.runtime.cache.streams import CopyEngine
 
 from conftest import PROMPT_MASK, PROMPTS
 
@@ -282,7 +282,7 @@ def test_eviction_follows_the_layer_cycle_not_lru(make_cache) -> None:
 def test_an_interrupted_wait_keeps_the_copy_accounted_for(make_cache, monkeypatch) -> None:
     """Ctrl-C while acquire waits for a copy: the copy is still in flight, so the next acquire of
     that expert must wait for it too, not read a half-written slot."""
-    from expertflow.runtime.streams import Ticket
+    from expertflow.runtime.cache.streams import Ticket
 
     cache = make_cache(slots=2, layers=1)
     Recording.delay = 0.3

@@ -9,7 +9,7 @@ import torch
 
 from expertflow import runtime
 from expertflow.ir import ops
-from expertflow.runtime.scheduler import distinct_experts, plan_batches
+from expertflow.runtime.generate.scheduler import distinct_experts, plan_batches
 
 NAME = "tiny-trained-moe"
 PROMPTS = ["def __init__(self", "The quick brown fox jumps over", "1, 2, 3, 4, 5,", "import os\nimport sys\n",
@@ -108,8 +108,8 @@ def test_a_layer_in_waves_computes_each_wave_on_its_own_rows(compiled_dir, model
     and the logits stay Hugging Face's; without the node every wave computes every row."""
     from conftest import PROMPT_MASK, PROMPTS as IDS
     from expertflow.passes.options import CompileOptions
-    from expertflow.runtime.context import RuntimeContext
-    from expertflow.tools.compile import compile_model
+    from expertflow.runtime.generate.context import RuntimeContext
+    from expertflow.tools.cli.compile import compile_model
 
     rows: list[int] = []
     run = RuntimeContext._run

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from expertflow.runtime.policy import POLICIES as RUNTIME_POLICIES, LayerCycle, Policy
-from expertflow.tools import simulate as cli
-from expertflow.tools.cache_sim import POLICIES, Access, TimeModel, predict_time, simulate
-from expertflow.tools.sim_cache import SimCache
-from expertflow.tools.trace_file import parse_lines, parse_trace
+from expertflow.runtime.cache.policy import POLICIES as RUNTIME_POLICIES, LayerCycle, Policy
+from expertflow.tools.cli import simulate as cli
+from expertflow.tools.sim.cache_sim import POLICIES, Access, TimeModel, predict_time, simulate
+from expertflow.tools.sim.sim_cache import SimCache
+from expertflow.tools.sim.trace_file import parse_lines, parse_trace
 
 #: The policies ``reference_loads`` writes out (predictive's estimates have no plain-scan form).
 REFERENCE_POLICIES = ("lru", "lfu", "layer_cycle", "belady")
@@ -212,9 +212,9 @@ def test_layer_cycle_replays_the_runtime_cache():
     acquire and release each wave), misses exactly where layer_cycle loads."""
     import torch
 
-    from expertflow.runtime.cache import ExpertCache
-    from expertflow.runtime.store import ExpertLayout, Part
-    from expertflow.runtime.streams import CopyEngine
+    from expertflow.runtime.cache.expert_cache import ExpertCache
+    from expertflow.runtime.store.host import ExpertLayout, Part
+    from expertflow.runtime.cache.streams import CopyEngine
 
     class Store:
         def blob(self, layer: int, expert: int) -> torch.Tensor:
@@ -481,9 +481,9 @@ def test_cli_plot_is_an_ordinary_file_under_the_umask(tmp_path, umask, mode):
 def test_the_hint_rows_left_out_are_those_that_repeat_none():
     """expertflow-simulate COMPILED leaves out a :hint row when its policy reads no hints (told by
     the policy class, not by name): replayed, such a row is exactly the none row."""
-    from expertflow.runtime.policy import POLICIES as RUNTIME_POLICIES
-    from expertflow.tools.prefetch_sim import Issue, replay
-    from expertflow.tools.simulate_compiled import same_as_none
+    from expertflow.runtime.cache.policy import POLICIES as RUNTIME_POLICIES
+    from expertflow.tools.sim.prefetch_sim import Issue, replay
+    from expertflow.tools.sim.simulate_compiled import same_as_none
 
     trace = random_trace(random.Random(7), 60, 3, 8, 2)
     layers = len({a.layer for a in trace})

@@ -25,7 +25,7 @@ def test_cached_hub_id_compiles_offline(tmp_path: Path, model_dir) -> None:
     (repo / "refs" / "main").write_text(snapshot.name)
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
     out = tmp_path / "compiled"
-    proc = subprocess.run([sys.executable, "-m", "expertflow.tools.compile", "someorg/tiny-olmoe", "-o", str(out),
+    proc = subprocess.run([sys.executable, "-m", "expertflow.tools.cli.compile", "someorg/tiny-olmoe", "-o", str(out),
                            "--quiet", "--no-dumps"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     hf = AutoModelForCausalLM.from_pretrained(source).eval()

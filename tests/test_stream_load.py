@@ -25,9 +25,10 @@ from expertflow import runtime
 from expertflow.ir.skeleton import build_skeleton
 from expertflow.passes.options import CompileOptions
 from expertflow.passes.pipeline import compile_graph
-from expertflow.runtime.store import ALIGN, HostStore, blob_key
-from expertflow.tools import artefact, presets, stream_load
-from expertflow.tools.stream_load import WeightStream, group_of
+from expertflow.runtime.store.host import ALIGN, HostStore, blob_key
+from expertflow.tools.make import artefact, stream_load
+from expertflow.tools.presets import catalog as presets
+from expertflow.tools.make.stream_load import WeightStream, group_of
 
 # The transformers release this streaming was checked against; older ones may fall back.
 VERIFIED = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 23)
@@ -200,8 +201,8 @@ def test_multimodal_checkpoint_compiles_its_language_model(model_type: str, tmp_
     itself for qwen3_5_moe and llama4 and the multimodal class for gemma4; either way ExpertFlow streams only the
     language model's tensors, writes the text model's config, and gives transformers' logits and
     greedy tokens at one expert slot."""
-    from expertflow.tools.compile import compile_model
-    from expertflow.tools.tiny_config import tiny_config
+    from expertflow.tools.cli.compile import compile_model
+    from expertflow.tools.presets.tiny_config import tiny_config
 
     if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
         pytest.skip(f"transformers {transformers.__version__} has no {model_type}")

@@ -2,7 +2,7 @@
 
 The sweep is derived from the installed transformers when the tests are collected: every model
 type whose modeling code uses ``use_experts_implementation`` and that has an
-``AutoModelForCausalLM`` class. Each is built at tiny size by ``tools/tiny_config`` (seeded
+``AutoModelForCausalLM`` class. Each is built at tiny size by ``tools/presets/tiny_config`` (seeded
 random weights), saved with ``save_pretrained``, compiled, loaded at 1 slot and with every
 expert resident, and compared with transformers' ``from_pretrained`` of the same directory:
 the logits of the padded two-prompt batch, the logits of every cached decode step along HF's
@@ -110,7 +110,7 @@ def test_refused_with_the_module_named(model_type: str) -> None:
     from expertflow.ir.skeleton import build_skeleton
     from expertflow.passes.pipeline import compile_graph
     from expertflow.passes.trace import TraceFailure
-    from expertflow.tools.tiny_config import tiny_config
+    from expertflow.tools.presets.tiny_config import tiny_config
 
     if model_type not in experts_architectures():
         pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
@@ -158,8 +158,8 @@ def reference(tmp_path_factory):
             from expertflow.ir.hf_compat import cache_keyword_of, new_cache
 
             from expertflow.passes.options import CompileOptions
-            from expertflow.tools.compile import compile_model
-            from expertflow.tools.tiny_config import build_tiny
+            from expertflow.tools.cli.compile import compile_model
+            from expertflow.tools.presets.tiny_config import build_tiny
 
             root = tmp_path_factory.mktemp(model_type)
             build_tiny(model_type, seed=0).save_pretrained(root / "hf")

@@ -30,7 +30,7 @@ import torch
 from conftest import PROMPT_MASK, PROMPTS
 
 from expertflow import runtime
-from expertflow.runtime.manifest import digest_of, sha256
+from expertflow.runtime.store.manifest import digest_of, sha256
 
 
 def write(path: Path, graph: Any = None, manifest: dict | None = None, resign: bool = True) -> None:
@@ -418,7 +418,7 @@ def test_a_tokenizers_panic_is_one_line(victim):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from expertflow.runtime.tokenizer import encode_text
+    from expertflow.runtime.store.tokenizer import encode_text
 
     path, _, _, _ = victim
     spec = json.loads((path / "tokenizer.json").read_text())
@@ -450,7 +450,7 @@ CHAT_ATTACKS = {
 
 @pytest.mark.parametrize("case", sorted(CHAT_ATTACKS))
 def test_chat_templates_run_bounded(case, victim):
-    from expertflow.runtime.chat import render_chat
+    from expertflow.runtime.store.chat import render_chat
 
     path, _, _, canary = victim
     template, expected = CHAT_ATTACKS[case]
@@ -486,7 +486,7 @@ REAL_TEMPLATES = {  # shapes of released models' templates: loops, slicing, rais
 
 @pytest.mark.parametrize("name", ["directory's", *sorted(REAL_TEMPLATES)])
 def test_bounded_chat_rendering_is_transformers_text(name, victim):
-    from expertflow.runtime.chat import render_chat
+    from expertflow.runtime.store.chat import render_chat
 
     path, _, _, _ = victim
     if name in REAL_TEMPLATES:
@@ -506,7 +506,7 @@ def test_the_cli_reports_a_costly_chat_template_in_one_line(victim):
     # maxrss of a child also counts the pytest process it was forked from.
     child = ("import runpy, sys\n"
              "sys.argv = ['expertflow-generate', sys.argv[1], 'hello', '--chat', '--quiet']\n"
-             "try:\n    runpy.run_module('expertflow.tools.generate', run_name='__main__')\n"
+             "try:\n    runpy.run_module('expertflow.tools.cli.generate', run_name='__main__')\n"
              "finally:\n    print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1])\n")
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120)

@@ -1,6 +1,6 @@
 """The shipped trained preset ``tiny-trained-moe``: compiles, matches transformers, routes as it learned.
 
-Its weights are tools/preset_models/tiny-trained-moe, written by examples/train_tiny_moe.py; its
+Its weights are tools/presets/preset_models/tiny-trained-moe, written by examples/train_tiny_moe.py; its
 TRAINING.md records the held-out loss, which is reproduced here on the same held-out text.
 """
 
@@ -18,8 +18,8 @@ from conftest import EVICT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from expertflow import runtime
-from expertflow.tools import presets, preset_tokenizer
-from expertflow.tools.source import resolve_model
+from expertflow.tools.presets import catalog as presets, preset_tokenizer
+from expertflow.tools.make.source import resolve_model
 
 NAME = "tiny-trained-moe"
 REPO = Path(__file__).resolve().parent.parent

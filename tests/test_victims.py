@@ -9,12 +9,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from expertflow.runtime import cache_model as cache_module
-from expertflow.runtime.cache import ExpertCache
-from expertflow.runtime.policy import POLICIES, Key, Policy, make_policy
-from expertflow.runtime.prior import RoutingPrior
-from expertflow.runtime.reuse import SCALE
-from expertflow.runtime.streams import CopyEngine, Ticket
+from expertflow.runtime.cache import cache_model as cache_module
+from expertflow.runtime.cache.expert_cache import ExpertCache
+from expertflow.runtime.cache.policy import POLICIES, Key, Policy, make_policy
+from expertflow.runtime.predict.prior import RoutingPrior
+from expertflow.runtime.predict.reuse import SCALE
+from expertflow.runtime.cache.streams import CopyEngine, Ticket
 
 from test_runtime_cache import Store, layouts_for
 

@@ -1,0 +1,1 @@
+"""``runtime.load``: a compiled directory checked and assembled into a running model."""

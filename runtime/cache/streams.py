@@ -1,0 +1,193 @@
+"""The copy stream: moves expert blobs into slots while the compute stream works.
+
+On CUDA it is a real side stream, with events ordering each copy after the last compute that
+read its slot and each compute after the copies it needs. On CPU it is a worker thread, so
+prefetch really overlaps compute there too and CI exercises the same ordering logic.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import deque
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..observe.timeline import Timeline
+
+
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
+@dataclass
+class Ticket:
+    """One copy in flight; ``wait`` orders the caller after it.
+
+    On CPU, ``done`` is a lock the worker releases when the copy is over. A bare lock, not an
+    Event or a Queue: those are Python code, and a Ctrl-C landing inside one of their methods
+    on the main thread can lose a wake-up for good; acquiring a lock is one C call.
+    """
+
+    nbytes: int
+    done: threading.Lock = field(default_factory=_held_lock)
+    event: "torch.cuda.Event | None" = None
+    device: torch.device | None = None  # the model's GPU: its current stream waits on the event
+    error: BaseException | None = None
+    #: Whoever acquires it first decides: the CPU worker (the copy runs) or ``cancel`` (it never does).
+    claim: threading.Lock = field(default_factory=threading.Lock)
+    cancelled: bool = False
+
+    def ready(self) -> bool:
+        """True once the bytes have landed (a query: never blocks, never syncs the host)."""
+        if self.event is not None:
+            return bool(self.event.query())
+        return not self.done.locked()
+
+    def cancel(self) -> bool:
+        """Drops a CPU copy not started yet; True if it will never run. CUDA copies are already queued."""
+        if self.event is None and self.claim.acquire(blocking=False):
+            self.cancelled = True
+            return True
+        return False
+
+    def wait(self) -> None:
+        if self.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.event)  # GPU-side: the host does not block
+            return
+        with self.done:  # free once the worker has released it
+            pass
+        if self.error is not None:
+            raise self.error
+
+
+class CopyEngine:
+    """Host-to-slot copies on a second stream (CUDA) or thread (CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes_moved = 0
+        self.copies = 0
+        self._slot_read: dict[tuple[int, int], torch.cuda.Event] = {}
+        self.timeline: Timeline | None = None  # set by runtime.load(timeline=True)
+        self._slot_write: dict[tuple[int, int], torch.cuda.Event] = {}
+        #: (pool, slot) -> the stream of a copy queued into it whose event is not recorded yet: left
+        #: behind only by an interrupt inside ``submit``, and then the next copy into the slot
+        #: waits for all of that stream's work, since the orphan has no event of its own.
+        self._unrecorded: dict[tuple[int, int], torch.cuda.Stream] = {}
+        if device.type == "cuda":
+            self._stream = torch.cuda.Stream(device=device)
+            self._demand_stream = torch.cuda.Stream(device=device, priority=-1)
+        else:
+            # deque append/popleft and SimpleQueue put/get are single C calls: no lost wake-ups
+            self._demand: deque = deque()
+            self._speculative: deque = deque()
+            self._queue: queue.SimpleQueue = queue.SimpleQueue()
+            self._last: dict[tuple[int, int], Ticket] = {}  # (pool, slot) -> its latest copy
+            self._thread = threading.Thread(target=self._run, name="expertflow-copy", daemon=True)
+            self._thread.start()
+
+    def submit(self, key: tuple[int, int], dst: torch.Tensor, src: torch.Tensor, label: str = "",
+               demand: bool = False) -> Ticket:
+        """Copies ``src`` into ``dst``, the slot ``key`` = (pool, slot), after its last reader.
+
+        A ``demand`` copy (a compute is waiting for it) goes before every queued prefetch: on CPU
+        the worker takes demand copies first; on CUDA they run on their own high-priority stream.
+        """
+        ticket = Ticket(nbytes=src.numel() * src.element_size())
+        if self.device.type == "cuda":
+            self.bytes_moved += ticket.nbytes
+            self.copies += 1
+            # Every stream and event on the model's GPU: on cuda:1 the current device may be cuda:0.
+            stream = self._demand_stream if demand else self._stream
+            with torch.cuda.device(self.device), torch.cuda.stream(stream):
+                self._order(key, stream)
+                start = self.timeline.mark(stream) if self.timeline is not None else None
+                dst.copy_(src, non_blocking=True)
+                ticket.event, ticket.device = torch.cuda.Event(), self.device
+                ticket.event.record(stream)
+                self._slot_write[key] = ticket.event
+                self._slot_read.pop(key, None)  # waited for above; forgotten only once the copy is recorded
+                del self._unrecorded[key]
+                if self.timeline is not None:
+                    self.timeline.add("copy", label, start, self.timeline.mark(stream), bytes=ticket.nbytes)
+        else:
+            # A later copy into a slot supersedes one that has not started: a demand copy would
+            # otherwise overtake it and be overwritten by it. The cache cancels such a copy itself;
+            # only a Ctrl-C between queueing a copy and recording its ticket leaves one unseen.
+            previous = self._last.get(key)
+            if previous is not None:
+                previous.cancel()
+            self._last[key] = ticket
+            (self._demand if demand else self._speculative).append((dst, src, ticket, label))
+            self._queue.put(True)  # a wake-up; the worker also polls, so one lost to a Ctrl-C only delays
+        return ticket
+
+    def _order(self, key: tuple[int, int], stream: "torch.cuda.Stream") -> None:
+        """Orders ``stream``'s next copy into slot ``key`` after every earlier write to the slot and
+        its last reader. Each step is safe to interrupt: what it has to wait for is forgotten
+        only after the copy's own event is recorded (``submit``)."""
+        orphan = self._unrecorded.get(key)
+        if orphan is not None and orphan != stream:  # an interrupted copy into the slot: wait for its stream
+            stream.wait_stream(orphan)
+        self._unrecorded[key] = stream
+        if key in self._slot_write:  # copies into one slot stay in order across the two streams
+            stream.wait_event(self._slot_write[key])
+        if key in self._slot_read:  # the slot's last reader must finish first
+            stream.wait_event(self._slot_read[key])
+
+    def mark_read(self, keys: list[tuple[int, int]]) -> None:
+        """Records that the compute stream has queued reads of the (pool, slot) ``keys``: a later
+        copy into one of them waits for them (CUDA ordering; on CPU compute is synchronous)."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                stream = torch.cuda.current_stream(self.device)
+                for key in keys:
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+                    self._slot_read[key] = ev
+
+    def _run(self) -> None:
+        while True:
+            try:
+                wake = self._queue.get(timeout=0.05)
+            except queue.Empty:  # a copy queued by an interrupted submit has no wake-up of its own
+                wake = True
+            if wake is None:
+                return
+            while self.run_next():
+                pass
+
+    def run_next(self) -> bool:
+        """Runs the next queued CPU copy, demand copies first (False: none is queued). The worker's
+        loop; a test that closed the engine runs copies with it at points of its choosing."""
+        queued = self._demand or self._speculative
+        if not queued:
+            return False
+        self._copy(*queued.popleft())
+        return True
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, ticket: Ticket, label: str) -> None:
+        if not ticket.claim.acquire(blocking=False):  # cancelled: its layer ran without it
+            ticket.done.release()
+            return
+        self.bytes_moved += ticket.nbytes  # counted here, the one writer: a cancelled copy moves nothing
+        self.copies += 1
+        timeline, start = self.timeline, time.perf_counter_ns()
+        try:
+            dst.copy_(src)
+        except BaseException as exc:  # surfaced to the waiter, never lost in the thread
+            ticket.error = exc
+        if timeline is not None:
+            timeline.add("copy", label, start, time.perf_counter_ns(), bytes=ticket.nbytes)
+        ticket.done.release()
+
+    def close(self) -> None:
+        if self.device.type != "cuda":
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+

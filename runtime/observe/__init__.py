@@ -1,0 +1,1 @@
+"""What a run can record: the timeline of its streams and the routing decisions it made."""

@@ -1,0 +1,1 @@
+"""The command lines (compile, generate, inspect, bench, simulate), each run by ``tools/shell``."""

@@ -1,0 +1,230 @@
+"""expertflow-generate: text in, text out, with a fixed budget of expert slots.
+
+Streams the new text to the terminal (stdout) as it is generated; notes and --stats go to
+stderr. MODEL is a compiled directory, or anything expertflow-compile takes (a save_pretrained
+directory, a hub id already in the local Hugging Face cache, a built-in preset): that is compiled
+once into --cache-dir and reused while the source is unchanged (--list-cache, --clean-cache). Generation is transformers' own (greedy by default; --sample draws with
+--temperature, --top-k, --top-p); --chat wraps the prompt in the model's chat template.
+--prompts-file runs many prompts at once (``tools/cli/generate_batch.py``): one JSON line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ...runtime.store.chat import render_chat
+from ...runtime.store.tokenizer import encode_text
+from ..shell import UserError, cli_terms, run_command
+
+EXAMPLES = """
+examples:
+  expertflow-generate tiny-trained-moe "def __init__(self" --stats
+  expertflow-generate compiled/ "Explain MoE offloading." --chat --budget 4GiB --device cuda
+  expertflow-generate ./my-model "Once upon a time" --sample --temperature 0.7 --top-p 0.9 --seed 1
+  expertflow-generate tiny-trained-moe --prompts-file prompts.jsonl --batch-size 16 --max-new-tokens 32
+  expertflow-generate --list-cache       (and --clean-cache: remove what --cache-dir holds)
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="expertflow-generate", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="compiled directory, model directory, cached hub id, or preset name")
+    p.add_argument("prompt", nargs="?", help="the text to continue (with --chat: the user's message); or give "
+                   "--prompts-file")
+    p.add_argument("--prompts-file", type=Path, metavar="FILE", help="many prompts instead of PROMPT: one per line "
+                   "(a .jsonl file: a JSON string or {\"prompt\": ...} per line); printed as one JSON line per "
+                   "prompt, in the file's order, batched by --schedule with continuous batching")
+    p.add_argument("--batch-size", type=int, default=8, help="with --prompts-file: sequences generated together "
+                   "(default 8)")
+    p.add_argument("--schedule", choices=("route-aware", "fifo"), default="route-aware",
+                   help="with --prompts-file: route-aware (default) batches prompts whose routes share experts; "
+                        "fifo keeps the file's order")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--budget", default="25%", help="expert cache on the device: slots (8), a size (4GiB), a "
+                   "fraction of all experts (25%%), 'auto' (the most that fits the device's free memory after "
+                   "the dense weights, a KV cache for this prompt and --max-new-tokens, and a margin), or 'all' "
+                   "(default 25%%)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample: divide logits by this (default 1.0)")
+    p.add_argument("--top-k", type=int, default=50, help="with --sample: keep the K likeliest tokens; 0 keeps all "
+                   "(default 50, as transformers)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --sample: keep the smallest set of tokens whose "
+                   "probability reaches P (default 1.0: all)")
+    p.add_argument("--seed", type=int, help="with --sample: seed torch's generator, for a repeatable draw")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt as a user "
+                   "message and generate the assistant's reply")
+    p.add_argument("--stats", action="store_true", help="after the text, print the expert cache's statistics per "
+                   "MoE layer (hits, misses, prefetch precision and recall, wasted, cancelled and dropped "
+                   "prefetches, split steps, bytes moved, stall) as a table with a legend, on stderr")
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "expertflow",
+                   help="where models given by name or directory are compiled once and reused "
+                        "(default ~/.cache/expertflow)")
+    p.add_argument("--list-cache", action="store_true", help="list the models compiled into --cache-dir (size, "
+                   "date, source) and exit")
+    p.add_argument("--clean-cache", action="store_true", help="remove the models compiled into --cache-dir and "
+                   "exit")
+    p.add_argument("--timeline", type=Path, metavar="PATH", help="write a Chrome/Perfetto trace of the copy and "
+                   "compute streams (a span per expert copy, per layer's wait and expert compute, per step) to "
+                   "PATH; open it in ui.perfetto.dev or chrome://tracing")
+    p.add_argument("--trace-out", type=Path, metavar="PATH", help="write the routes taken (one JSON line per "
+                   "sequence, token and MoE layer: its top-k experts) to PATH, for expertflow-simulate --trace")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes; only the generated text")
+    args = p.parse_args(argv)
+    if args.list_cache or args.clean_cache:
+        if args.model is not None or args.prompts_file is not None or (args.list_cache and args.clean_cache):
+            p.error("--list-cache and --clean-cache take no MODEL or prompt, and go alone")
+        return args
+    if args.model is None:
+        p.error("give a MODEL (a compiled directory, model directory, cached hub id or preset), or --list-cache")
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if (args.prompt is None) == (args.prompts_file is None):
+        p.error("give a PROMPT or --prompts-file FILE (one of the two)")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    return args
+
+
+def encode(tokenizer: Any, prompt: str, chat: bool) -> dict[str, Any]:
+    """The prompt's ids; the directory's tokenizer and chat template run bounded (runtime/store/chat.py)."""
+    if not chat:
+        return encode_text(tokenizer, prompt, return_tensors="pt")
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("--chat: this model's tokenizer has no chat template; drop --chat to continue plain text")
+    text = render_chat(tokenizer, [{"role": "user", "content": prompt}])
+    return encode_text(tokenizer, text, return_tensors="pt", add_special_tokens=False)
+
+
+STATS_LEGEND = """\
+hits: experts a step needed that were in a slot (or on their way) when its layer's wait began;
+  misses: loaded on demand there; hit rate = hits / (hits + misses)
+precision: predicted experts the router then chose / experts predicted (prefetched or hinted);
+  recall: predicted experts the router chose / experts the router chose
+wasted: prefetches copied and then not used; cancelled: unneeded prefetches stopped before their
+  copy began (no bytes moved); dropped: predictions with no free slot to copy into
+split: steps needing more experts than there are slots, computed in several waves"""
+
+
+def stats_table(stats: dict[str, Any]) -> str:
+    """The cache statistics as an aligned table, one row per MoE layer and a total, with a legend."""
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    head = ("layer", "hits", "misses", "hit rate", "precision", "recall", "wasted", "cancelled", "dropped", "split",
+            "MiB moved", "stall ms")
+    rows = [head]
+    for name, s in [*((str(k), v) for k, v in stats["layers"].items()), ("total", stats["total"])]:
+        rows.append((name, str(s["hits"]), str(s["misses"]), pct(s["hit_rate"]), pct(s["prefetch_precision"]),
+                     pct(s["prefetch_recall"]), str(s["prefetch_wasted"]), str(s["prefetch_cancelled"]),
+                     str(s["prefetch_dropped"]), str(s["split_steps"]), f"{s['bytes_moved'] / 2**20:.2f}",
+                     f"{1000 * s['stall_s']:.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.insert(len(lines) - 1, lines[1])
+    pools = stats["pools"]
+    where = "one pool shared by every MoE layer" if pools == 1 else \
+        f"{pools} pools, one per expert shape, each shared by the MoE layers of that shape"
+    return (f"expert cache: {stats['slots']} slots (each holds one expert) in {where}\n" + "\n".join(lines)
+            + "\n" + STATS_LEGEND)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import TextStreamer
+
+    from ... import runtime
+    from ...runtime.store.manifest import TOKENIZER_VOCAB, read_manifest
+    from ..presets import catalog as presets
+    from .compile_cache import compiled_path
+    from .generate_batch import generate_batch, read_prompts
+
+    budget = runtime.budget_argument(args.budget)
+    runtime.Budget.read(budget)  # a bad budget fails now, not after a compile
+    texts = read_prompts(args.prompts_file) if args.prompts_file is not None else [args.prompt]
+    path = compiled_path(args.model, args.cache_dir, args.quiet, needs_tokenizer=True)
+    manifest = read_manifest(path)  # checked as runtime.load checks it: the directory may be a stranger's
+    if not any(name in manifest["files"] for name in TOKENIZER_VOCAB):
+        raise UserError(f"{path} has no tokenizer: its source model shipped none, so text cannot become tokens; "
+                        "compile it from a directory that holds the model's tokenizer (tokenizer.save_pretrained)")
+    if not args.quiet and presets.is_random(manifest.get("source") or ""):
+        print(f"note: {manifest['source']} is a preset with seeded random weights: its text is gibberish, "
+              "but exactly the text transformers would give", file=sys.stderr)
+    tokenizer = runtime.load_tokenizer(path)
+    prompts = [encode(tokenizer, text, args.chat)["input_ids"][0].tolist() for text in texts]
+    context = max(len(p) for p in prompts) + args.max_new_tokens
+    limit = manifest["config"].get("max_position_embeddings")
+    if isinstance(limit, int) and context > limit:
+        print(f"warning: {context - args.max_new_tokens} prompt tokens + --max-new-tokens {args.max_new_tokens} "
+              f"exceed the model's context of {limit} positions; text past it is unreliable", file=sys.stderr)
+    model = runtime.load(path, device=args.device, expert_cache=budget, timeline=args.timeline is not None,
+                         record_routing=args.trace_out is not None, max_context=context,
+                         batch_size=args.batch_size if args.prompts_file is not None else 1)
+    if model.budget is not None and not args.quiet:
+        print(cli_terms(model.budget.describe()), file=sys.stderr)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
+        if args.sample else dict(do_sample=False)
+    if args.sample and args.seed is not None:
+        torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    if args.prompts_file is not None:
+        new = generate_batch(model, tokenizer, prompts, texts, args, sampling)
+    else:
+        if not args.chat:
+            print(args.prompt, end="", flush=True)
+        ids = torch.tensor([prompts[0]])
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             streamer=streamer, **sampling)
+        new = out.shape[1] - ids.shape[1]
+    seconds = time.perf_counter() - start
+    if args.timeline is not None:
+        model.timeline.write(args.timeline)
+    if args.trace_out is not None:
+        model.routing.write_jsonl(args.trace_out)
+    return {"path": path, "new_tokens": new, "seconds": seconds, "stats": model.stats()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ...runtime.store.manifest import LoadError
+
+    return run_command("expertflow-generate", lambda: _main(args), (LoadError, ValueError, OSError, ImportError))
+
+
+def _main(args: argparse.Namespace) -> int:
+    from ...runtime.store.device import check_device
+
+    if args.list_cache or args.clean_cache:
+        return _cache_command(args)
+    check_device(args.device)  # with the arguments: before transformers is imported or a compile starts
+    result = run(args)
+    if args.stats:  # on stderr: stdout holds the generated text alone
+        print(f"\n{result['new_tokens']} tokens in {result['seconds']:.2f} s "
+              f"({result['new_tokens'] / result['seconds']:.1f} tokens/s), compiled model {result['path']}",
+              file=sys.stderr)
+        print(stats_table(result["stats"]), file=sys.stderr)
+    return 0
+
+
+def _cache_command(args: argparse.Namespace) -> int:
+    from . import compile_cache
+
+    if args.list_cache:
+        print(compile_cache.render_entries(compile_cache.list_entries(args.cache_dir), args.cache_dir))
+        return 0
+    removed = compile_cache.clean(args.cache_dir)
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} removed from {compile_cache.entries_dir(args.cache_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Built-in models: the preset catalog, the config shrinker and its rules, and the trained preset."""
