@@ -23,6 +23,7 @@ from ...ir.skeleton import build_skeleton
 from ...passes.driver import Driver
 from ...passes.options import CompileOptions
 from ...passes.pipeline import compile_graph
+from ...passes.trace import TraceFailure
 from ..store.manifest import LoadError
 from ..cache.policy import POLICIES
 from ..store.host import ExpertLayout
@@ -176,8 +177,6 @@ def derive(manifest: dict[str, Any], config: Any, dtype: torch.dtype, where: str
         options = CompileOptions.from_json(manifest["options"]).known_policy(POLICIES)
     except (TypeError, ValueError) as exc:
         raise LoadError(f"{where}: options {manifest['options']!r} are not compile options ({exc})") from None
-    from ...passes.trace import TraceFailure
-
     try:
         skeleton = build_skeleton(config, dtype)
         gm, info = compile_graph(skeleton, options)

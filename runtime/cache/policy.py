@@ -32,8 +32,7 @@ from bisect import insort
 from collections import Counter
 from collections.abc import Sequence
 
-from ..predict.prior import RoutingPrior
-from ..predict.reuse import decode
+from ..predict.estimates import RoutingPrior, decode
 
 Key = tuple[int, int]  # (layer, expert)
 #: The predictive policy also keeps each expert's own recent use rate (per token, decayed by

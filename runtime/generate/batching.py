@@ -25,8 +25,9 @@ import torch
 
 from . import continuous as cb
 from .continuous import padded
+from .inputs import check_input_ids
 from ..observe.routing import RoutingTrace
-from ..store.tokenizer import encode_text
+from ..store.tokenizer import encode_text, load_tokenizer
 from .scheduler import SCHEDULES, Picker, distinct_experts, expert_sets, plan_batches
 
 
@@ -127,9 +128,6 @@ def _prepare(model: Any, prompts: Any, tokenizer: Any, batch_size: Any, schedule
              generation_kwargs: dict[str, Any]) -> tuple[list[list[int]], list[int] | None, int, set[int], Any]:
     """Token ids, per-prompt limits, pad id, end-of-sequence ids and the tokenizer (None without
     strings); one-line ValueErrors first."""
-    from .inputs import check_input_ids
-    from ..store.tokenizer import load_tokenizer
-
     strings = isinstance(prompts, (list, tuple)) and any(isinstance(p, str) for p in prompts)
     if strings and tokenizer is None and model.directory is not None:
         tokenizer = load_tokenizer(model.directory)

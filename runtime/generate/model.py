@@ -28,7 +28,7 @@ from .context import RuntimeContext
 from .inputs import check_attention_mask, check_input_ids, check_position_ids
 from ..store.budget import AutoBudget
 from ..cache.cache_model import LayerStats
-from .batching import Schedule
+from .batching import Schedule, generate_many
 from ..observe.routing import RoutingTrace
 from ..observe.timeline import Timeline
 
@@ -169,8 +169,6 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         False runs fixed micro-batches through ``generate``. ``generation_kwargs`` are
         generation options (``max_new_tokens``, ``do_sample``, ...); ``max_new_tokens`` may be a
         list with one limit per prompt."""
-        from .batching import generate_many
-
         outputs, self.last_schedule = generate_many(self, prompts, batch_size, schedule, tokenizer, continuous,
                                                    generation_kwargs)
         return outputs

@@ -8,25 +8,16 @@ policy estimates popularity online. Values are probabilities: anything else is r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..store.manifest import LoadError
 from ..store.host import read_tensors
+from ..store.manifest import LoadError
+from .estimates import RoutingPrior
 
 FILE = "prior.safetensors"
-
-
-@dataclass(frozen=True)
-class RoutingPrior:
-    """Per (layer, expert): P(chosen by the next step | chosen by this one), and P(chosen by the
-    next step | not chosen by this one); fitted on calibration traces (``tools/make/train_predictor``)."""
-
-    reuse: dict[tuple[int, int], float]
-    fresh: dict[tuple[int, int], float]
 
 
 def prior_tensors(experts: torch.Tensor, seq: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -16,15 +16,13 @@ from pathlib import Path
 
 import torch
 
+from .estimates import CAP, SCALE
 from .path_predictor import PathPredictor
 from ..store.host import read_tensors
 
 FILE = "reuse.safetensors"
 #: Horizons (tokens after the current one) the predictor scores; past the last, a use is CAP away.
 HORIZONS = (1, 2, 4, 8, 16, 32)
-CAP = 64
-#: Expected distances reach the host as integers in the wait's read: this many per token.
-SCALE = 256
 
 
 def expected_next_use(logits: torch.Tensor) -> torch.Tensor:
@@ -43,10 +41,6 @@ def expected_next_use(logits: torch.Tensor) -> torch.Tensor:
 def encode(distances: torch.Tensor) -> torch.Tensor:
     """Distances as the integers the wait's host read carries (``SCALE`` per token)."""
     return (distances * SCALE).round().long()
-
-
-def decode(values: list[int]) -> list[float]:
-    return [min(max(v / SCALE, 1.0), float(CAP)) for v in values]
 
 
 def load_reuse(path: Path, hidden: int, layers: int, experts: int, device: torch.device,

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ...runtime.cache.cache_model import Handle
-from ...runtime.predict.prior import RoutingPrior
+from ...runtime.predict.estimates import RoutingPrior
 from .sim_cache import Clock, SimCache, TimeModel, Totals, make_sim_policy
 from .trace_file import Access
 

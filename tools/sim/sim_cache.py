@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ...runtime.cache.cache_model import CacheModel
 from ...runtime.cache.policy import POLICIES, Key, Policy
-from ...runtime.predict.prior import RoutingPrior
+from ...runtime.predict.estimates import RoutingPrior
 from ...runtime.cache.pool import Pool
 from .trace_file import Access
 

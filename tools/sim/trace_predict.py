@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ...runtime.predict.prior import RoutingPrior
+from ...runtime.predict.estimates import RoutingPrior
 from ...runtime.predict.prior import as_prior, prior_tensors
 from . import replay_predictors as P
 from .prefetch_sim import Issue
