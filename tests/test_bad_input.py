@@ -190,8 +190,8 @@ def test_force_replaces_a_compiled_dir(mixtral_src: str, compiled_dir, tmp_path:
     assert "compiled" in capsys.readouterr().out
     assert not (out / "stale.txt").exists() and not (out / "dumps").exists()
     files = json.loads((out / "manifest.json").read_text())["files"]
-    assert set(files) == {"dense.safetensors", "experts.safetensors", "graph.json", "generation_config.json",
-                          "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert set(files) == {"dense.safetensors", "experts.safetensors", "expert_digests.safetensors", "graph.json",
+                          "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     assert_untouched(tmp_path, {"out"})
 
 

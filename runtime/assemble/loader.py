@@ -15,6 +15,7 @@ so a directory that compiles loads.
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,6 +40,7 @@ from ..store.manifest import (VERIFIED_AS_READ, LoadError, check_files, memory_p
                        regular_file)
 from ..store.tensor_file import HEADER_LIMIT, read_header, read_tensor_file
 from ..generate.model import CompiledModel, model_class
+from ..store.disk import DiskStore, load_digests
 from ..store.host import ExpertLayout, HostStore
 from ...passes.drop_prefetch import drop_prefetch
 from ...passes.options import CompileOptions
@@ -57,7 +59,7 @@ GENERATION_CONFIG_LIMIT = 2**20  # bytes: real ones are under 2 KiB
 
 
 def _auto(manifest: dict[str, Any], layouts: dict[int, ExpertLayout], config: Any, dtype: torch.dtype,
-          dev: torch.device, batch: int, context: int | None) -> AutoBudget:
+          dev: torch.device, batch: int, context: int | None, on_disk: bool = False) -> AutoBudget:
     """``expert_cache='auto'``: free memory where the slots live, less what else lives there."""
     if type(batch) is not int or batch < 1 or (context is not None and (type(context) is not int or context < 1)):
         raise LoadError(f"batch_size={batch!r} and max_context={context!r} must be positive integers")
@@ -66,11 +68,11 @@ def _auto(manifest: dict[str, Any], layouts: dict[int, ExpertLayout], config: An
     plan = manifest["memory_plan"]
     if dev.type == "cuda":
         free = torch.cuda.mem_get_info(dev)[0]
-    else:  # the host holds the expert arena as well as the slots
+    else:  # the host holds the expert arena as well as the slots, unless the experts stay on disk
         host = available_host_bytes()
         if host is None:
             raise LoadError("expert_cache='auto' cannot tell this host's free memory; give a size such as '4GiB'")
-        free = max(host - plan["expert_bytes_total"], 0)
+        free = host if on_disk else max(host - plan["expert_bytes_total"], 0)
     return auto_budget(layouts, free, plan["dense_bytes"], config, batch, context, dtype)
 
 
@@ -238,7 +240,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
          verify: bool = True, preload: bool | None = None, timeline: bool = False,
          record_routing: bool = False, predictor: str | None = None, lookahead: int | None = None,
          policy: str | None = None, batch_size: int = 1, max_context: int | None = None,
-         prefetch: str | None = None) -> CompiledModel:
+         prefetch: str | None = None, host_memory: int | str | None = None) -> CompiledModel:
     """Loads a compiled directory; ``expert_cache`` is slots, a size ('4GiB'), a fraction ('25%'),
     or None for every expert resident.
 
@@ -255,19 +257,25 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     ``expert_cache="auto"`` takes the most slots that fit the device's free memory after the dense
     weights, a KV cache for ``batch_size`` sequences of ``max_context`` tokens (default: the
     model's context, at most 4096) and a margin; ``model.budget`` says what it chose.
+    ``host_memory`` (CPU device; the same forms as ``expert_cache``) keeps the experts on disk:
+    the expert slots are the host tier, holding that much, and every other blob is read from
+    ``experts.safetensors`` when a prediction or a miss asks for it, checked as read
+    (``runtime/store/disk.py``); load reads headers only. At or above every expert, it is the
+    all-in-memory load.
     """
     path = Path(path)
     manifest, layouts = _manifest(path)
     dev = check_device(device)
     # before the checksums: a bad budget fails at once
-    request = Budget.read(expert_cache)
+    request = (Budget.read(expert_cache) if host_memory is None
+               else Budget.read(_host_tier(host_memory, expert_cache, dev), "host_memory"))
     slots = 0 if request.auto else request.slots_on(layouts)
     ok = _checked(path, manifest, layouts, verify, (predictor, lookahead, policy, prefetch))
     config, dtype, derived, options = ok.config, ok.dtype, ok.derived, ok.options
     where, digests = f"{path}/manifest.json", manifest["files"] if verify else {}
     auto = None
     if request.auto:
-        auto = _auto(manifest, layouts, config, dtype, dev, batch_size, max_context)
+        auto = _auto(manifest, layouts, config, dtype, dev, batch_size, max_context, host_memory is not None)
         slots = auto.slots
     lm = build_skeleton(config, dtype)
     driver = Driver(lm)
@@ -281,8 +289,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     if everything:
         drop_prefetch(gm)
         gm.recompile()
-    store = HostStore(regular_file(path, EXPERTS), layouts, pin=dev.type == "cuda",
-                      digest=manifest["files"][EXPERTS] if verify else None)
+    if host_memory is not None and not everything:
+        store = DiskStore(regular_file(path, EXPERTS), layouts, load_digests(path, manifest, layouts, verify))
+    else:
+        store = HostStore(regular_file(path, EXPERTS), layouts, pin=dev.type == "cuda",
+                          digest=manifest["files"][EXPERTS] if verify else None)
     prior = load_prior(path, manifest, layouts) if options["policy"] == "predictive" else None
     cache = ExpertCache(layouts, store, slots, dev, CopyEngine(dev), make_policy(options["policy"], list(layouts), prior))
     if preload or (preload is None and everything):
@@ -293,11 +304,24 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     cls = model_class(manifest["architecture"])
     model = cls(gm, config, context, cache_maker(lm), ok.generation_config)
     model.budget, model.directory = auto, path
+    # The copy engine's worker thread ends with the model (it would otherwise outlive it, one per load).
+    weakref.finalize(model, cache.engine.close)
     if timeline:
         model.timeline = context.timeline = cache.engine.timeline = Timeline(dev)
     if record_routing:
         model.routing = context.routing = RoutingTrace()
     return model
+
+
+def _host_tier(host_memory: int | str, expert_cache: int | str | None, dev: torch.device) -> int | str:
+    """``host_memory`` as the slot budget: on a CPU device the slots are the host tier."""
+    if dev.type != "cpu":
+        raise LoadError(f"host_memory streams experts from disk into a CPU device's expert slots; on {dev} "
+                        "the disk tier is not built yet: leave host_memory unset")
+    if expert_cache is not None:
+        raise LoadError("on a CPU device the expert slots are the host tier: give host_memory or expert_cache, "
+                        "not both")
+    return host_memory
 
 
 DEFAULT_OPTIONS = CompileOptions().to_json()

@@ -108,8 +108,22 @@ class CacheModel:
         for slot in slots:
             ticket = pool.tickets.get(slot)
             if ticket is not None:
-                ticket.wait()
+                try:
+                    ticket.wait()
+                except Exception:  # the copy failed (a blob that fails its check): its slot holds no expert
+                    self._failed(pool, slot)
+                    raise
                 pool.tickets.pop(slot, None)
+
+    def _failed(self, pool: Pool, slot: int) -> None:
+        """The copy into ``slot`` ended in an error: the expert it was for is forgotten, so no later
+        step computes with what the slot holds, and the next use loads it again."""
+        key = pool.owner[slot]
+        if key is not None and pool.where.get(key) == slot:
+            self._forget(pool, slot, key)
+        pool.tickets.pop(slot, None)
+        pool.lru.pop(slot, None)
+        pool.reserved.pop(slot, None)
 
     # ----- the rules -----
 
@@ -158,7 +172,10 @@ class CacheModel:
                     self.stats[old[0]].bytes_moved -= previous.nbytes
                     self.stats[old[0]].prefetch_cancelled += 1
             else:
-                previous.wait()
+                try:
+                    previous.wait()
+                except Exception:  # it failed (a bad blob): nothing of it is kept, this copy replaces it
+                    pass
         ticket = self._submit(pool, slot, layer, expert, demand)
         pool.tickets[slot] = ticket  # a hit waits for it; until here the slot is empty to the host
         self.stats[layer].bytes_moved += ticket.nbytes

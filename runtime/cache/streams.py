@@ -12,10 +12,19 @@ from collections import deque
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from ..observe.timeline import Timeline
+
+
+class Source(Protocol):
+    """A blob read into a slot by the worker (``runtime/store/disk.DiskBlob``), not copied."""
+
+    nbytes: int
+
+    def read_into(self, dst: torch.Tensor) -> None: ...
 
 
 def _held_lock() -> threading.Lock:
@@ -91,14 +100,17 @@ class CopyEngine:
             self._thread = threading.Thread(target=self._run, name="expertflow-copy", daemon=True)
             self._thread.start()
 
-    def submit(self, key: tuple[int, int], dst: torch.Tensor, src: torch.Tensor, label: str = "",
+    def submit(self, key: tuple[int, int], dst: torch.Tensor, src: torch.Tensor | Source, label: str = "",
                demand: bool = False) -> Ticket:
         """Copies ``src`` into ``dst``, the slot ``key`` = (pool, slot), after its last reader.
 
         A ``demand`` copy (a compute is waiting for it) goes before every queued prefetch: on CPU
         the worker takes demand copies first; on CUDA they run on their own high-priority stream.
         """
-        ticket = Ticket(nbytes=src.numel() * src.element_size())
+        on_disk = not isinstance(src, torch.Tensor)
+        if on_disk and self.device.type == "cuda":
+            raise ValueError("blobs on disk are read into CPU slots only")
+        ticket = Ticket(nbytes=src.nbytes if on_disk else src.numel() * src.element_size())
         if self.device.type == "cuda":
             self.bytes_moved += ticket.nbytes
             self.copies += 1
@@ -171,7 +183,7 @@ class CopyEngine:
         self._copy(*queued.popleft())
         return True
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor, ticket: Ticket, label: str) -> None:
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor | Source, ticket: Ticket, label: str) -> None:
         if not ticket.claim.acquire(blocking=False):  # cancelled: its layer ran without it
             ticket.done.release()
             return
@@ -179,7 +191,10 @@ class CopyEngine:
         self.copies += 1
         timeline, start = self.timeline, time.perf_counter_ns()
         try:
-            dst.copy_(src)
+            if isinstance(src, torch.Tensor):
+                dst.copy_(src)
+            else:  # a blob on disk (store/disk.py): read into the slot, checked before it is done
+                src.read_into(dst)
         except BaseException as exc:  # surfaced to the waiter, never lost in the thread
             ticket.error = exc
         if timeline is not None:

@@ -28,6 +28,7 @@ from .context import RuntimeContext
 from .inputs import check_attention_mask, check_input_ids, check_position_ids
 from ..store.budget import AutoBudget
 from ..cache.cache_model import LayerStats
+from ..store.disk import DiskStore
 from .batching import Schedule, generate_many
 from ..observe.routing import RoutingTrace
 from ..observe.timeline import Timeline
@@ -194,8 +195,11 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
             lookups = entry["hits"] + entry["misses"]
             entry["hit_rate"] = entry["hits"] / lookups if lookups else None
         # slots: per pool; a pool holds the experts of every MoE layer of one shape (pools: how many)
-        return {"slots": self.context.cache.slots, "pools": len(self.context.cache.pools), "layers": per_layer,
-                "total": total}
+        out = {"slots": self.context.cache.slots, "pools": len(self.context.cache.pools), "layers": per_layer,
+               "total": total}
+        if isinstance(self.context.cache.store, DiskStore):  # the disk tier: what its reads cost
+            out["disk"] = self.context.cache.store.stats.to_json()
+        return out
 
     def reset_stats(self) -> None:
         for layer in self.context.cache.stats:

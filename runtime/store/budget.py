@@ -25,42 +25,44 @@ class Budget:
     percent: float | None = None
     auto: bool = False  # the largest that fits the device's free memory (``auto_budget``)
     given: int | str | None = None  # what the caller wrote, for messages
+    what: str = "expert_cache"  # the argument it came as, for messages
 
     @classmethod
-    def read(cls, budget: int | str | None) -> "Budget":
-        """Reads ``expert_cache`` (an int of slots, a size like '4GiB', a fraction like '25%', None,
-        'all' or 'auto'); LoadError for what no model could take, so a CLI can refuse it before compiling."""
+    def read(cls, budget: int | str | None, what: str = "expert_cache") -> "Budget":
+        """Reads ``expert_cache`` (or the argument ``what`` names, ``host_memory``): an int of slots,
+        a size like '4GiB', a fraction like '25%', None, 'all' or 'auto'; LoadError for what no
+        model could take, so a CLI can refuse it before compiling."""
         if budget is None or budget == "all":
-            return cls(given=budget)
+            return cls(given=budget, what=what)
         if budget == "auto":
-            return cls(auto=True, given=budget)
+            return cls(auto=True, given=budget, what=what)
         if isinstance(budget, bool) or not isinstance(budget, (int, str)):
-            raise LoadError(f"expert_cache={budget!r}: give a slot count (int), a size like '4GiB', a fraction "
+            raise LoadError(f"{what}={budget!r}: give a slot count (int), a size like '4GiB', a fraction "
                             "like '25%', 'auto' or 'all'")
         if isinstance(budget, int):
             if budget < 1:
-                raise LoadError(f"expert_cache={budget!r} holds no expert: the minimum is 1 slot")
-            return cls(slots=budget, given=budget)
+                raise LoadError(f"{what}={budget!r} holds no expert: the minimum is 1 slot")
+            return cls(slots=budget, given=budget, what=what)
         text = budget.strip()
         if re.fullmatch(r"[0-9]+", text):  # a size without a unit is too easily a slot count
-            raise LoadError(f"expert_cache={budget!r} is a string of digits: pass the int {int(text)} for "
+            raise LoadError(f"{what}={budget!r} is a string of digits: pass the int {int(text)} for "
                             f"{int(text)} slots, or a size with its unit ('{text}MiB')")
         number = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
         if percent := re.fullmatch(number + r"\s*%", text):
             share = float(percent.group(1))
             if not 0 < share <= 100:
-                raise LoadError(f"expert_cache={budget!r}: a fraction must be above 0% and at most 100%")
-            return cls(percent=share, given=budget)
+                raise LoadError(f"{what}={budget!r}: a fraction must be above 0% and at most 100%")
+            return cls(percent=share, given=budget, what=what)
         match = re.fullmatch(number + r"\s*([A-Za-z]*)", text)
         if not match or match.group(2).upper() not in _UNITS:
-            raise LoadError(f"expert_cache={budget!r} is not a size or a fraction; write e.g. '512MiB', '4GiB' or '25%'")
-        return cls(nbytes=float(match.group(1)) * _UNITS[match.group(2).upper()], given=budget)
+            raise LoadError(f"{what}={budget!r} is not a size or a fraction; write e.g. '512MiB', '4GiB' or '25%'")
+        return cls(nbytes=float(match.group(1)) * _UNITS[match.group(2).upper()], given=budget, what=what)
 
     def slots_on(self, layouts: dict[int, ExpertLayout]) -> int:
         """Slots per pool this request buys on a model with ``layouts`` (at most every expert)."""
         everything, one = all_slots(layouts), slot_bytes(layouts)
         if self.auto:
-            raise LoadError("expert_cache='auto' needs the device's free memory: pass it to runtime.load")
+            raise LoadError(f"{self.what}='auto' needs the device's free memory: pass it to runtime.load")
         if self.slots is not None:
             slots = self.slots
         elif self.percent is not None:
@@ -70,7 +72,7 @@ class Budget:
         else:
             return everything
         if slots < 1:
-            raise LoadError(f"expert_cache={self.given!r} holds no expert: the minimum is 1 slot "
+            raise LoadError(f"{self.what}={self.given!r} holds no expert: the minimum is 1 slot "
                             f"({one} bytes); all resident is {everything} slots")
         return min(slots, everything)
 

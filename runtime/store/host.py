@@ -152,6 +152,15 @@ def blob_key(layer: int, expert: int) -> str:
     return f"layers.{layer}.experts.{expert}"
 
 
+#: Each expert blob's sha256, per MoE layer (``digests_key``): uint8 [experts, 32]. Written by
+#: compile; what a blob read from disk is checked against (``disk.py``).
+DIGESTS = "expert_digests.safetensors"
+
+
+def digests_key(layer: int) -> str:
+    return f"layers.{layer}"
+
+
 class HostStore:
     """Expert blobs in one host arena (``runtime/store/arena.py``): uint8 views, pinned on CUDA.
 
@@ -181,8 +190,14 @@ class HostStore:
         """The header's checks alone, nothing allocated (``runtime.loader.check``): each blob's
         (start, end) in the file, where the data section starts, and the file's size."""
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            spans, base = cls._spans(path, f, size, layouts)
+            return cls.check_open(path, f, layouts)
+
+    @classmethod
+    def check_open(cls, path: Path, f: BinaryIO, layouts: dict[int, ExpertLayout]
+                   ) -> tuple[dict[str, tuple[int, int]], int, int]:
+        """``check`` on a file already open (the one that will be read: no second open to race)."""
+        size = os.fstat(f.fileno()).st_size
+        spans, base = cls._spans(path, f, size, layouts)
         need = sum(end - start for start, end in spans.values())
         if size - base > need * cls.SLACK:
             raise LoadError(f"{path}: its data section holds {size - base} bytes for {need} bytes of blobs; "

@@ -45,10 +45,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="with --prompts-file: route-aware (default) batches prompts whose routes share experts; "
                         "fifo keeps the file's order")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    p.add_argument("--budget", default="25%", help="expert cache on the device: slots (8), a size (4GiB), a "
+    p.add_argument("--budget", default=None, help="expert cache on the device: slots (8), a size (4GiB), a "
                    "fraction of all experts (25%%), 'auto' (the most that fits the device's free memory after "
                    "the dense weights, a KV cache for this prompt and --max-new-tokens, and a margin), or 'all' "
                    "(default 25%%)")
+    p.add_argument("--host-memory", metavar="BUDGET", help="keep the experts on disk (cpu): the expert slots hold "
+                   "this much (slots, a size, a fraction of all experts, or 'auto': the host's free memory less "
+                   "the dense weights, a KV cache and a margin) and every other expert is read from the compiled "
+                   "directory when a prediction or a miss asks for it, checked as read; instead of --budget")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="with --sample: divide logits by this (default 1.0)")
@@ -131,6 +135,11 @@ def stats_table(stats: dict[str, Any]) -> str:
     pools = stats["pools"]
     where = "one pool shared by every MoE layer" if pools == 1 else \
         f"{pools} pools, one per expert shape, each shared by the MoE layers of that shape"
+    disk = stats.get("disk")
+    if disk is not None:  # the disk tier: every copy above was a read from the compiled directory
+        rate = "-" if disk["read_gbps"] is None else f"{disk['read_gbps']:.2f} GB/s"
+        lines.append(f"disk: {disk['reads']} reads, {disk['bytes_read'] / 2**20:.2f} MiB read, "
+                     f"{1000 * disk['read_s']:.2f} ms reading ({rate})")
     return (f"expert cache: {stats['slots']} slots (each holds one expert) in {where}\n" + "\n".join(lines)
             + "\n" + STATS_LEGEND)
 
@@ -145,8 +154,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .compile_cache import compiled_path
     from .generate_batch import generate_batch, read_prompts
 
-    budget = runtime.budget_argument(args.budget)
+    if args.host_memory is not None and args.budget is not None:
+        raise UserError("--host-memory sizes the expert slots on cpu: give it or --budget, not both")
+    budget = runtime.budget_argument(args.budget if args.budget is not None else "25%")
+    host = runtime.budget_argument(args.host_memory) if args.host_memory is not None else None
     runtime.Budget.read(budget)  # a bad budget fails now, not after a compile
+    runtime.Budget.read(host, "host_memory")
     texts = read_prompts(args.prompts_file) if args.prompts_file is not None else [args.prompt]
     path = compiled_path(args.model, args.cache_dir, args.quiet, needs_tokenizer=True)
     manifest = read_manifest(path)  # checked as runtime.load checks it: the directory may be a stranger's
@@ -163,7 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(limit, int) and context > limit:
         print(f"warning: {context - args.max_new_tokens} prompt tokens + --max-new-tokens {args.max_new_tokens} "
               f"exceed the model's context of {limit} positions; text past it is unreliable", file=sys.stderr)
-    model = runtime.load(path, device=args.device, expert_cache=budget, timeline=args.timeline is not None,
+    model = runtime.load(path, device=args.device, expert_cache=budget if host is None else None,
+                         host_memory=host, timeline=args.timeline is not None,
                          record_routing=args.trace_out is not None, max_context=context,
                          batch_size=args.batch_size if args.prompts_file is not None else 1)
     if model.budget is not None and not args.quiet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from torch import fx, nn
 from ...ir.serialize import graph_to_json
 from ...passes.trace import TraceInfo
 from ...runtime.store.manifest import TEXT_FILES, digest_of, sha256
-from ...runtime.store.host import ALIGN, ExpertLayout, blob_key
+from ...runtime.store.host import ALIGN, DIGESTS, ExpertLayout, blob_key, digests_key
 
 MANIFEST = "manifest.json"
 
@@ -30,7 +31,9 @@ def layouts_of(lm: nn.Module, info: TraceInfo) -> dict[int, ExpertLayout]:
 
 def write_weights(weights: nn.Module | Iterable[tuple[Any, dict[str, torch.Tensor]]],
                   layouts: dict[int, ExpertLayout], out: Path, progress: Callable[[Any], Any]) -> None:
-    """dense.safetensors (everything but experts) and experts.safetensors (one blob per expert).
+    """dense.safetensors (everything but experts), experts.safetensors (one blob per expert) and
+    expert_digests.safetensors (each blob's sha256, per layer [experts, 32] uint8: what a read of
+    one blob from disk is checked against, ``runtime/store/disk.py``).
 
     ``weights`` is a model or a stream of ``(group, state-dict tensors)`` pairs such as
     stream_load.WeightStream: each group is written as it arrives and then dropped, so only one
@@ -61,9 +64,21 @@ def write_weights(weights: nn.Module | Iterable[tuple[Any, dict[str, torch.Tenso
             raise ValueError(f"the experts of layers {sorted(pending)} arrived incomplete")
         dense.finish()
         experts.finish()
+        _write_digests(experts.digests, layouts, out / DIGESTS)
     finally:
         dense.close()
         experts.close()
+
+
+def _write_digests(digests: dict[str, bytes], layouts: dict[int, ExpertLayout], path: Path) -> None:
+    table = _DenseFile(path)
+    try:
+        for layer, lay in layouts.items():
+            rows = [list(digests[blob_key(layer, e)]) for e in range(lay.num_experts)]
+            table.add(digests_key(layer), torch.tensor(rows, dtype=torch.uint8))
+        table.finish()
+    finally:
+        table.close()
 
 
 # safetensors' dtype names; the getattr ones are missing from some torch builds.
@@ -97,6 +112,7 @@ class _BlobFile:
             self._place[key] = (offset, n)
             offset += n
         self._missing = set(sizes)
+        self.digests: dict[str, bytes] = {}  # key -> the sha256 of its blob, as written
         self._file = open(path, "wb")
         self._file.write(header)
         self._file.truncate(offset)  # full size now: a blob written out of order leaves no short file
@@ -105,8 +121,10 @@ class _BlobFile:
         start, n = self._place[key]
         if blob.dtype != torch.uint8 or blob.numel() != n:
             raise ValueError(f"{key}: expected {n} bytes, got {blob.numel()} of {blob.dtype}")
+        data = blob.contiguous().numpy()
         self._file.seek(start)
-        self._file.write(blob.contiguous().numpy())
+        self._file.write(data)
+        self.digests[key] = hashlib.sha256(data).digest()
         self._missing.discard(key)
 
     def finish(self) -> None:

@@ -1,0 +1,126 @@
+"""The disk tier: expert blobs left in ``experts.safetensors``, read into slots when asked.
+
+``runtime.load(dir, host_memory=...)`` on a CPU device keeps no arena of every blob: the expert
+slots are the host tier, and each miss or prefetch reads its blob from the file straight into a
+slot, on the copy engine's worker (``cache/streams.py``), so reads overlap compute as copies do.
+Loading reads the header and the small digest table only: its time does not grow with the model.
+
+Every read is checked against the blob's sha256 (``expert_digests.safetensors``, listed and
+checked in the manifest) before the slot is handed to a compute; a blob that fails is a one-line
+LoadError naming its layer, expert and file, raised where it was needed, and the cache forgets
+that slot (``CacheModel._await``), so no later call computes with it. The file stays open for
+the model's life: a file replaced by a rename while loaded is still the one read, and one
+edited in place fails its check. After a read the file's pages are dropped from the page cache
+(``posix_fadvise``): the slot holds the bytes, the cache should neither keep a second copy nor
+hide the next read's cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .host import DIGESTS, ExpertLayout, HostStore, blob_key, digests_key, read_tensors
+from .manifest import LoadError
+
+_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
+
+
+@dataclass(frozen=True)
+class DiskBlob:
+    """One expert blob in the file: what the copy engine reads into a slot (``read_into``)."""
+
+    store: "DiskStore"
+    layer: int
+    expert: int
+    offset: int
+    nbytes: int
+    digest: bytes
+
+    def read_into(self, dst: torch.Tensor) -> None:
+        self.store.read_into(self, dst)
+
+
+@dataclass
+class DiskStats:
+    reads: int = 0
+    bytes_read: int = 0
+    read_s: float = 0.0  # on the reading thread: time in the read itself, not the check
+
+    def to_json(self) -> dict[str, float | int | None]:
+        return {"reads": self.reads, "bytes_read": self.bytes_read, "read_s": self.read_s,
+                "read_gbps": self.bytes_read / self.read_s / 1e9 if self.read_s > 0 else None}
+
+
+def load_digests(directory: Path, manifest: dict, layouts: dict[int, ExpertLayout], verify: bool) -> dict[str, bytes]:
+    """Each blob's sha256 from the digest table (checked against the manifest as read)."""
+    if DIGESTS not in manifest["files"]:
+        raise LoadError(f"{directory} has no per-blob digests (compiled by an older ExpertFlow); recompile it "
+                        "to stream experts from disk, or load it without host_memory")
+    tensors, file = read_tensors(directory, DIGESTS, manifest["files"][DIGESTS] if verify else None)
+    out = {}
+    for layer, lay in layouts.items():
+        table = tensors.get(digests_key(layer))
+        if table is None or table.dtype != torch.uint8 or tuple(table.shape) != (lay.num_experts, 32):
+            raise LoadError(f"{file}: {digests_key(layer)} is not uint8 [{lay.num_experts}, 32]; recompile the model")
+        for e, row in enumerate(table.tolist()):
+            out[blob_key(layer, e)] = bytes(row)
+    return out
+
+
+class DiskStore:
+    """The expert blobs of ``path``, read on demand (module docstring). ``digests`` None: reads
+    are not checked (``runtime.load(verify=False)``)."""
+
+    def __init__(self, path: Path, layouts: dict[int, ExpertLayout], digests: dict[str, bytes] | None):
+        self.path = path
+        self._file = open(path, "rb", buffering=0)
+        self._finalizer = weakref.finalize(self, self._file.close)  # never leaks with the model
+        try:
+            spans, _, _ = HostStore.check_open(path, self._file, layouts)
+        except BaseException:
+            self.close()
+            raise
+        self.nbytes = sum(end - start for start, end in spans.values())
+        self.stats = DiskStats()
+        self._lock = threading.Lock()  # the stats: read on the worker, asked for on the caller
+        self._blobs = {key: DiskBlob(self, int(key.split(".")[1]), int(key.split(".")[3]), start, end - start,
+                                     digests[key] if digests is not None else b"")
+                       for key, (start, end) in spans.items()}
+
+    def blob(self, layer: int, expert: int) -> DiskBlob:
+        return self._blobs[blob_key(layer, expert)]
+
+    def read_into(self, blob: DiskBlob, dst: torch.Tensor) -> None:
+        """Reads ``blob`` into the uint8 CPU tensor ``dst`` and checks it (LoadError if bad)."""
+        view = memoryview(dst.numpy()).cast("B")[:blob.nbytes]
+        fd = self._file.fileno()
+        start = time.perf_counter()
+        got = 0
+        while got < blob.nbytes:  # a positional read may return short: read the rest
+            n = os.preadv(fd, [view[got:]], blob.offset + got)
+            if n == 0:
+                raise LoadError(f"{self.path}: layer {blob.layer} expert {blob.expert} ends after {got} of its "
+                                f"{blob.nbytes} bytes (truncated); recompile the model")
+            got += n
+        elapsed = time.perf_counter() - start
+        if _DONTNEED is not None:
+            os.posix_fadvise(fd, blob.offset, blob.nbytes, _DONTNEED)
+        if blob.digest and hashlib.sha256(view).digest() != blob.digest:
+            raise LoadError(f"{self.path}: layer {blob.layer} expert {blob.expert} does not match its checksum "
+                            "(edited or corrupted); recompile the model")
+        with self._lock:
+            self.stats.reads += 1
+            self.stats.bytes_read += blob.nbytes
+            self.stats.read_s += elapsed
+
+    def close(self) -> None:
+        self._blobs = {}
+        self._finalizer()

@@ -1,0 +1,182 @@
+"""The disk tier (``runtime.load(dir, host_memory=...)`` on CPU): experts stay in the compiled
+directory's file and are read into slots when asked, each read checked against its blob's digest.
+Exact against transformers at every budget; the bytes read are the bytes the cache moved; a bad
+blob is a one-line error where it is needed and never a wrong token; the file stays the one
+loaded; nothing leaks."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import PROMPT_MASK, PROMPTS, assert_matches_hf
+from expertflow import runtime
+from expertflow.runtime.store.disk import DiskStore
+from expertflow.runtime.store.host import DIGESTS, HostStore, blob_key
+from expertflow.runtime.store.manifest import LoadError, digest_of, sha256
+
+NAME = "tiny-mixtral"
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
+
+
+def _blob_span(path: Path, layer: int, expert: int) -> tuple[int, int]:
+    header = _header(path)
+    base = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    start, end = header[blob_key(layer, expert)]["data_offsets"]
+    return base + start, base + end
+
+
+@pytest.mark.parametrize("budget", [1, 2, "25%", 7])
+def test_exact_at_every_host_budget(compiled_dir, hf_reference, budget):
+    """Every budget from one slot up gives transformers' logits and greedy tokens; what the cache
+    moved is exactly what was read from the file, and nothing of the experts was read at load."""
+    directory = compiled_dir(NAME)
+    model = runtime.load(directory, host_memory=budget)
+    store = model.context.cache.store
+    assert isinstance(store, DiskStore) and store.stats.reads == 0  # load read headers only
+    hf, _, _ = hf_reference(NAME)
+    assert_matches_hf(model, hf, 6)
+    stats = model.stats()
+    assert stats["disk"]["bytes_read"] == stats["total"]["bytes_moved"] > 0
+    blob = model.context.cache.layouts[0].blob_bytes  # one layout: every read is one blob
+    assert stats["disk"]["bytes_read"] == stats["disk"]["reads"] * blob
+
+
+def test_same_bytes_and_logits_as_the_memory_store_at_the_same_slots(compiled_dir):
+    directory = compiled_dir(NAME)
+    memory, disk = runtime.load(directory, expert_cache=3), runtime.load(directory, host_memory=3)
+    torch.testing.assert_close(disk(PROMPTS, attention_mask=PROMPT_MASK).logits,
+                               memory(PROMPTS, attention_mask=PROMPT_MASK).logits, rtol=0, atol=0)
+    assert disk.stats()["total"]["bytes_moved"] == memory.stats()["total"]["bytes_moved"]
+    assert disk.stats()["disk"]["bytes_read"] == disk.stats()["total"]["bytes_moved"]
+
+
+def test_every_expert_fitting_is_the_memory_load(compiled_dir):
+    model = runtime.load(compiled_dir(NAME), host_memory="100%")
+    assert isinstance(model.context.cache.store, HostStore) and "disk" not in model.stats()
+
+
+def _copy(directory: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(directory, out)
+    return out
+
+
+def test_a_flipped_byte_is_caught_where_it_is_needed_and_never_computed(compiled_dir, tmp_path):
+    """One byte of one blob flipped: load succeeds (it reads no blob); the step that needs that
+    expert fails in one line naming layer, expert and file; the next call fails again instead of
+    computing with the slot's bytes."""
+    directory = _copy(compiled_dir(NAME), tmp_path)
+    experts = directory / "experts.safetensors"
+    start, _ = _blob_span(experts, 0, 0)
+    data = bytearray(experts.read_bytes())
+    data[start + 5] ^= 0x40
+    experts.write_bytes(bytes(data))
+    layouts = runtime.load(compiled_dir(NAME), expert_cache=1).context.cache.layouts
+    every = sum(lay.num_experts for lay in layouts.values())
+    model = runtime.load(directory, host_memory=every - 1)  # on disk: each expert read at its first use
+    for _ in range(2):
+        with pytest.raises(LoadError) as err:
+            model(PROMPTS, attention_mask=PROMPT_MASK)
+        message = str(err.value)
+        assert "layer 0 expert 0 does not match its checksum" in message and str(experts) in message
+        assert "\n" not in message
+
+
+def test_a_truncated_file_is_refused_at_load(compiled_dir, tmp_path):
+    directory = _copy(compiled_dir(NAME), tmp_path)
+    experts = directory / "experts.safetensors"
+    os.truncate(experts, experts.stat().st_size - 100)
+    with pytest.raises(LoadError, match="inside the file") as err:
+        runtime.load(directory, host_memory=3)
+    assert "\n" not in str(err.value)
+
+
+def test_a_file_replaced_while_loaded_is_not_the_one_read(compiled_dir, hf_reference, tmp_path):
+    """The file is held open from load: a different file renamed over it changes nothing read."""
+    directory = _copy(compiled_dir(NAME), tmp_path)
+    model = runtime.load(directory, host_memory=2)
+    experts = directory / "experts.safetensors"
+    impostor = directory / "impostor"
+    impostor.write_bytes(bytes(experts.stat().st_size))  # all zeros, the same size
+    os.replace(impostor, experts)
+    hf, _, _ = hf_reference(NAME)
+    assert_matches_hf(model, hf, 4)
+
+
+def test_digests_are_written_per_blob_and_required_for_the_disk_tier(compiled_dir, tmp_path):
+    directory = compiled_dir(NAME)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    table = load_file(directory / DIGESTS)
+    experts = (directory / "experts.safetensors").read_bytes()
+    start, end = _blob_span(directory / "experts.safetensors", 1, 3)
+    assert bytes(table["layers.1"][3].tolist()) == hashlib.sha256(experts[start:end]).digest()
+    assert manifest["files"][DIGESTS] == sha256(directory / DIGESTS)
+    # a directory without them (an older compile) loads in memory, and refuses the disk tier in one line
+    old = _copy(directory, tmp_path)
+    manifest["files"].pop(DIGESTS)
+    (old / DIGESTS).unlink()
+    manifest["digest"] = digest_of(manifest)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    runtime.load(old, expert_cache=3)
+    with pytest.raises(LoadError, match="no per-blob digests .* recompile it to stream experts from disk"):
+        runtime.load(old, host_memory=3)
+
+
+@pytest.mark.parametrize("kwargs,says", [
+    ({"host_memory": 0}, "host_memory=0 holds no expert"),
+    ({"host_memory": "2 bananas"}, "host_memory='2 bananas' is not a size"),
+    ({"host_memory": 3, "expert_cache": 3}, "give host_memory or expert_cache, not both"),
+])
+def test_bad_host_budgets_are_one_line(compiled_dir, kwargs, says):
+    with pytest.raises(LoadError, match=says) as err:
+        runtime.load(compiled_dir(NAME), **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_no_file_descriptor_or_thread_leaks(compiled_dir):
+    """Loading, running and dropping models again and again leaves the process's open files and
+    threads as they were (the file and the copy engine's worker end with their model)."""
+    def counts() -> tuple[int, int]:
+        gc.collect()
+        return len(os.listdir("/proc/self/fd")), threading.active_count()
+
+    directory = compiled_dir(NAME)
+    runtime.load(directory, host_memory=2)(PROMPTS, attention_mask=PROMPT_MASK)  # warm imports and caches
+    before = counts()
+    for _ in range(5):
+        model = runtime.load(directory, host_memory=2)
+        model.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=3)
+        del model
+    assert counts() == before
+
+
+def test_generate_cli_streams_from_disk_with_the_same_text(compiled_dir, capsys):
+    """expertflow-generate --host-memory: the text --budget gives at the same slots, and --stats
+    says what was read; with --budget too, one line and exit 2."""
+    from expertflow.tools.cli.generate import main
+
+    directory = str(compiled_dir(NAME))
+    args = [directory, "hello there", "--max-new-tokens", "6", "--quiet"]
+    assert main([*args, "--budget", "3"]) == 0
+    from_memory = capsys.readouterr().out
+    assert main([*args, "--host-memory", "3", "--stats"]) == 0
+    streamed = capsys.readouterr()
+    assert streamed.out == from_memory and "MiB read" in streamed.out + streamed.err
+    assert main([*args, "--host-memory", "3", "--budget", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "give it or --budget, not both" in err and err.count("\n") == 1
