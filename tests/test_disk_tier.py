@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 
 from conftest import PROMPT_MASK, PROMPTS, assert_matches_hf
 from expertflow import runtime
+from expertflow.runtime.cache.streams import Ticket
 from expertflow.runtime.store.disk import DiskStore
 from expertflow.runtime.store.host import DIGESTS, HostStore, blob_key
 from expertflow.runtime.store.manifest import LoadError, digest_of, sha256
+from expertflow.tools.sim.prefetch_sim import from_log, replay
 
 NAME = "tiny-mixtral"
 
@@ -180,3 +182,40 @@ def test_generate_cli_streams_from_disk_with_the_same_text(compiled_dir, capsys)
     assert main([*args, "--host-memory", "3", "--budget", "3"]) == 2
     err = capsys.readouterr().err
     assert "give it or --budget, not both" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("policy", ["layer_cycle", "lru"])
+def test_the_simulator_counts_the_bytes_the_disk_tier_read(compiled_dir, policy):
+    """The runtime's own requests, replayed by the simulator (the same cache model, with a clock),
+    give the bytes the disk tier read within 2% (a queued prefetch cancelled before its read is
+    the difference: the replay has no clock), and the same hits."""
+    model = runtime.load(compiled_dir(NAME), host_memory=3, policy=policy, record_routing=True)
+    model.generate(PROMPTS, attention_mask=PROMPT_MASK, max_new_tokens=8)
+    trace, issues = from_log(model.routing.log)
+    blob = model.context.cache.layouts[0].blob_bytes
+    got = replay(trace, issues, policy, 3, "cross_layer_gate", blob)
+    stats = model.stats()
+    read = stats["disk"]["bytes_read"] + stats["total"]["prefetch_cancelled"] * blob
+    assert abs(got.bytes - read) <= 0.02 * got.bytes, (got.bytes, read)
+    assert got.accesses == stats["total"]["hits"] + stats["total"]["misses"]
+    assert abs(got.hits - stats["total"]["hits"]) <= 0.02 * got.accesses
+
+
+def test_an_interrupt_while_a_read_is_awaited_leaves_the_next_call_exact(compiled_dir, hf_reference, monkeypatch):
+    """Ctrl-C lands while the compute waits for a blob being read: the call stops, and the next
+    one gives transformers' logits and tokens (nothing half-read is ever computed with)."""
+    model = runtime.load(compiled_dir(NAME), host_memory=2)
+    waits, real = [0], Ticket.wait
+
+    def interrupted(ticket):
+        waits[0] += 1
+        if waits[0] == 7:
+            raise KeyboardInterrupt
+        real(ticket)
+
+    monkeypatch.setattr(Ticket, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model(PROMPTS, attention_mask=PROMPT_MASK)
+    monkeypatch.setattr(Ticket, "wait", real)
+    hf, _, _ = hf_reference(NAME)
+    assert_matches_hf(model, hf, 4)

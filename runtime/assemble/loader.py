@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from ... import __version__
 from ...ir import meta_keys, ops
@@ -30,15 +30,16 @@ from ...ir.hf_compat import cache_maker
 from ...ir.serialize import GraphFormatError, graph_from_json
 from ...ir.skeleton import assign_weights, build_skeleton
 from ...passes.driver import Driver
-from ..store.arena import available_host_bytes
-from ..store.budget import AutoBudget, Budget, all_slots, auto_budget
+from ..store.budget import Budget, all_slots
 from ..cache.expert_cache import ExpertCache
 from ..generate.context import RuntimeContext
+from .dense import DENSE, check_dense, expected_dense, read_dense
+from .memory import auto_slots, host_tier
 from .derive import CONFIG_ERRORS, Derived, check_generation, derive, make_config
 from ..store.device import check_device
 from ..store.manifest import (VERIFIED_AS_READ, LoadError, check_files, memory_plan, read_json, read_manifest,
                        regular_file)
-from ..store.tensor_file import HEADER_LIMIT, read_header, read_tensor_file
+from ..store.tensor_file import read_header
 from ..generate.model import CompiledModel, model_class
 from ..store.disk import DiskStore, load_digests
 from ..store.host import ExpertLayout, HostStore
@@ -54,26 +55,7 @@ from ..cache.streams import CopyEngine
 from ..observe.timeline import Timeline
 
 EXPERTS = "experts.safetensors"
-DENSE = "dense.safetensors"
 GENERATION_CONFIG_LIMIT = 2**20  # bytes: real ones are under 2 KiB
-
-
-def _auto(manifest: dict[str, Any], layouts: dict[int, ExpertLayout], config: Any, dtype: torch.dtype,
-          dev: torch.device, batch: int, context: int | None, on_disk: bool = False) -> AutoBudget:
-    """``expert_cache='auto'``: free memory where the slots live, less what else lives there."""
-    if type(batch) is not int or batch < 1 or (context is not None and (type(context) is not int or context < 1)):
-        raise LoadError(f"batch_size={batch!r} and max_context={context!r} must be positive integers")
-    limit = int(getattr(config, "max_position_embeddings", 0) or 4096)
-    context = context if context is not None else min(limit, 4096)
-    plan = manifest["memory_plan"]
-    if dev.type == "cuda":
-        free = torch.cuda.mem_get_info(dev)[0]
-    else:  # the host holds the expert arena as well as the slots, unless the experts stay on disk
-        host = available_host_bytes()
-        if host is None:
-            raise LoadError("expert_cache='auto' cannot tell this host's free memory; give a size such as '4GiB'")
-        free = host if on_disk else max(host - plan["expert_bytes_total"], 0)
-    return auto_budget(layouts, free, plan["dense_bytes"], config, batch, context, dtype)
 
 
 def _layouts(manifest: dict[str, Any], where: str) -> dict[int, ExpertLayout]:
@@ -129,36 +111,6 @@ def _graph(path: Path, manifest: dict[str, Any], derived: Derived, digests: dict
 
 def _what(exc: Exception) -> str:
     return f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc).split("\n")[0]
-
-
-def _dense(path: Path, lm: nn.Module, layouts: dict[int, ExpertLayout], dev: torch.device,
-           digest: str | None) -> dict[str, torch.Tensor]:
-    """dense.safetensors, whose tensors must be exactly the skeleton's (experts aside), shape and dtype:
-    read once (no larger than those tensors and a header), checked against ``digest`` as read."""
-    expected = _expected_dense(lm, layouts)
-    limit = sum(v.numel() * v.element_size() for v in expected.values()) + HEADER_LIMIT
-    tensors = {k: v.to(dev) for k, v in read_tensor_file(path, DENSE, limit, digest).items()}
-    _check_dense(path / DENSE, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, expected)
-    return tensors
-
-
-def _expected_dense(lm: nn.Module, layouts: dict[int, ExpertLayout]) -> dict[str, torch.Tensor]:
-    experts = {f"{lay.module.removeprefix('lm.')}.{p.name}" for lay in layouts.values() for p in lay.parts}
-    return {k: v for k, v in lm.state_dict().items() if k not in experts}
-
-
-def _check_dense(file: Path, found: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 expected: dict[str, torch.Tensor]) -> None:
-    """The dense file's tensors (name -> dtype, shape) are exactly the skeleton's."""
-    extra, missing = sorted(set(found) - set(expected)), sorted(set(expected) - set(found))
-    if extra or missing:
-        raise LoadError(f"{file} does not hold the model's dense weights (unexpected {extra[:3]}, missing "
-                        f"{missing[:3]}); recompile the model")
-    for name, (dtype, shape) in found.items():
-        want = expected[name]
-        if shape != tuple(want.shape) or dtype != want.dtype:
-            raise LoadError(f"{file}: {name} is {dtype} {shape}, the model needs {want.dtype} "
-                            f"{tuple(want.shape)}; recompile the model")
 
 
 def copy_streams(graph: fx.Graph, where: str) -> dict[tuple[str, int], str]:
@@ -224,8 +176,8 @@ def _checked(path: Path, manifest: dict[str, Any], layouts: dict[int, ExpertLayo
         derived = derive({**manifest, "options": options}, config, dtype, where)
         graph = derived.graph
     header = read_header(path, DENSE)
-    _check_dense(path / DENSE, {k: (dtype_, tuple(shape)) for k, (dtype_, shape, _, _) in header.items()},
-                 _expected_dense(derived.driver.lm, layouts))
+    check_dense(path / DENSE, {k: (dtype_, tuple(shape)) for k, (dtype_, shape, _, _) in header.items()},
+                 expected_dense(derived.driver.lm, layouts))
     HostStore.check(regular_file(path, EXPERTS), layouts)
     run = graph_from_json(graph, derived.driver)  # the skeleton's names are the loaded model's
     copy_streams(run, where)
@@ -268,18 +220,18 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     dev = check_device(device)
     # before the checksums: a bad budget fails at once
     request = (Budget.read(expert_cache) if host_memory is None
-               else Budget.read(_host_tier(host_memory, expert_cache, dev), "host_memory"))
+               else Budget.read(host_tier(host_memory, expert_cache, dev), "host_memory"))
     slots = 0 if request.auto else request.slots_on(layouts)
     ok = _checked(path, manifest, layouts, verify, (predictor, lookahead, policy, prefetch))
-    config, dtype, derived, options = ok.config, ok.dtype, ok.derived, ok.options
+    config, dtype, options = ok.config, ok.dtype, ok.options
     where, digests = f"{path}/manifest.json", manifest["files"] if verify else {}
     auto = None
     if request.auto:
-        auto = _auto(manifest, layouts, config, dtype, dev, batch_size, max_context, host_memory is not None)
+        auto = auto_slots(manifest, layouts, config, dtype, dev, batch_size, max_context, host_memory is not None)
         slots = auto.slots
     lm = build_skeleton(config, dtype)
     driver = Driver(lm)
-    assign_weights(lm, _dense(path, lm, layouts, dev, digests.get(DENSE)))
+    assign_weights(lm, read_dense(path, lm, layouts, dev, digests.get(DENSE)))
     for module in lm.modules():
         for name, buf in list(module._buffers.items()):
             if buf is not None and buf.device != dev and buf.device.type != "meta":
@@ -311,17 +263,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     if record_routing:
         model.routing = context.routing = RoutingTrace()
     return model
-
-
-def _host_tier(host_memory: int | str, expert_cache: int | str | None, dev: torch.device) -> int | str:
-    """``host_memory`` as the slot budget: on a CPU device the slots are the host tier."""
-    if dev.type != "cpu":
-        raise LoadError(f"host_memory streams experts from disk into a CPU device's expert slots; on {dev} "
-                        "the disk tier is not built yet: leave host_memory unset")
-    if expert_cache is not None:
-        raise LoadError("on a CPU device the expert slots are the host tier: give host_memory or expert_cache, "
-                        "not both")
-    return host_memory
 
 
 DEFAULT_OPTIONS = CompileOptions().to_json()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .cache_model import CacheModel, Handle, LayerStats
+from .cache_model import CacheModel
+from .records import Handle, LayerStats
 from .device_state import SlotTable, StallClock
 from .policy import Policy, make_policy
 from .pool import Pool

@@ -27,7 +27,7 @@ from ...passes.driver import logits_selector
 from .context import RuntimeContext
 from .inputs import check_attention_mask, check_input_ids, check_position_ids
 from ..store.budget import AutoBudget
-from ..cache.cache_model import LayerStats
+from ..cache.records import LayerStats
 from ..store.disk import DiskStore
 from .batching import Schedule, generate_many
 from ..observe.routing import RoutingTrace

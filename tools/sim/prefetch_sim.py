@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ...runtime.cache.cache_model import Handle
+from ...runtime.cache.records import Handle
 from ...runtime.predict.estimates import RoutingPrior
 from .sim_cache import Clock, SimCache, TimeModel, Totals, make_sim_policy
 from .trace_file import Access
