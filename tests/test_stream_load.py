@@ -8,6 +8,7 @@ compiled model's logits.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
@@ -25,7 +26,7 @@ from expertflow import runtime
 from expertflow.ir.skeleton import build_skeleton
 from expertflow.passes.options import CompileOptions
 from expertflow.passes.pipeline import compile_graph
-from expertflow.runtime.store.host import ALIGN, HostStore, blob_key
+from expertflow.runtime.store.host import ALIGN, DIGESTS, HostStore, blob_key, digests_key
 from expertflow.tools.make import artefact, stream_load
 from expertflow.tools.presets import catalog as presets
 from expertflow.tools.make.stream_load import WeightStream, group_of
@@ -139,13 +140,15 @@ def test_writer_round_trip(source: str, tmp_path: Path, model_dir) -> None:
     out = tmp_path / "out"
     out.mkdir()
     artefact.write_weights(WeightStream(path, torch.float32, model=skeleton), layouts, out, lambda it: it)
-    assert sorted(p.name for p in out.iterdir()) == ["dense.safetensors", "experts.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["dense.safetensors", "expert_digests.safetensors",
+                                                     "experts.safetensors"]
     ref = _reference(path)
     expert_keys = {f"{lay.module.removeprefix('lm.')}.{p.name}" for lay in layouts.values() for p in lay.parts}
     dense = load_file(str(out / "dense.safetensors"))
     _assert_same(dense, {k: v for k, v in ref.items() if k not in expert_keys})
     assert "lm_head.weight" in dense and "model.embed_tokens.weight" in dense
     experts = load_file(str(out / "experts.safetensors"))
+    digests = load_file(str(out / DIGESTS))
     store = HostStore(out / "experts.safetensors", layouts)
     assert set(experts) == set(store.blobs) == {blob_key(l, e) for l, lay in layouts.items()
                                                 for e in range(lay.num_experts)}
@@ -154,6 +157,8 @@ def test_writer_round_trip(source: str, tmp_path: Path, model_dir) -> None:
         for e in range(lay.num_experts):
             expected = lay.pack(params, e)
             assert torch.equal(store.blob(layer, e), expected) and torch.equal(experts[blob_key(layer, e)], expected)
+            # the digest table holds each blob's sha256 (what a read from disk is checked against)
+            assert bytes(digests[digests_key(layer)][e].tolist()) == hashlib.sha256(expected.numpy()).digest()
     store.close()
     with open(out / "experts.safetensors", "rb") as f:  # blobs 64-byte aligned in the file
         assert (8 + struct.unpack("<Q", f.read(8))[0]) % ALIGN == 0
