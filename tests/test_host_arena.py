@@ -91,7 +91,7 @@ def test_padding_beyond_the_blobs_is_refused(compiled_dir, tmp_path):
 
 
 def test_auto_budget_takes_what_free_memory_leaves(compiled_dir, monkeypatch):
-    from expertflow.runtime.assemble import loader
+    from expertflow.runtime.assemble import memory
 
     directory = compiled_dir(NAME)
     plan = read_manifest(directory)["memory_plan"]
@@ -99,12 +99,12 @@ def test_auto_budget_takes_what_free_memory_leaves(compiled_dir, monkeypatch):
     assert model.stats()["slots"] == plan["all_resident_slots"] and "expert_cache='auto'" in model.budget.describe()
     # a host with room for the experts' arena, the margin and exactly 5 slots beyond them
     margin = 256 * 2**20
-    monkeypatch.setattr(loader, "available_host_bytes",
+    monkeypatch.setattr(memory, "available_host_bytes",
                         lambda: plan["expert_bytes_total"] + plan["dense_bytes"] + margin + 5 * plan["expert_blob_bytes"])
     model = runtime.load(directory, expert_cache="auto", max_context=1, batch_size=1)
     kv = model.budget.kv
     assert kv > 0 and model.stats()["slots"] == 5 - -(-kv // plan["expert_blob_bytes"])
-    monkeypatch.setattr(loader, "available_host_bytes", lambda: plan["expert_bytes_total"])
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: plan["expert_bytes_total"])
     with pytest.raises(LoadError, match="not one expert slot"):
         runtime.load(directory, expert_cache="auto")
     with pytest.raises(LoadError, match="must be positive integers"):
