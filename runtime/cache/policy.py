@@ -120,8 +120,16 @@ class LayerCycle(Policy):
         return best
 
     def ranking(self, candidates: Sequence[Key], limit: int | None = None) -> list[Key]:
-        far = {layer: -self.distance(layer) for layer in self.position}
-        return sorted(candidates, key=lambda key: far[key[0]])[:limit]
+        # distances of the candidates' layers only: a trace may name thousands of layers
+        far: dict[int, int] = {}
+
+        def rank(key: Key) -> int:
+            d = far.get(key[0])
+            if d is None:
+                d = far[key[0]] = -self.distance(key[0])
+            return d
+
+        return sorted(candidates, key=rank)[:limit]
 
 
 class Predictive(Policy):
