@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .host import DIGESTS, ExpertLayout, HostStore, blob_key, digests_key, read_tensors
+from .host import DIGESTS, ExpertLayout, HostStore, blob_key, digests_key
 from .manifest import LoadError
+from .tensor_file import read_tensor_file
 
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 
@@ -64,7 +65,10 @@ def load_digests(directory: Path, manifest: dict, layouts: dict[int, ExpertLayou
     if DIGESTS not in manifest["files"]:
         raise LoadError(f"{directory} has no per-blob digests (compiled by an older ExpertFlow); recompile it "
                         "to stream experts from disk, or load it without host_memory")
-    tensors, file = read_tensors(directory, DIGESTS, manifest["files"][DIGESTS] if verify else None)
+    # the table and its header, no more: a layer's header entry is under 128 bytes
+    size = sum(lay.num_experts for lay in layouts.values()) * 32 + 128 * len(layouts) + 4096
+    tensors = read_tensor_file(directory, DIGESTS, size, manifest["files"][DIGESTS] if verify else None)
+    file = directory / DIGESTS
     out = {}
     for layer, lay in layouts.items():
         table = tensors.get(digests_key(layer))

@@ -203,3 +203,10 @@ class TimeModel:
     @property
     def copy_ms(self) -> float:
         return self.expert_bytes / (self.bandwidth_gbps * 1e9) * 1e3
+
+    def per_token(self, ms: float, nbytes: int, tokens: int) -> dict[str, float | None]:
+        """A timed replay's row fields: ``ms`` over ``tokens``, the copy time of ``nbytes`` alone
+        per token (the bound), and their ratio (None when nothing was copied)."""
+        copy_ms = nbytes / (self.bandwidth_gbps * 1e9) * 1e3
+        return {"ms_per_token": ms / max(tokens, 1), "bound_ms_per_token": copy_ms / max(tokens, 1),
+                "over_bound": ms / copy_ms if copy_ms else None}

@@ -176,9 +176,7 @@ def evaluate(compiled: Path, caches: list[int], policies: list[str], group: str,
                    "loads_over_min": r.loads / best if best else 1.0, "min_loads": best, "causal_bound_loads": causal,
                    "tokens": r.tokens, "group": group}
             if time is not None:
-                copy_ms = r.bytes / (time.bandwidth_gbps * 1e9) * 1e3
-                row.update(ms_per_token=r.ms / max(r.tokens, 1), bound_ms_per_token=copy_ms / max(r.tokens, 1),
-                           over_bound=r.ms / copy_ms if copy_ms else None)
+                row.update(time.per_token(r.ms, r.bytes, r.tokens))
             rows.append(row)
     return rows, recall_table(rec, preds, n)
 

@@ -83,9 +83,7 @@ def _row(r: Replay, best: int, time_model: TimeModel | None) -> dict[str, Any]:
         "wasted_prefetches": r.wasted, "dropped_prefetches": r.dropped,
         "per_layer": {str(layer): {"hits": c["ready"], "loads": c["loads"]} for layer, c in r.per_layer.items()}}
     if time_model is not None:
-        copy_ms = r.bytes / (time_model.bandwidth_gbps * 1e9) * 1e3
-        row.update(ms_per_token=r.ms / max(r.tokens, 1), bound_ms_per_token=copy_ms / max(r.tokens, 1),
-                   over_bound=r.ms / copy_ms if copy_ms else None)
+        row.update(time_model.per_token(r.ms, r.bytes, r.tokens))
     return row
 
 
