@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from conftest import PROMPT_MASK, PROMPTS, assert_matches_hf
 from expertflow import runtime
 from expertflow.runtime.cache.streams import Ticket
+from expertflow.runtime.store.budget import kv_cache_bytes
 from expertflow.runtime.store.disk import DiskStore
 from expertflow.runtime.store.host import DIGESTS, HostStore, blob_key
 from expertflow.runtime.store.manifest import LoadError, digest_of, sha256
@@ -42,9 +43,9 @@ def _blob_span(path: Path, layer: int, expert: int) -> tuple[int, int]:
     return base + start, base + end
 
 
-@pytest.mark.parametrize("budget", [1, 2, "25%", 7])
+@pytest.mark.parametrize("budget", [2, "25%", 7])
 def test_exact_at_every_host_budget(compiled_dir, hf_reference, budget):
-    """Every budget from one slot up gives transformers' logits and greedy tokens; what the cache
+    """Every budget from one layer's top-k (2) up gives transformers' logits and greedy tokens; what the cache
     moved is exactly what was read from the file, and nothing of the experts was read at load."""
     directory = compiled_dir(NAME)
     model = runtime.load(directory, host_memory=budget)
@@ -67,9 +68,47 @@ def test_same_bytes_and_logits_as_the_memory_store_at_the_same_slots(compiled_di
     assert disk.stats()["disk"]["bytes_read"] == disk.stats()["total"]["bytes_moved"]
 
 
-def test_every_expert_fitting_is_the_memory_load(compiled_dir):
+def test_every_expert_fitting_is_read_once_at_load(compiled_dir, hf_reference):
+    """A host tier that holds every expert reads each blob once at load (checked), into the slots:
+    no second copy in an arena, and no read after."""
     model = runtime.load(compiled_dir(NAME), host_memory="100%")
-    assert isinstance(model.context.cache.store, HostStore) and "disk" not in model.stats()
+    store = model.context.cache.store
+    every = sum(lay.num_experts for lay in model.context.cache.layouts.values())
+    assert isinstance(store, DiskStore) and store.stats.reads == every
+    hf, _, _ = hf_reference(NAME)
+    assert_matches_hf(model, hf, 4)
+    assert store.stats.reads == every and model.stats()["total"]["misses"] == 0
+    assert isinstance(runtime.load(compiled_dir(NAME), expert_cache="100%").context.cache.store, HostStore)
+
+
+def test_one_total_memory_is_split_dense_kv_margin_then_slots(compiled_dir, hf_reference):
+    """memory= a size: the dense weights, a KV cache and the margin come first, the host tier's
+    slots get the rest (said by model.budget), the other experts stay on disk; exact tokens."""
+    directory = compiled_dir(NAME)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    probe = runtime.load(directory, host_memory=2)
+    one = probe.context.cache.layouts[0].blob_bytes
+    kv = kv_cache_bytes(probe.config, 1, probe.config.max_position_embeddings, 4)
+    total = manifest["memory_plan"]["dense_bytes"] + kv + 256 * 2**20 + 3 * one + one // 2  # margin: 256 MiB
+    model = runtime.load(directory, memory=f"{total}B")
+    assert model.stats()["slots"] == 3 and isinstance(model.context.cache.store, DiskStore)
+    said = model.budget.describe()
+    assert said.startswith(f"memory='{total}B': 3 slots") and "the other 29 experts stay on disk" in said
+    hf, _, _ = hf_reference(NAME)
+    assert_matches_hf(model, hf, 4)
+
+
+@pytest.mark.parametrize("kwargs,says", [
+    ({"memory": "25%"}, "memory='25%': give the total for the host as a size"),
+    ({"memory": "1MiB"}, "memory='1MiB': 1.0 MiB holds .* not one expert slot .* give a larger total"),
+    ({"memory": "1GiB", "host_memory": 3}, "give one of expert_cache, host_memory and memory"),
+    ({"host_memory": 1}, "host_memory=1 holds 1 expert slot.s., fewer than the 2 experts each token is routed to: "
+                         "give at least 2 slots"),
+])
+def test_bad_memory_totals_are_one_line(compiled_dir, kwargs, says):
+    with pytest.raises(LoadError, match=says) as err:
+        runtime.load(compiled_dir(NAME), **kwargs)
+    assert "\n" not in str(err.value)
 
 
 def _copy(directory: Path, tmp_path: Path) -> Path:
@@ -142,7 +181,7 @@ def test_digests_are_written_per_blob_and_required_for_the_disk_tier(compiled_di
 @pytest.mark.parametrize("kwargs,says", [
     ({"host_memory": 0}, "host_memory=0 holds no expert"),
     ({"host_memory": "2 bananas"}, "host_memory='2 bananas' is not a size"),
-    ({"host_memory": 3, "expert_cache": 3}, "give host_memory or expert_cache, not both"),
+    ({"host_memory": 3, "expert_cache": 3}, "give one of expert_cache, host_memory and memory, not host_memory"),
 ])
 def test_bad_host_budgets_are_one_line(compiled_dir, kwargs, says):
     with pytest.raises(LoadError, match=says) as err:
@@ -181,7 +220,7 @@ def test_generate_cli_streams_from_disk_with_the_same_text(compiled_dir, capsys)
     assert streamed.out == from_memory and "MiB read" in streamed.out + streamed.err
     assert main([*args, "--host-memory", "3", "--budget", "3"]) == 2
     err = capsys.readouterr().err
-    assert "give it or --budget, not both" in err and err.count("\n") == 1
+    assert "--host-memory and --budget both size the expert slots" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("policy", ["layer_cycle", "lru"])

@@ -32,6 +32,7 @@ def one_line(exc: BaseException) -> str:
 #: The Python API's argument names in runtime errors, and the command-line flags that set them.
 _CLI_TERMS = ((re.compile(r"\bexpert_cache=(['\"]?)([^'\"\s:;,]*)\1"), r"--budget \2"),
               (re.compile(r"\bhost_memory=(['\"]?)([^'\"\s:;,]*)\1"), r"--host-memory \2"),
+              (re.compile(r"\bmemory=(['\"]?)([^'\"\s:;,]*)\1"), r"--memory \2"),
               (re.compile(r"\bdevice=(['\"]?)([^'\"\s:;,]*)\1"), r"--device \2"))
 
 

@@ -34,7 +34,7 @@ from ..store.budget import Budget, all_slots
 from ..cache.expert_cache import ExpertCache
 from ..generate.context import RuntimeContext
 from .dense import DENSE, check_dense, expected_dense, read_dense
-from .memory import auto_slots, host_tier
+from .memory import auto_slots, check_top_k, host_tier
 from .derive import CONFIG_ERRORS, Derived, check_generation, derive, make_config
 from ..store.device import check_device
 from ..store.manifest import (VERIFIED_AS_READ, LoadError, check_files, memory_plan, read_json, read_manifest,
@@ -192,7 +192,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
          verify: bool = True, preload: bool | None = None, timeline: bool = False,
          record_routing: bool = False, predictor: str | None = None, lookahead: int | None = None,
          policy: str | None = None, batch_size: int = 1, max_context: int | None = None,
-         prefetch: str | None = None, host_memory: int | str | None = None) -> CompiledModel:
+         prefetch: str | None = None, host_memory: int | str | None = None,
+         memory: int | str | None = None) -> CompiledModel:
     """Loads a compiled directory; ``expert_cache`` is slots, a size ('4GiB'), a fraction ('25%'),
     or None for every expert resident.
 
@@ -212,23 +213,30 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     ``host_memory`` (CPU device; the same forms as ``expert_cache``) keeps the experts on disk:
     the expert slots are the host tier, holding that much, and every other blob is read from
     ``experts.safetensors`` when a prediction or a miss asks for it, checked as read
-    (``runtime/store/disk.py``); load reads headers only. At or above every expert, it is the
-    all-in-memory load.
+    (``runtime/store/disk.py``); load reads headers only. At or above every expert, every blob
+    is read (and checked) into the slots at load, once. Below one layer's top-k it is refused.
+    ``memory`` (CPU device; a size or 'auto') is one total for the host instead: the dense
+    weights, a KV cache as for 'auto' and a margin come first, the expert slots get the rest
+    (``model.budget.describe()`` says how it was split), and the other experts stay on disk.
     """
     path = Path(path)
     manifest, layouts = _manifest(path)
     dev = check_device(device)
     # before the checksums: a bad budget fails at once
-    request = (Budget.read(expert_cache) if host_memory is None
-               else Budget.read(host_tier(host_memory, expert_cache, dev), "host_memory"))
-    slots = 0 if request.auto else request.slots_on(layouts)
+    tier = host_tier(host_memory, memory, expert_cache, dev)
+    request = tier if tier is not None else Budget.read(expert_cache)
+    sized = request.auto or memory is not None  # slots from memory sizes, once the config is read
+    slots = 0 if sized else request.slots_on(layouts)
     ok = _checked(path, manifest, layouts, verify, (predictor, lookahead, policy, prefetch))
     config, dtype, options = ok.config, ok.dtype, ok.options
     where, digests = f"{path}/manifest.json", manifest["files"] if verify else {}
     auto = None
-    if request.auto:
-        auto = auto_slots(manifest, layouts, config, dtype, dev, batch_size, max_context, host_memory is not None)
+    if sized:
+        auto = auto_slots(manifest, layouts, config, dtype, dev, batch_size, max_context, tier is not None,
+                          request if memory is not None else None)
         slots = auto.slots
+    if tier is not None:
+        check_top_k(slots, config, layouts, request)
     lm = build_skeleton(config, dtype)
     driver = Driver(lm)
     assign_weights(lm, read_dense(path, lm, layouts, dev, digests.get(DENSE)))
@@ -241,7 +249,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     if everything:
         drop_prefetch(gm)
         gm.recompile()
-    if host_memory is not None and not everything:
+    if tier is not None:  # the slots are the host tier, even when they hold every expert: no second copy
         store = DiskStore(regular_file(path, EXPERTS), layouts, load_digests(path, manifest, layouts, verify))
     else:
         store = HostStore(regular_file(path, EXPERTS), layouts, pin=dev.type == "cuda",

@@ -90,30 +90,57 @@ def all_slots(layouts: dict[int, ExpertLayout]) -> int:
     return max(per_pool.values())
 
 
+#: Config names of the experts each token is routed to (top-k), as transformers' configs spell it.
+TOP_K_NAMES = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k", "experts_per_token",
+               "top_k_experts")
+
+
+def routed_per_token(config: object) -> int | None:
+    """The most experts one token of any MoE layer is routed to (a per-layer list gives its
+    largest), or None when the config names no top-k."""
+    for name in TOP_K_NAMES:
+        value = getattr(config, name, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        ks = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+        if ks:
+            return max(ks)
+    return None
+
+
 def budget_argument(text: str) -> int | str:
     """A command line's ``--budget``: digits are a slot count, anything else goes to Budget.read."""
     return int(text) if text.strip().isdigit() else text
 
 
+def size_text(n: int) -> str:
+    """Bytes as people read them: GiB from one GiB up, MiB below."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 @dataclass(frozen=True)
 class AutoBudget:
-    """What ``expert_cache='auto'`` chose, and from what (bytes)."""
+    """What ``expert_cache='auto'`` (or a total ``memory=``) chose, and from what (bytes)."""
 
     slots: int
-    free: int        # free memory on the device the slots live on
+    free: int        # free memory on the device the slots live on, or the total given
     dense: int       # the dense weights that will live there too
     kv: int          # KV cache for the requested batch and context
     margin: int      # kept free for activations and the allocator
     slot_bytes: int  # one slot in every pool
+    request: str = "expert_cache='auto'"  # what the caller asked, as they wrote it
+    on_disk: int = 0  # slots' worth of experts left on disk (the rest of a model under memory=)
 
     def describe(self) -> str:
-        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
-        return (f"expert_cache='auto': {self.slots} slots ({gib(self.slots * self.slot_bytes)}) from {gib(self.free)} "
-                f"free, less dense weights {gib(self.dense)}, KV cache {gib(self.kv)} and margin {gib(self.margin)}")
+        gib = size_text
+        source = "free" if self.request.endswith("'auto'") else "given"
+        rest = f"; the other {self.on_disk} experts stay on disk, read when needed" if self.on_disk else ""
+        return (f"{self.request}: {self.slots} slots ({gib(self.slots * self.slot_bytes)}) from {gib(self.free)} "
+                f"{source}, less dense weights {gib(self.dense)}, KV cache {gib(self.kv)} and margin "
+                f"{gib(self.margin)}{rest}")
 
 
 def auto_budget(layouts: dict[int, ExpertLayout], free: int, dense: int, config: object, batch: int, context: int,
-                dtype: torch.dtype) -> AutoBudget:
+                dtype: torch.dtype, request: str = "expert_cache='auto'") -> AutoBudget:
     """The most slots (up to every expert) that fit ``free`` bytes after ``dense`` bytes of dense
     weights, a KV cache (``kv_cache_bytes``) of ``config`` for ``batch`` sequences of ``context``
     tokens in ``dtype``, and a margin of 10% (at least 256 MiB); LoadError when not even one does.
@@ -125,10 +152,11 @@ def auto_budget(layouts: dict[int, ExpertLayout], free: int, dense: int, config:
     room = free - dense - kv - margin
     slots = min(everything, room // one) if room > 0 else 0
     if slots < 1:
-        raise LoadError(f"expert_cache='auto': {free / 2**30:.2f} GiB free holds the dense weights "
-                        f"({dense / 2**30:.2f} GiB), KV cache ({kv / 2**30:.2f} GiB) and margin but not one expert slot "
-                        f"({one} bytes); use a smaller batch or context, or a larger device")
-    return AutoBudget(int(slots), free, dense, kv, margin, one)
+        raise LoadError(f"{request}: {size_text(free)} holds the dense weights "
+                        f"({size_text(dense)}), KV cache ({size_text(kv)}) and margin but not one expert slot "
+                        f"({one} bytes); " + ("give a larger total" if request.startswith("memory=") else
+                                               "use a smaller batch or context, or a larger device"))
+    return AutoBudget(int(slots), free, dense, kv, margin, one, request)
 
 
 def kv_cache_bytes(config: object, batch: int, context: int, element_size: int) -> int:

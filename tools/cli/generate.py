@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "this much (slots, a size, a fraction of all experts, or 'auto': the host's free memory less "
                    "the dense weights, a KV cache and a margin) and every other expert is read from the compiled "
                    "directory when a prediction or a miss asks for it, checked as read; instead of --budget")
+    p.add_argument("--memory", metavar="SIZE", help="one total for the host instead of --budget or --host-memory "
+                   "(cpu): a size (12GiB) or 'auto' (the host's free memory); the dense weights, a KV cache for "
+                   "this prompt and --max-new-tokens and a margin come first, the expert slots get the rest, and "
+                   "the other experts stay on disk; the split is printed")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="with --sample: divide logits by this (default 1.0)")
@@ -149,17 +153,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import TextStreamer
 
     from ... import runtime
+    from ...runtime.assemble.memory import host_tier
     from ...runtime.store.manifest import TOKENIZER_VOCAB, read_manifest
     from ..presets import catalog as presets
     from .compile_cache import compiled_path
     from .generate_batch import generate_batch, read_prompts
 
-    if args.host_memory is not None and args.budget is not None:
-        raise UserError("--host-memory sizes the expert slots on cpu: give it or --budget, not both")
+    given = [flag for flag, v in (("--budget", args.budget), ("--host-memory", args.host_memory),
+                                  ("--memory", args.memory)) if v is not None]
+    if len(given) > 1:
+        raise UserError(f"{given[1]} and {given[0]} both size the expert slots: give one of them, not both")
     budget = runtime.budget_argument(args.budget if args.budget is not None else "25%")
     host = runtime.budget_argument(args.host_memory) if args.host_memory is not None else None
-    runtime.Budget.read(budget)  # a bad budget fails now, not after a compile
-    runtime.Budget.read(host, "host_memory")
+    # a bad budget fails now, not after a compile
+    runtime.Budget.read(budget)
+    tier = host_tier(host, args.memory, None, torch.device(args.device)) if given[-1:] != ["--budget"] else None
     texts = read_prompts(args.prompts_file) if args.prompts_file is not None else [args.prompt]
     path = compiled_path(args.model, args.cache_dir, args.quiet, needs_tokenizer=True)
     manifest = read_manifest(path)  # checked as runtime.load checks it: the directory may be a stranger's
@@ -176,8 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(limit, int) and context > limit:
         print(f"warning: {context - args.max_new_tokens} prompt tokens + --max-new-tokens {args.max_new_tokens} "
               f"exceed the model's context of {limit} positions; text past it is unreliable", file=sys.stderr)
-    model = runtime.load(path, device=args.device, expert_cache=budget if host is None else None,
-                         host_memory=host, timeline=args.timeline is not None,
+    model = runtime.load(path, device=args.device, expert_cache=budget if tier is None else None,
+                         host_memory=host, memory=args.memory, timeline=args.timeline is not None,
                          record_routing=args.trace_out is not None, max_context=context,
                          batch_size=args.batch_size if args.prompts_file is not None else 1)
     if model.budget is not None and not args.quiet:

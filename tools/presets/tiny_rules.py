@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from ...runtime.store.budget import TOP_K_NAMES
+
 #: The shape of every tiny model: what the rules shrink towards.
 LAYERS = 3
 HIDDEN = 64
@@ -118,7 +120,7 @@ RULES: list[tuple[str, Callable[[Any, dict[str, Any]], Any]]] = [
     (r"vocab_size", _size(VOCAB)),
     (r"(_token_id|_token_index)$", _token_id),
     # Experts and routing.
-    (r"^(num_experts_per_tok|num_experts_per_token|moe_topk|moe_k|top_k|experts_per_token|top_k_experts)$", _top_k),
+    (rf"^({'|'.join(TOP_K_NAMES)})$", _top_k),
     (r"shared_experts?$", _shared_experts),
     (EXPERT_COUNT, _experts),
     (r"^(n_group|num_expert_group)$", _group_count),
