@@ -381,6 +381,21 @@ def test_simulate_a_compiled_directory(calibrated, capsys):
     assert 0 < recall["routing_path"]["recall"] <= 1
 
 
+def test_simulate_host_tiers_are_cache_sizes_timed_by_the_disk(calibrated, capsys):
+    """--host-memory resolves as runtime.load(host_memory=) does (25% of 32 experts: 8 slots) and
+    --disk-bandwidth times those reads: the rows of --cache 8 --bandwidth, byte for byte."""
+    def rows(*args: str) -> list[dict]:
+        assert simulate.main([str(calibrated), *args, "--policies", "layer_cycle", "--layer-ms", "0.05",
+                              "--json", "--quiet"]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()][:-1]
+
+    tier = rows("--host-memory", "25%", "--disk-bandwidth", "1.5")
+    assert {r["cache"] for r in tier} == {8} and all(r["ms_per_token"] > 0 for r in tier)
+    assert tier == rows("--cache", "8", "--bandwidth", "1.5")
+    assert simulate.main([str(calibrated), "--cache", "8", "--disk-bandwidth", "1", "--layer-ms", "1"]) == 2
+    assert "give it with --host-memory" in capsys.readouterr().err
+
+
 def test_simulate_without_calibration_says_what_to_do(compiled_dir, capsys):
     path = compiled_dir("tiny-mixtral")
     capsys.readouterr()  # building the fixture may print progress of its own

@@ -151,11 +151,12 @@ def check(path: str | Path, verify: bool = True, predictor: str | None = None, l
     predictor files the graph calls and the generation config. expertflow-compile runs it on what
     it wrote before the directory appears, so what compiles loads. Raises LoadError."""
     path = Path(path)
-    manifest, layouts = _manifest(path)
+    manifest, layouts = read_layouts(path)
     return _checked(path, manifest, layouts, verify, (predictor, lookahead, policy, prefetch))
 
 
-def _manifest(path: Path) -> tuple[dict[str, Any], dict[int, ExpertLayout]]:
+def read_layouts(path: Path) -> tuple[dict[str, Any], dict[int, ExpertLayout]]:
+    """The checked manifest and its expert layouts (what a budget resolves against); nothing else read."""
     manifest = read_manifest(path)
     return manifest, _layouts(manifest, f"{path}/manifest.json")
 
@@ -220,7 +221,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
     (``model.budget.describe()`` says how it was split), and the other experts stay on disk.
     """
     path = Path(path)
-    manifest, layouts = _manifest(path)
+    manifest, layouts = read_layouts(path)
     dev = check_device(device)
     # before the checksums: a bad budget fails at once
     tier = host_tier(host_memory, memory, expert_cache, dev)

@@ -20,10 +20,13 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
+from ...runtime.assemble.loader import read_layouts
 from ...runtime.cache.policy import POLICIES as RUNTIME_POLICIES
+from ...runtime.store.budget import Budget, budget_argument
+from ...runtime.store.manifest import LoadError
 from ..make.artefact import current_umask
 from ..sim.cache_sim import POLICIES, TRACE_DEFAULT, TimeModel
-from ..shell import UserError, run_command
+from ..shell import UserError, cli_terms, run_command
 from ..sim.trace_file import parse_trace
 from ..sim.trace_predict import PREDICTORS as TRACE_PREDICTORS
 from ..sim.trace_report import render, trace_rows
@@ -107,6 +110,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fit", type=float, default=0.5, metavar="SHARE",
                    help="with --predictor: the share of the trace's tokens, from its start, that fits the "
                         "predictor and prior (default 0.5)")
+    p.add_argument("--host-memory", metavar="B1,B2,...",
+                   help="with COMPILED: host tiers to replay, as runtime.load(host_memory=) takes them (slots, sizes "
+                        "such as 2GiB, fractions such as 25%%): the experts stay on disk and the slots are the host "
+                        "tier (a cpu device), so each becomes a --cache size and its row's bytes are bytes read from "
+                        "disk; with or instead of --cache")
+    p.add_argument("--disk-bandwidth", type=float, metavar="GBPS",
+                   help="with --host-memory: the disk's read bandwidth in GB/s (1e9 bytes) for the time model, each "
+                        "miss or prefetch one read of its blob; needs --layer-ms, instead of --bandwidth")
     p.add_argument("--expert-bytes", type=int, default=1, metavar="B",
                    help="bytes one expert's copy moves (default 1: the bytes column counts loads)")
     p.add_argument("--bandwidth", type=float, metavar="GBPS",
@@ -134,9 +145,7 @@ def _check(args: argparse.Namespace) -> None:
         if not (args.compiled / "calibration.safetensors").is_file():
             raise UserError(f"{args.compiled} has no calibration traces: compile with --calibration builtin, "
                              "or pass --trace FILE")
-        if args.cache is None:
-            raise UserError("--cache is required")
-        args.cache = sorted(set(_positive_ints(args.cache, "--cache")))
+        args.cache = _caches(args)
         args.policies = [v.strip() for v in args.policies.split(",") if v.strip() and v.strip() != "belady"]
         unknown = [v for v in args.policies if v not in RUNTIME_POLICIES]
         if unknown or not args.policies:
@@ -153,6 +162,9 @@ def _check(args: argparse.Namespace) -> None:
         return
     if args.schedule is not None:
         raise UserError("--schedule needs a compiled directory with calibration traces, not --trace")
+    if args.host_memory is not None or args.disk_bandwidth is not None:
+        raise UserError("--host-memory and --disk-bandwidth resolve against a compiled directory's experts: give "
+                        "COMPILED, or --cache in slots and --bandwidth with --trace")
     if not 0 < args.fit < 1:
         raise UserError(f"--fit must be between 0 and 1 (a share of the trace's tokens), got {args.fit}")
     if args.trace is None:
@@ -177,6 +189,26 @@ def _check(args: argparse.Namespace) -> None:
             raise UserError("--plot needs matplotlib: pip install matplotlib")
 
 
+def _caches(args: argparse.Namespace) -> list[int]:
+    """--cache and --host-memory as slot counts on the compiled directory's experts."""
+    if args.cache is None and args.host_memory is None:
+        raise UserError("--cache or --host-memory is required")
+    caches = _positive_ints(args.cache, "--cache") if args.cache is not None else []
+    if args.host_memory is not None:
+        try:
+            _, layouts = read_layouts(args.compiled)
+            caches += [Budget.read(budget_argument(v), "host_memory").slots_on(layouts)
+                       for v in args.host_memory.split(",") if v.strip()]
+        except LoadError as exc:
+            raise UserError(cli_terms(str(exc))) from None
+    if args.disk_bandwidth is not None:
+        if args.host_memory is None or args.bandwidth is not None:
+            raise UserError("--disk-bandwidth times reads into a host tier: give it with --host-memory, instead of "
+                            "--bandwidth")
+        args.bandwidth = args.disk_bandwidth  # on a cpu device the copy engine is the disk read
+    return sorted(set(caches))
+
+
 def _check_time(args: argparse.Namespace) -> None:
     if (args.bandwidth is None) != (args.layer_ms is None):
         raise UserError("--bandwidth and --layer-ms go together: the time model needs both")
@@ -186,7 +218,6 @@ def _check_time(args: argparse.Namespace) -> None:
 
 
 def _compiled(args: argparse.Namespace) -> int:
-    from ...runtime.store.manifest import LoadError
     from ..sim import simulate_compiled as sc
 
     time_model = None
@@ -218,6 +249,11 @@ def _compiled(args: argparse.Namespace) -> int:
         print(json.dumps({"recall": recall}))
     else:
         print(sc.render(rows, recall, args.compiled))
+        if args.host_memory is not None:
+            rate = f" at {args.disk_bandwidth} GB/s" if args.disk_bandwidth is not None else ""
+            print(f"--host-memory {args.host_memory}: the cache sizes above are host tiers (a cpu device); each load "
+                  f"is one read of a {sc.read_manifest(args.compiled)['memory_plan']['expert_blob_bytes']}-byte blob "
+                  f"from disk{rate}")
     return 0
 
 
