@@ -25,6 +25,7 @@ from ...runtime.cache.policy import POLICIES as RUNTIME_POLICIES
 from ...runtime.store.budget import Budget, budget_argument
 from ...runtime.store.manifest import LoadError
 from ..make.artefact import current_umask
+from . import predict
 from ..sim.cache_sim import POLICIES, TRACE_DEFAULT, TimeModel
 from ..shell import UserError, cli_terms, run_command
 from ..sim.trace_file import parse_trace
@@ -61,6 +62,8 @@ examples:
   expertflow-simulate --trace routing.jsonl --experts-per-layer 64 --cache 8,16,32
   expertflow-simulate --trace routing.jsonl --experts-per-layer 8 --cache 4,8 --expert-bytes 176160768 \\
       --bandwidth 25 --layer-ms 0.4 --plot hit_rate.png
+  expertflow-simulate compiled/ --host-memory 25%,50% --disk-bandwidth 1.5 --layer-ms 0.4
+  expertflow-simulate --predict mistralai/Mixtral-8x7B-v0.1 --memory 32GiB   # before downloading the weights
 """
 
 
@@ -124,6 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="host-to-device copy bandwidth in GB/s (1e9 bytes), for the time model; needs --layer-ms")
     p.add_argument("--layer-ms", type=float, metavar="MS",
                    help="compute time of one MoE layer for one token, in ms, for the time model; needs --bandwidth")
+    predict.add_arguments(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per (policy, cache) row instead of the table")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also write a PNG of hit rate against cache size, "
@@ -135,6 +139,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.predict is not None:
+        return predict.check(args)
+    if args.memory is not None or args.context is not None:
+        raise UserError("--memory and --context go with --predict MODEL")
     if args.policies is None:
         args.policies = ",".join(RUNTIME_POLICIES if args.trace is None and args.compiled is not None else TRACE_DEFAULT)
     """Everything that can be checked before a replay, so that a bad input costs nothing. The
@@ -294,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    if args.predict is not None:
+        return predict.run(args)
     if args.trace is None:
         return _compiled(args)
     try:

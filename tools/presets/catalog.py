@@ -112,8 +112,8 @@ def shipped(name: str) -> Path:
     return path
 
 
-def build(name: str, seed: int = 0):
-    """The preset's model, with seeded random weights, in its config's dtype (float32 by default)."""
+def preset_config(name: str):
+    """A random-weight preset's config (no weights made), its dtype set (float32 by default)."""
     import torch
     import transformers
 
@@ -125,8 +125,17 @@ def build(name: str, seed: int = 0):
     config.dtype = dtype
     if attn:
         config._attn_implementation = attn
+    return config
+
+
+def build(name: str, seed: int = 0):
+    """The preset's model, with seeded random weights, in its config's dtype (float32 by default)."""
+    import torch
+    import transformers
+
+    config = preset_config(name)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=config.dtype)
     spread_routers(model, seed, preset_recipe=True)
     return model.eval()
 
