@@ -292,12 +292,13 @@ def test_the_copy_thread_is_joined_when_the_model_goes_and_at_exit(compiled_dir)
     path = compiled_dir("tiny-mixtral")
     model = runtime.load(path, expert_cache=4)
     model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
-    thread = model.context.cache.engine._thread
-    assert thread.is_alive()
+    threads = model.context.cache.engine._threads
+    assert threads and all(t.is_alive() for t in threads)
     del model
     gc.collect()
-    thread.join(timeout=5)
-    assert not thread.is_alive() and thread not in threading.enumerate()
+    for thread in threads:
+        thread.join(timeout=5)
+        assert not thread.is_alive() and thread not in threading.enumerate()
     child = ("import sys, torch; from expertflow import runtime; m = runtime.load(sys.argv[1], expert_cache='auto'); "
              "m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)")
     for _ in range(3):  # the abort was intermittent: it was seen once in 9 runs

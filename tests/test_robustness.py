@@ -146,7 +146,7 @@ class _SteppedEngine(CopyEngine):
     def _finish(self) -> None:
         if self._started is not None:
             started, self._started = self._started, None
-            started[2].claim.release()
+            started[3].claim.release()
             self._copy(*started)  # claims it again, copies, marks it done
 
     def _until(self, ticket: Ticket) -> None:
@@ -154,7 +154,7 @@ class _SteppedEngine(CopyEngine):
         while not ticket.ready() and self.run_next():
             pass
         queued = self._demand or self._speculative
-        if queued and queued[0][2].claim.acquire(blocking=False):  # not cancelled: start it
+        if queued and queued[0][3].claim.acquire(blocking=False):  # not cancelled: start it
             self._started = queued.popleft()
         Ticket.wait(ticket)
 
@@ -379,7 +379,7 @@ def test_a_copy_orphaned_by_an_interrupt_never_lands_over_a_later_one():
         assert orphan.cancelled and torch.equal(slot, demand_src)
         lost = Ticket(nbytes=4)
         dst = torch.zeros(4)
-        engine._speculative.append((dst, torch.ones(4), lost, "no wake-up"))  # appended, never woken
+        engine._speculative.append(((0, 1), dst, torch.ones(4), lost, "no wake-up"))  # appended, never woken
         deadline = time.monotonic() + 5
         while not lost.ready() and time.monotonic() < deadline:
             time.sleep(0.01)

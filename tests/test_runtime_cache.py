@@ -108,7 +108,7 @@ def test_prefetch_copies_on_the_copy_thread_while_the_caller_computes(make_cache
     time.sleep(0.4)  # the compute of layer 0: the copies land meanwhile
     waves = cache.plan(1, handle, torch.tensor([[5, 3]]))
     slots = cache.acquire(1, waves[0])
-    assert [name for name, _ in Recording.copies] == ["expertflow-copy"] * 3
+    assert [name for name, _ in Recording.copies] == ["expertflow-copy-0"] * 3
     assert Recording.copies[1][1] - start < 0.25  # the prefetch copies started before the "compute" ended
     assert cache.stats[1].stall_s < 0.1 and cache.stats[1].hits == 2 and cache.stats[1].misses == 0
     assert cache.stats[1].predicted_used == 2 and cache.host_syncs == 2
@@ -225,7 +225,7 @@ def test_minimum_budget_matches_hf(compiled_dir, hf_logits: torch.Tensor) -> Non
     assert stats["slots"] == 1
     for layer in stats["layers"].values():  # one slot: one wave per needed expert
         assert layer["waves"] == layer["needed"] > 1
-    assert {name for name, _ in Recording.copies} == {"expertflow-copy"}
+    assert {name for name, _ in Recording.copies} == {"expertflow-copy-0"}
     assert len(Recording.copies) == model.context.cache.engine.copies > 0
     check_real_bytes(model)
 

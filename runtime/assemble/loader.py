@@ -41,7 +41,7 @@ from ..store.manifest import (VERIFIED_AS_READ, LoadError, check_files, memory_p
                        regular_file)
 from ..store.tensor_file import read_header
 from ..generate.model import CompiledModel, model_class
-from ..store.disk import DiskStore, load_digests
+from ..store.disk import READERS, DiskStore, load_digests
 from ..store.host import ExpertLayout, HostStore
 from ...passes.drop_prefetch import drop_prefetch
 from ...passes.options import CompileOptions
@@ -256,7 +256,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
         store = HostStore(regular_file(path, EXPERTS), layouts, pin=dev.type == "cuda",
                           digest=manifest["files"][EXPERTS] if verify else None)
     prior = load_prior(path, manifest, layouts) if options["policy"] == "predictive" else None
-    cache = ExpertCache(layouts, store, slots, dev, CopyEngine(dev), make_policy(options["policy"], list(layouts), prior))
+    engine = CopyEngine(dev, READERS if isinstance(store, DiskStore) else 1)
+    cache = ExpertCache(layouts, store, slots, dev, engine, make_policy(options["policy"], list(layouts), prior))
     if preload or (preload is None and everything):
         cache.preload()
     modules = {layer: driver.get_submodule(lay.module) for layer, lay in layouts.items()}

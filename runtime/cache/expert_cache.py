@@ -19,6 +19,7 @@ from .records import Handle, LayerStats
 from .device_state import SlotTable, StallClock
 from .policy import Policy, make_policy
 from .pool import Pool
+from ..store.direct import aligned_rows
 from ..store.host import ExpertLayout, HostStore
 from .streams import CopyEngine, Ticket
 
@@ -46,8 +47,9 @@ class ExpertCache(CacheModel):
         self.stall = StallClock(device)
         for layer, layout in layouts.items():
             pool = self.pool(layer)
-            if pool.tensor is None:
-                pool.tensor = torch.empty(slots, layout.blob_bytes, dtype=torch.uint8, device=device)
+            if pool.tensor is None:  # on CPU block-aligned rows: a blob on disk is read straight into one
+                pool.tensor = (aligned_rows(slots, layout.blob_bytes) if device.type == "cpu"
+                               else torch.empty(slots, layout.blob_bytes, dtype=torch.uint8, device=device))
 
     def _submit(self, pool: Pool, slot: int, layer: int, expert: int, demand: bool) -> Ticket:
         return self.engine.submit((pool.ident, slot), pool.tensor[slot], self.store.blob(layer, expert),

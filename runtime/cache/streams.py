@@ -75,9 +75,16 @@ class Ticket:
 
 
 class CopyEngine:
-    """Host-to-slot copies on a second stream (CUDA) or thread (CPU)."""
+    """Host-to-slot copies on a second stream (CUDA) or thread (CPU).
 
-    def __init__(self, device: torch.device):
+    On CPU ``readers`` threads run copies (a blob read from disk releases the GIL while it reads
+    and while it is checked, so several reads are in flight); with more than one, one of them
+    runs demand copies only, so a demand copy never waits for a prefetch to finish, only for the
+    disk. Copies into one slot never overlap: the cache waits for or cancels a slot's copy before
+    it makes the next, and a worker waits for a slot's running copy before starting another.
+    """
+
+    def __init__(self, device: torch.device, readers: int = 1):
         self.device = device
         self.bytes_moved = 0
         self.copies = 0
@@ -95,10 +102,16 @@ class CopyEngine:
             # deque append/popleft and SimpleQueue put/get are single C calls: no lost wake-ups
             self._demand: deque = deque()
             self._speculative: deque = deque()
-            self._queue: queue.SimpleQueue = queue.SimpleQueue()
+            self._queue: queue.SimpleQueue = queue.SimpleQueue()  # wake-ups of the workers taking any copy
+            self._demand_wake: queue.SimpleQueue = queue.SimpleQueue()  # of the demand-only worker
             self._last: dict[tuple[int, int], Ticket] = {}  # (pool, slot) -> its latest copy
-            self._thread = threading.Thread(target=self._run, name="expertflow-copy", daemon=True)
-            self._thread.start()
+            self._running: dict[tuple[int, int], Ticket] = {}  # (pool, slot) -> the copy a worker runs into it
+            self._lock = threading.Lock()  # the counters and ``_running``, written by every worker
+            self.readers = max(1, readers)
+            self._threads = [threading.Thread(target=self._run, args=(i == 0 and self.readers > 1,),
+                                              name=f"expertflow-copy-{i}", daemon=True) for i in range(self.readers)]
+            for thread in self._threads:
+                thread.start()
 
     def submit(self, key: tuple[int, int], dst: torch.Tensor, src: torch.Tensor | Source, label: str = "",
                demand: bool = False) -> Ticket:
@@ -135,8 +148,10 @@ class CopyEngine:
             if previous is not None:
                 previous.cancel()
             self._last[key] = ticket
-            (self._demand if demand else self._speculative).append((dst, src, ticket, label))
-            self._queue.put(True)  # a wake-up; the worker also polls, so one lost to a Ctrl-C only delays
+            (self._demand if demand else self._speculative).append((key, dst, src, ticket, label))
+            self._queue.put(True)  # a wake-up; the workers also poll, so one lost to a Ctrl-C only delays
+            if demand and self.readers > 1:
+                self._demand_wake.put(True)
         return ticket
 
     def _order(self, key: tuple[int, int], stream: "torch.cuda.Stream") -> None:
@@ -163,32 +178,42 @@ class CopyEngine:
                     ev.record(stream)
                     self._slot_read[key] = ev
 
-    def _run(self) -> None:
+    def _run(self, demand_only: bool = False) -> None:
+        wakes = self._demand_wake if demand_only else self._queue
         while True:
             try:
-                wake = self._queue.get(timeout=0.05)
+                wake = wakes.get(timeout=0.05)
             except queue.Empty:  # a copy queued by an interrupted submit has no wake-up of its own
                 wake = True
             if wake is None:
                 return
-            while self.run_next():
+            while self.run_next(demand_only):
                 pass
 
-    def run_next(self) -> bool:
-        """Runs the next queued CPU copy, demand copies first (False: none is queued). The worker's
+    def run_next(self, demand_only: bool = False) -> bool:
+        """Runs the next queued CPU copy, demand copies first (False: none is queued). The workers'
         loop; a test that closed the engine runs copies with it at points of its choosing."""
-        queued = self._demand or self._speculative
-        if not queued:
+        try:
+            item = (self._demand if self._demand or demand_only else self._speculative).popleft()
+        except IndexError:  # none queued, or another worker took the last one
             return False
-        self._copy(*queued.popleft())
+        if self.readers > 1 and (self._demand or self._speculative):
+            self._queue.put(True)  # more queued: another worker starts the next one beside this
+        self._copy(*item)
         return True
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor | Source, ticket: Ticket, label: str) -> None:
+    def _copy(self, key: tuple[int, int], dst: torch.Tensor, src: torch.Tensor | Source, ticket: Ticket,
+              label: str) -> None:
         if not ticket.claim.acquire(blocking=False):  # cancelled: its layer ran without it
             ticket.done.release()
             return
-        self.bytes_moved += ticket.nbytes  # counted here, the one writer: a cancelled copy moves nothing
-        self.copies += 1
+        with self._lock:  # counted here: a cancelled copy moves nothing
+            self.bytes_moved += ticket.nbytes
+            self.copies += 1
+            prior, self._running[key] = self._running.get(key), ticket
+        if prior is not None:  # only an interrupted submit leaves two copies into one slot: in order
+            with prior.done:
+                pass
         timeline, start = self.timeline, time.perf_counter_ns()
         try:
             if isinstance(src, torch.Tensor):
@@ -198,11 +223,17 @@ class CopyEngine:
         except BaseException as exc:  # surfaced to the waiter, never lost in the thread
             ticket.error = exc
         if timeline is not None:
-            timeline.add("copy", label, start, time.perf_counter_ns(), bytes=ticket.nbytes)
+            timeline.add("copy" if isinstance(src, torch.Tensor) else "disk", label, start, time.perf_counter_ns(),
+                         bytes=ticket.nbytes)
+        with self._lock:
+            if self._running.get(key) is ticket:
+                del self._running[key]
         ticket.done.release()
 
     def close(self) -> None:
         if self.device.type != "cuda":
-            self._queue.put(None)
-            self._thread.join(timeout=5)
+            for thread in self._threads:
+                (self._demand_wake if thread is self._threads[0] and self.readers > 1 else self._queue).put(None)
+            for thread in self._threads:
+                thread.join(timeout=5)
 

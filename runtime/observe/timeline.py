@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 #: Track ids, in the order the viewer shows them.
-TRACKS = {"model": 1, "compute": 2, "copy": 3}
+TRACKS = {"model": 1, "compute": 2, "copy": 3, "disk": 4}
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Timeline:
             spans = list(self.spans)
         events: list[dict[str, Any]] = [
             {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": f"ExpertFlow on {self.device}"}}]
-        events += [{"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": f"{track} stream"}}
+        events += [{"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": "disk reads" if track == "disk" else f"{track} stream"}}
                    for track, tid in TRACKS.items()]
         for span in spans:
             start = self._microseconds(span.start)

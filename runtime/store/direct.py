@@ -12,8 +12,11 @@ from __future__ import annotations
 import mmap
 import os
 
+import torch
+
 BLOCK = 4096
 _DIRECT = getattr(os, "O_DIRECT", 0)
+DIRECT_IO = bool(_DIRECT)  # Linux; elsewhere every read is buffered
 DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 
 
@@ -39,3 +42,11 @@ def drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
     of them comes from the disk."""
     if DONTNEED is not None:
         os.posix_fadvise(fd, offset, length, DONTNEED)
+
+
+def aligned_rows(rows: int, nbytes: int) -> torch.Tensor:
+    """A uint8 CPU tensor [rows, nbytes] whose first byte is ``BLOCK``-aligned (torch aligns to 64):
+    with ``nbytes`` a whole number of blocks, every row can be a direct read's target."""
+    spare = torch.empty(rows * nbytes + BLOCK, dtype=torch.uint8)
+    skip = -spare.data_ptr() % BLOCK
+    return spare[skip:skip + rows * nbytes].view(rows, nbytes)

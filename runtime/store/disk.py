@@ -10,9 +10,12 @@ checked in the manifest) before the slot is handed to a compute; a blob that fai
 LoadError naming its layer, expert and file, raised where it was needed, and the cache forgets
 that slot (``CacheModel._await``), so no later call computes with it. The file stays open for
 the model's life: a file replaced by a rename while loaded is still the one read, and one
-edited in place fails its check. After a read the file's pages are dropped from the page cache
-(``posix_fadvise``): the slot holds the bytes, the cache should neither keep a second copy nor
-hide the next read's cost.
+edited in place fails its check. Reads are direct (``O_DIRECT``, ``runtime/store/direct.py``):
+compile makes every blob a whole number of 4 KiB blocks at a block-aligned offset and the slots
+are block-aligned rows, so a blob goes from the disk into its slot with no page-cache copy; the
+slot holds the bytes, the page cache should neither keep a second copy nor hide the next read's
+cost. Where the filesystem refuses direct I/O (a warning says so) reads are buffered and the
+file's pages dropped after each (``posix_fadvise``).
 """
 
 from __future__ import annotations
@@ -21,17 +24,29 @@ import hashlib
 import os
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .direct import BLOCK, DIRECT_IO, drop_cached, open_read
 from .host import DIGESTS, ExpertLayout, HostStore, blob_key, digests_key
 from .manifest import LoadError
 from .tensor_file import read_tensor_file
 
-_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
+#: Reads in flight (the copy engine's workers on the disk tier): an NVMe drive reaches its bandwidth
+#: only with several requests queued, and the checks (sha256, which releases the GIL) of several
+#: blobs run on as many cores. One of them takes demand reads only (``cache/streams.CopyEngine``).
+READERS = 4
+
+
+def _close(file, fds: list[int]) -> None:
+    file.close()
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -53,10 +68,13 @@ class DiskBlob:
 class DiskStats:
     reads: int = 0
     bytes_read: int = 0
-    read_s: float = 0.0  # on the reading thread: time in the read itself, not the check
+    read_s: float = 0.0  # on the reading threads: time in the reads themselves, not the checks
+    check_s: float = 0.0  # time in the sha256 checks
+    direct: bool = False  # reads bypass the page cache (O_DIRECT)
 
-    def to_json(self) -> dict[str, float | int | None]:
-        return {"reads": self.reads, "bytes_read": self.bytes_read, "read_s": self.read_s,
+    def to_json(self) -> dict[str, float | int | bool | None]:
+        return {"reads": self.reads, "bytes_read": self.bytes_read, "read_s": self.read_s, "check_s": self.check_s,
+                "direct": self.direct,
                 "read_gbps": self.bytes_read / self.read_s / 1e9 if self.read_s > 0 else None}
 
 
@@ -86,14 +104,25 @@ class DiskStore:
     def __init__(self, path: Path, layouts: dict[int, ExpertLayout], digests: dict[str, bytes] | None):
         self.path = path
         self._file = open(path, "rb", buffering=0)
-        self._finalizer = weakref.finalize(self, self._file.close)  # never leaks with the model
+        self._direct = -1  # a second descriptor, O_DIRECT, when the filesystem and the file allow
+        self._finalizer = weakref.finalize(self, _close, self._file, [self._direct])  # never leaks with the model
         try:
             spans, _, _ = HostStore.check_open(path, self._file, layouts)
+            if DIRECT_IO and all(start % BLOCK == 0 and (end - start) % BLOCK == 0 for start, end in spans.values()):
+                fd, direct = open_read(f"/proc/self/fd/{self._file.fileno()}")  # the file held, even if renamed
+                if direct:
+                    self._direct = fd
+                    self._finalizer.detach()
+                    self._finalizer = weakref.finalize(self, _close, self._file, [fd])
+                else:
+                    os.close(fd)
+                    warnings.warn(f"{path}: this filesystem refuses direct I/O; experts are read through the page "
+                                  "cache (each dropped after its read)", stacklevel=3)
         except BaseException:
             self.close()
             raise
         self.nbytes = sum(end - start for start, end in spans.values())
-        self.stats = DiskStats()
+        self.stats = DiskStats(direct=self._direct >= 0)
         self._lock = threading.Lock()  # the stats: read on the worker, asked for on the caller
         self._blobs = {key: DiskBlob(self, int(key.split(".")[1]), int(key.split(".")[3]), start, end - start,
                                      digests[key] if digests is not None else b"")
@@ -105,18 +134,20 @@ class DiskStore:
     def read_into(self, blob: DiskBlob, dst: torch.Tensor) -> None:
         """Reads ``blob`` into the uint8 CPU tensor ``dst`` and checks it (LoadError if bad)."""
         view = memoryview(dst.numpy()).cast("B")[:blob.nbytes]
-        fd = self._file.fileno()
+        direct = self._direct >= 0 and dst.data_ptr() % BLOCK == 0
+        fd = self._direct if direct else self._file.fileno()
         start = time.perf_counter()
         got = 0
         while got < blob.nbytes:  # a positional read may return short: read the rest
             n = os.preadv(fd, [view[got:]], blob.offset + got)
-            if n == 0:
+            if n == 0 or (direct and n % BLOCK and got + n < blob.nbytes):  # a direct read ends short only at the end
                 raise LoadError(f"{self.path}: layer {blob.layer} expert {blob.expert} ends after {got} of its "
                                 f"{blob.nbytes} bytes (truncated); recompile the model")
             got += n
         elapsed = time.perf_counter() - start
-        if _DONTNEED is not None:
-            os.posix_fadvise(fd, blob.offset, blob.nbytes, _DONTNEED)
+        if not direct:
+            drop_cached(fd, blob.offset, blob.nbytes)
+        checked = time.perf_counter()
         if blob.digest and hashlib.sha256(view).digest() != blob.digest:
             raise LoadError(f"{self.path}: layer {blob.layer} expert {blob.expert} does not match its checksum "
                             "(edited or corrupted); recompile the model")
@@ -124,6 +155,7 @@ class DiskStore:
             self.stats.reads += 1
             self.stats.bytes_read += blob.nbytes
             self.stats.read_s += elapsed
+            self.stats.check_s += time.perf_counter() - checked
 
     def close(self) -> None:
         self._blobs = {}

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from .arena import read_arena
+from .direct import BLOCK
 from .manifest import LoadError
 from .tensor_file import read_tensor_file
 
@@ -71,7 +72,9 @@ class ExpertLayout:
             part = Part(name, str(param.dtype).removeprefix("torch."), tuple(param.shape[1:]), offset)
             parts.append(part)
             offset += -(-part.nbytes // ALIGN) * ALIGN
-        return ExpertLayout(layer, path, num, tuple(parts), offset)
+        # a whole number of disk blocks: with the file's data section block-aligned too, every blob
+        # can be read with direct I/O straight into a block-aligned slot (``runtime/store/disk.py``)
+        return ExpertLayout(layer, path, num, tuple(parts), -(-offset // BLOCK) * BLOCK)
 
     def pack(self, tensors: dict[str, torch.Tensor], expert: int) -> torch.Tensor:
         blob = torch.zeros(self.blob_bytes, dtype=torch.uint8)

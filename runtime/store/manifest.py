@@ -19,7 +19,7 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-SCHEMA_VERSION = 4  # 4: the graph is the model's own forward (no mask_kinds); 3: own digest, versions
+SCHEMA_VERSION = 5  # 5: expert blobs a whole number of 4 KiB blocks, block-aligned in the file; 4: the graph is the model's own forward (no mask_kinds); 3: own digest, versions
 #: The files every compiled directory has; each must carry a checksum in the manifest.
 REQUIRED_FILES = ("graph.json", "dense.safetensors", "experts.safetensors")
 #: What a model directory holds besides weights that turns text into ids and back, and says how to

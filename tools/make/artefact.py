@@ -19,7 +19,8 @@ from torch import fx, nn
 from ...ir.serialize import graph_to_json
 from ...passes.trace import TraceInfo
 from ...runtime.store.manifest import TEXT_FILES, digest_of, sha256
-from ...runtime.store.host import ALIGN, DIGESTS, ExpertLayout, blob_key, digests_key
+from ...runtime.store.direct import BLOCK
+from ...runtime.store.host import DIGESTS, ExpertLayout, blob_key, digests_key
 
 MANIFEST = "manifest.json"
 
@@ -97,7 +98,9 @@ def safetensors_header(entries: Iterable[tuple[str, str, list[int], int]]) -> by
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % ALIGN)  # data starts 64-byte aligned, like every blob inside it
+    # data starts on a disk block (4 KiB), so every blob, a whole number of blocks, is block-aligned
+    # in the file: the disk tier reads it with direct I/O (runtime/store/disk.py)
+    raw += b" " * (-(8 + len(raw)) % BLOCK)
     return struct.pack("<Q", len(raw)) + raw
 
 
