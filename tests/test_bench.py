@@ -88,3 +88,30 @@ def test_bench_gpu_memory_picks_the_slots_that_fit(tmp_path, compiled_dir, capsy
     result = json.loads(out.read_text())
     # 258 MiB less a 256 MiB margin, the dense weights and the KV cache, in 98,304-byte slots
     assert 0 < result["offload_slots"] < result["all_slots"]
+
+
+def test_bench_disk_tier_rows_each_in_a_process_give_the_same_tokens(tmp_path, compiled_dir, capsys):
+    """--host-memory: every row (all in memory, accelerate's disk offload when installed, LRU, each
+    predictor) in its own process gives the same greedy tokens; what each tier row read is what its
+    cache moved, and the simulator's replay of its own requests moves the same bytes within 2%
+    (the timed replay's are the row's prediction, shown beside them)."""
+    out = tmp_path / "disk.json"
+    assert bench.main(["tiny-mixtral", "--compiled", str(compiled_dir("tiny-mixtral")), "--host-memory", "25%",
+                       "--tokens", "4", "--prompt-len", "6", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["disk_tier"]
+    rows = {row["name"]: row for row in result["rows"]}
+    assert result["slots"] == 8 and list(rows)[0] == "ExpertFlow, every expert in memory"
+    tier = [row for name, row in rows.items() if name.startswith(("on-demand", "ExpertFlow cross"))]
+    assert len(tier) == 2 and all("error" not in row for row in tier), rows
+    resident = rows["ExpertFlow, every expert in memory"]
+    for row in tier:
+        assert row["tokens"] == resident["tokens"] and row["slots"] == 8
+        assert row["disk"]["bytes_read"] == row["bytes_moved"] > 0
+        # the untimed replay never cancels a queued prefetch: the runtime's bytes and its cancelled ones
+        replayed, moved = row["simulated"]["bytes_untimed"], row["bytes_moved"] + row["cancelled"] * 98304
+        assert abs(replayed - moved) <= 0.02 * moved, (replayed, moved)
+        assert row["bound_s_per_token"] > 0 and row["peak_rss"] > 0
+    accelerate = rows["transformers + accelerate disk offload"]
+    assert "error" in accelerate or accelerate["tokens"] == resident["tokens"]
+    text = capsys.readouterr().out
+    assert "| on-demand LRU (no prefetch) |" in text and "forecast (expertflow-simulate --predict)" in text

@@ -40,8 +40,8 @@ def test_the_forecast_splits_memory_as_the_runtime_does(compiled_dir, model_dir,
     memory = f"{plan['dense_bytes'] + kv + 256 * 2**20 + 5 * one + one // 2}B"  # the margin: 256 MiB
     said = _predict(capsys, {"preset": NAME, "model_dir": str(model_dir(NAME)), "compiled": str(directory)}[source],
                     "--memory", memory)
-    # dense: the parameters (the compiled file adds its header and buffers, under 1% here)
-    assert said["dense_bytes"] == pytest.approx(plan["dense_bytes"], rel=0.01)
+    # dense: the parameters (the compiled file adds buffers and its header, padded to a 4 KiB block)
+    assert said["dense_bytes"] == pytest.approx(plan["dense_bytes"], rel=0.01, abs=8192)
     assert said["expert_bytes"] == plan["expert_bytes_total"]
     assert (said["moe_layers"], said["top_k"], said["slot_bytes"]) == (4, 2, one)
     loaded = runtime.load(directory, memory=memory)

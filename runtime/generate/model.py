@@ -205,6 +205,9 @@ class CompiledModel(PreTrainedModel, GenerationMixin):
         for layer in self.context.cache.stats:
             self.context.cache.stats[layer] = LayerStats()
         self.context.cache.stall.clear()
+        reset = getattr(self.context.cache.store, "reset_stats", None)  # the disk tier counts its reads
+        if reset is not None:
+            reset()
 
     def extra_repr(self) -> str:
         return f"expert_slots={self.context.cache.slots}, device={self.device}"

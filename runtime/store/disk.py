@@ -128,6 +128,10 @@ class DiskStore:
                                      digests[key] if digests is not None else b"")
                        for key, (start, end) in spans.items()}
 
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.stats = DiskStats(direct=self.stats.direct)
+
     def blob(self, layer: int, expert: int) -> DiskBlob:
         return self._blobs[blob_key(layer, expert)]
 

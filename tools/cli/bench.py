@@ -27,7 +27,8 @@ import torch
 from ...ir.hf_compat import cache_keyword_of
 from ...runtime.store.budget import Budget, auto_budget
 from ...runtime.store.manifest import read_manifest
-from . import bench_rows
+from ...runtime.assemble.memory import host_tier
+from . import bench_disk, bench_rows
 from ..shell import UserError, run_command
 from ..make.source import resolve_model
 
@@ -49,6 +50,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-memory", metavar="SIZE", help="device memory to allow, e.g. '24GiB': the offloaded "
                    "runs take the most expert slots that fit it after the dense weights, the KV cache and a "
                    "margin (overrides --budget), and accelerate's offload gets as much")
+    p.add_argument("--host-memory", metavar="BUDGET", help="bench the disk tier instead (cpu): the experts stay on "
+                   "disk and the slots hold this much (slots, a size or a fraction of all experts); every row runs "
+                   "in its own process after the model's files are dropped from the page cache: all in memory, "
+                   "transformers + accelerate disk offload (if installed), on-demand LRU and each predictor, with "
+                   "load time, peak RSS, bytes read, the disk bound and the simulator's replay")
+    p.add_argument("--memory", metavar="SIZE", help="as --host-memory, one total for the host (e.g. 12GiB) split as "
+                   "runtime.load(memory=) splits it; the forecast of expertflow-simulate --predict is checked")
     p.add_argument("--markdown", type=Path, help="also write the comparison table as Markdown here")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions; the median is kept (default 3)")
     p.add_argument("--skip-compile-memory", action="store_true", help="do not measure compile peak memory")
@@ -119,10 +127,22 @@ def gpu_memory_bytes(text: str) -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.gpu_memory is not None:
         gpu_memory_bytes(args.gpu_memory)  # refused before anything is compiled or loaded
+    tier = args.host_memory is not None or args.memory is not None
+    if tier and (args.device != "cpu" or (args.host_memory is not None and args.memory is not None)):
+        raise UserError("--host-memory or --memory (one of them) bench the disk tier of a cpu device")
+    if args.memory is not None:
+        host_tier(None, args.memory, None, torch.device("cpu"))  # refused before anything is compiled
     source = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="expertflow-bench-"))
     try:  # a compile of our own goes to a temporary directory, removed when done
-        return _measure(args, source, args.compiled or work / "compiled")
+        compiled = args.compiled or work / "compiled"
+        if not tier:
+            return _measure(args, source, compiled)
+        if args.compiled is None:
+            subprocess.run([sys.executable, "-m", "expertflow.tools.cli.compile", args.model, "-o", str(compiled),
+                            "--quiet", "--no-dumps"], check=True)
+        return {"disk_tier": bench_disk.measure(args, source, compiled, _offloaded_runs(compiled),
+                                                read_manifest(compiled))}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -282,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     result = run(args)
-    print(render(result))
+    if "disk_tier" in result:
+        result["markdown"] = bench_disk.render(result["disk_tier"])
+        print(result["markdown"])
+    else:
+        print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     if args.markdown:

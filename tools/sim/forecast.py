@@ -221,6 +221,18 @@ class Forecast:
             f"fully hidden behind compute)")])
 
 
+def forecast_slots(shape: ModelShape, slots: int, given: str, disk: DiskProbe, rates: tuple[float, float],
+                   hit: tuple[float, str] | None = None) -> Forecast:
+    """The decode band of a host tier of ``slots`` (``host_memory=``, as slots), no memory split."""
+    every = all_slots(shape.layouts)
+    slots = min(slots, every)
+    one = max(lay.blob_bytes for lay in shape.layouts.values()) * len({lay.signature for lay in shape.layouts.values()})
+    tiers = AutoBudget(slots, slots * one, shape.dense_bytes, 0, 0, one, f"host_memory={given!r}", every - slots)
+    if hit is None:
+        hit = (slots / every, "uniform routing: the share of experts held, a floor")
+    return Forecast(shape, tiers, disk, rates[0], rates[1], hit[0], hit[1])
+
+
 def forecast(shape: ModelShape, memory: int, given: str, disk: DiskProbe, rates: tuple[float, float], context: int,
              hit: tuple[float, str] | None = None) -> Forecast:
     """The tiers ``memory`` bytes buy (as ``runtime.load(memory=...)`` splits them) and the decode band;
