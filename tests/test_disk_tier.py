@@ -206,6 +206,22 @@ def test_no_file_descriptor_or_thread_leaks(compiled_dir):
     assert counts() == before
 
 
+def test_a_thousand_steps_leak_no_descriptor_or_thread(compiled_dir):
+    """1,000 decode steps at the smallest tier (every step reads from disk, four readers): open
+    files and threads stay as they were after the first call."""
+    model = runtime.load(compiled_dir(NAME), host_memory=2)
+    ids = torch.tensor([[5, 6, 7]])
+    model.generate(ids, max_new_tokens=2, do_sample=False)
+    gc.collect()
+    fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+    for _ in range(4):
+        model.generate(ids, max_new_tokens=250, min_new_tokens=250, do_sample=False)
+    gc.collect()
+    assert (len(os.listdir("/proc/self/fd")), threading.active_count()) == (fds, threads)
+    disk = model.stats()["disk"]
+    assert disk["reads"] > 1000 and disk["direct"] == model.context.cache.store.stats.direct
+
+
 def test_generate_cli_streams_from_disk_with_the_same_text(compiled_dir, capsys):
     """expertflow-generate --host-memory: the text --budget gives at the same slots, and --stats
     says what was read; with --budget too, one line and exit 2."""

@@ -143,7 +143,8 @@ def stats_table(stats: dict[str, Any]) -> str:
     if disk is not None:  # the disk tier: every copy above was a read from the compiled directory
         rate = "-" if disk["read_gbps"] is None else f"{disk['read_gbps']:.2f} GB/s"
         lines.append(f"disk: {disk['reads']} reads, {disk['bytes_read'] / 2**20:.2f} MiB read, "
-                     f"{1000 * disk['read_s']:.2f} ms reading ({rate})")
+                     f"{1000 * disk['read_s']:.2f} ms reading ({rate}, {'direct' if disk['direct'] else 'buffered'}), "
+                     f"{1000 * disk['check_s']:.2f} ms checking (sha256), summed over the reading threads")
     return (f"expert cache: {stats['slots']} slots (each holds one expert) in {where}\n" + "\n".join(lines)
             + "\n" + STATS_LEGEND)
 
