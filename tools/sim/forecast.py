@@ -13,8 +13,9 @@ Per decoded token each MoE layer needs its top-k experts: ``accesses = layers * 
 share ``hit`` is in the host tier and the rest is read from disk. Without a routing trace ``hit``
 is the share of experts the tier holds (uniform routing: a floor, since trained routers reuse
 experts across neighbouring tokens); with ``--trace`` it is the layer-cycle replay's hit rate on
-that trace. Each read is checked (sha256) on the reading thread, so a read costs the transfer and
-the check (both probed). The band runs from reads that never overlap compute (demand loading: compute +
+that trace. Each read is checked (sha256) on its reading thread, so a read costs the transfer
+(one disk, shared) and the check (both probed; a layer's reads are checked side by side on up to
+as many cores as there are readers). The band runs from reads that never overlap compute (demand loading: compute +
 reads) to reads fully hidden behind it (a perfect prefetcher: the larger of the two).
 """
 
@@ -36,6 +37,7 @@ from ...passes.driver import is_experts_module
 from ...runtime.assemble.derive import make_config
 from ...runtime.store.budget import AutoBudget, all_slots, auto_budget, routed_per_token, size_text
 from ...runtime.store.direct import BLOCK, aligned, drop_cached, open_read
+from ...runtime.store.disk import READERS
 from ...runtime.store.host import ExpertLayout
 from ...runtime.store.manifest import LoadError, read_manifest
 from ..presets import catalog
@@ -150,11 +152,12 @@ def probe_decode(dtype: torch.dtype, nbytes: int = 64 * 2**20, repeats: int = 5)
     side = int(math.sqrt(nbytes / torch.empty((), dtype=dtype).element_size()))
     weight = torch.randn(side, side).to(dtype)
     x = torch.randn(1, side).to(dtype)
-    x @ weight  # warm-up: first-call dispatch and page faults
+    linear = torch.nn.functional.linear  # as the model's layers compute: each output a contiguous row's dot
+    linear(x, weight)  # warm-up: first-call dispatch and page faults
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        x @ weight
+        linear(x, weight)
         best = min(best, time.perf_counter() - start)
     return weight.numel() * weight.element_size() / best
 
@@ -188,7 +191,10 @@ class Forecast:
         blob = max(lay.blob_bytes for lay in self.shape.layouts.values())
         compute = (self.shape.dense_read_bytes + layers * k * blob) / self.decode_bps
         misses = 0.0 if self.everything else layers * k * (1 - self.hit)
-        read = misses * blob * (1 / (self.disk.gbps * 1e9) + 1 / self.check_bps)
+        # one disk shared by the reads in flight; their checks run side by side, a layer's misses
+        # together, on as many cores as there are readers
+        beside = max(1, min(k, READERS, os.cpu_count() or 1))
+        read = misses * blob * (1 / (self.disk.gbps * 1e9) + 1 / (self.check_bps * beside))
         return {"compute_s": compute, "read_s": read, "misses": misses, "slow_s": compute + read,
                 "fast_s": max(compute, read)}
 
