@@ -7,7 +7,7 @@ loaded; nothing leaks."""
 from __future__ import annotations
 
 import gc
-import hashlib
+import blake3
 import json
 import os
 import shutil
@@ -165,7 +165,7 @@ def test_digests_are_written_per_blob_and_required_for_the_disk_tier(compiled_di
     table = load_file(directory / DIGESTS)
     experts = (directory / "experts.safetensors").read_bytes()
     start, end = _blob_span(directory / "experts.safetensors", 1, 3)
-    assert bytes(table["layers.1"][3].tolist()) == hashlib.sha256(experts[start:end]).digest()
+    assert bytes(table["blake3.layers.1"][3].tolist()) == blake3.blake3(experts[start:end]).digest()
     assert manifest["files"][DIGESTS] == sha256(directory / DIGESTS)
     # a directory without them (an older compile) loads in memory, and refuses the disk tier in one line
     old = _copy(directory, tmp_path)
@@ -274,3 +274,30 @@ def test_an_interrupt_while_a_read_is_awaited_leaves_the_next_call_exact(compile
     monkeypatch.setattr(Ticket, "wait", real)
     hf, _, _ = hf_reference(NAME)
     assert_matches_hf(model, hf, 4)
+
+
+def test_without_blake3_compile_writes_sha256_digests_that_the_loader_checks(tmp_path, monkeypatch, hf_reference):
+    """An environment without the blake3 package (an image installed with --no-deps) compiles
+    sha256 digests, named so; the disk tier checks them (exact tokens, a flipped byte caught)."""
+    from expertflow.passes.options import CompileOptions
+    from expertflow.runtime.store import host
+    from expertflow.tools.cli.compile import compile_model
+
+    monkeypatch.setattr(host, "blake3", None)
+    out = compile_model(NAME, tmp_path / "c", CompileOptions(), dumps=False)
+    monkeypatch.undo()
+    assert set(load_file(out / DIGESTS)) == {f"sha256.layers.{layer}" for layer in range(4)}
+    model = runtime.load(out, host_memory=2)
+    assert model.context.cache.store.algorithm == "sha256"
+    hf, _, _ = hf_reference(NAME)
+    assert_matches_hf(model, hf, 3)
+    experts = out / "experts.safetensors"
+    start, _ = _blob_span(experts, 0, 0)
+    with open(experts, "r+b") as f:
+        f.seek(start + 9)
+        byte = f.read(1)
+        f.seek(start + 9)
+        f.write(bytes([byte[0] ^ 1]))
+    model = runtime.load(out, host_memory=31)  # as the blake3 test: layer 0 expert 0 is read at its first use
+    with pytest.raises(LoadError, match="layer 0 expert 0 does not match its checksum"):
+        model(PROMPTS, attention_mask=PROMPT_MASK)

@@ -251,7 +251,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", expert_cache: int
         drop_prefetch(gm)
         gm.recompile()
     if tier is not None:  # the slots are the host tier, even when they hold every expert: no second copy
-        store = DiskStore(regular_file(path, EXPERTS), layouts, load_digests(path, manifest, layouts, verify))
+        digests, algorithm = load_digests(path, manifest, layouts, verify)
+        store = DiskStore(regular_file(path, EXPERTS), layouts, digests if verify else None, algorithm)
     else:
         store = HostStore(regular_file(path, EXPERTS), layouts, pin=dev.type == "cuda",
                           digest=manifest["files"][EXPERTS] if verify else None)

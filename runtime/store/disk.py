@@ -5,8 +5,8 @@ slots are the host tier, and each miss or prefetch reads its blob from the file 
 slot, on the copy engine's worker (``cache/streams.py``), so reads overlap compute as copies do.
 Loading reads the header and the small digest table only: its time does not grow with the model.
 
-Every read is checked against the blob's sha256 (``expert_digests.safetensors``, listed and
-checked in the manifest) before the slot is handed to a compute; a blob that fails is a one-line
+Every read is checked against the blob's BLAKE3 digest (``host.blob_digest``, from
+``expert_digests.safetensors``, listed and checked in the manifest) before the slot is handed to a compute; a blob that fails is a one-line
 LoadError naming its layer, expert and file, raised where it was needed, and the cache forgets
 that slot (``CacheModel._await``), so no later call computes with it. The file stays open for
 the model's life: a file replaced by a rename while loaded is still the one read, and one
@@ -20,7 +20,6 @@ file's pages dropped after each (``posix_fadvise``).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -32,12 +31,12 @@ from pathlib import Path
 import torch
 
 from .direct import BLOCK, DIRECT_IO, drop_cached, open_read
-from .host import DIGESTS, ExpertLayout, HostStore, blob_key, digests_key
+from .host import DIGEST_ALGORITHMS, DIGESTS, ExpertLayout, HostStore, blob_digest, blob_key, digests_key
 from .manifest import LoadError
 from .tensor_file import read_tensor_file
 
 #: Reads in flight (the copy engine's workers on the disk tier): an NVMe drive reaches its bandwidth
-#: only with several requests queued, and the checks (sha256, which releases the GIL) of several
+#: only with several requests queued, and the checks (BLAKE3, which releases the GIL) of several
 #: blobs run on as many cores. One of them takes demand reads only (``cache/streams.CopyEngine``).
 READERS = 4
 
@@ -69,7 +68,7 @@ class DiskStats:
     reads: int = 0
     bytes_read: int = 0
     read_s: float = 0.0  # on the reading threads: time in the reads themselves, not the checks
-    check_s: float = 0.0  # time in the sha256 checks
+    check_s: float = 0.0  # time in the digest checks
     direct: bool = False  # reads bypass the page cache (O_DIRECT)
 
     def to_json(self) -> dict[str, float | int | bool | None]:
@@ -78,8 +77,10 @@ class DiskStats:
                 "read_gbps": self.bytes_read / self.read_s / 1e9 if self.read_s > 0 else None}
 
 
-def load_digests(directory: Path, manifest: dict, layouts: dict[int, ExpertLayout], verify: bool) -> dict[str, bytes]:
-    """Each blob's sha256 from the digest table (checked against the manifest as read)."""
+def load_digests(directory: Path, manifest: dict, layouts: dict[int, ExpertLayout],
+                 verify: bool) -> tuple[dict[str, bytes], str]:
+    """Each blob's digest from the digest table (checked against the manifest as read), and the
+    algorithm its names say."""
     if DIGESTS not in manifest["files"]:
         raise LoadError(f"{directory} has no per-blob digests (compiled by an older ExpertFlow); recompile it "
                         "to stream experts from disk, or load it without host_memory")
@@ -87,22 +88,26 @@ def load_digests(directory: Path, manifest: dict, layouts: dict[int, ExpertLayou
     size = sum(lay.num_experts for lay in layouts.values()) * 32 + 128 * len(layouts) + 4096
     tensors = read_tensor_file(directory, DIGESTS, size, manifest["files"][DIGESTS] if verify else None)
     file = directory / DIGESTS
+    first = min(layouts)
+    algorithm = next((a for a in DIGEST_ALGORITHMS if digests_key(first, a) in tensors), DIGEST_ALGORITHMS[0])
     out = {}
     for layer, lay in layouts.items():
-        table = tensors.get(digests_key(layer))
+        table = tensors.get(digests_key(layer, algorithm))
         if table is None or table.dtype != torch.uint8 or tuple(table.shape) != (lay.num_experts, 32):
-            raise LoadError(f"{file}: {digests_key(layer)} is not uint8 [{lay.num_experts}, 32]; recompile the model")
+            raise LoadError(f"{file}: {digests_key(layer, algorithm)} is not uint8 [{lay.num_experts}, 32]; "
+                            "recompile the model")
         for e, row in enumerate(table.tolist()):
             out[blob_key(layer, e)] = bytes(row)
-    return out
+    return out, algorithm
 
 
 class DiskStore:
     """The expert blobs of ``path``, read on demand (module docstring). ``digests`` None: reads
     are not checked (``runtime.load(verify=False)``)."""
 
-    def __init__(self, path: Path, layouts: dict[int, ExpertLayout], digests: dict[str, bytes] | None):
-        self.path = path
+    def __init__(self, path: Path, layouts: dict[int, ExpertLayout], digests: dict[str, bytes] | None,
+                 algorithm: str = DIGEST_ALGORITHMS[0]):
+        self.path, self.algorithm = path, algorithm
         self._file = open(path, "rb", buffering=0)
         self._direct = -1  # a second descriptor, O_DIRECT, when the filesystem and the file allow
         self._finalizer = weakref.finalize(self, _close, self._file, [self._direct])  # never leaks with the model
@@ -152,7 +157,7 @@ class DiskStore:
         if not direct:
             drop_cached(fd, blob.offset, blob.nbytes)
         checked = time.perf_counter()
-        if blob.digest and hashlib.sha256(view).digest() != blob.digest:
+        if blob.digest and blob_digest(view, self.algorithm) != blob.digest:
             raise LoadError(f"{self.path}: layer {blob.layer} expert {blob.expert} does not match its checksum "
                             "(edited or corrupted); recompile the model")
         with self._lock:

@@ -47,9 +47,10 @@ def drop_files(*directories: Path) -> None:
                     os.close(fd)
 
 
-def _peak_rss() -> int:
+def _status(field: str) -> int:
+    """``VmHWM`` (peak) or ``VmRSS`` (now) of this process, in bytes."""
     with open(_STATUS) as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -57,17 +58,18 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     ids = torch.tensor(spec["ids"])
-    if spec["kind"] == "accelerate":
-        from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from ... import runtime
+
+    base = _status("VmRSS")  # the interpreter and its libraries, before any model
+    if spec["kind"] == "accelerate":
         start = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(spec["source"], device_map="auto", offload_folder=spec["offload"],
                                                      max_memory={"cpu": spec["host_bytes"]}).eval()
         load_s = time.perf_counter() - start
         stats = None
     else:
-        from ... import runtime
-
         start = time.perf_counter()
         model = runtime.load(spec["compiled"], record_routing=spec["kind"] == "tier", **spec["load"])
         load_s = time.perf_counter() - start
@@ -88,7 +90,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     # per new token of the timed call (its prefill included: what the counters, the bound and the
     # replay cover), and per decode step alone (the call less prefill and first token)
     row = {"load_s": load_s, "s_per_token": whole / spec["tokens"],
-           "decode_s_per_token": max(whole - first, 1e-9) / max(spec["tokens"] - 1, 1), "peak_rss": _peak_rss(),
+           "decode_s_per_token": max(whole - first, 1e-9) / max(spec["tokens"] - 1, 1), "peak_rss": _status("VmHWM"), "base_rss": base,
            "tokens": out[0, ids.shape[1]:].tolist()}
     if spec["kind"] != "accelerate":
         stats = model.stats()
@@ -216,7 +218,7 @@ def render(r: dict[str, Any]) -> str:
              f"dense weights) of {gib(r['expert_bytes'])} GiB of experts; prompt {r['prompt_len']}, "
              f"{r['tokens']} decode steps; disk {r['disk_gbps']:.2f} GB/s "
              f"({'direct' if r['disk_direct'] else 'buffered'} reads, probed in this run)",
-             "| run | load s | decode tok/s | s/token (call) | peak RSS GiB | read GiB/token | read GB/s | "
+             "| run | load s | decode tok/s | s/token (call) | peak RSS GiB (above imports) | read GiB/token | read GB/s | "
              "bound s/token | /bound | sim s/token | sim bytes/measured |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
@@ -226,7 +228,7 @@ def render(r: dict[str, Any]) -> str:
         disk, sim = row.get("disk") or {}, row.get("simulated") or {}
         read = disk.get("bytes_read")
         cells = [row["name"], f"{row['load_s']:.2f}", f"{1 / row['decode_s_per_token']:.2f}", f"{row['s_per_token']:.3f}",
-                 gib(row["peak_rss"]), f"{read / r['tokens'] / 2**30:.3f}" if read is not None else "-",
+                 f"{gib(row['peak_rss'])} ({gib(row['peak_rss'] - row['base_rss'])})", f"{read / r['tokens'] / 2**30:.3f}" if read is not None else "-",
                  f"{disk['read_gbps']:.2f}" if disk.get("read_gbps") else "-",
                  f"{row['bound_s_per_token']:.3f}" if "bound_s_per_token" in row else "-",
                  f"{row['over_bound']:.2f}" if "over_bound" in row else "-",

@@ -20,7 +20,7 @@ from ...ir.serialize import graph_to_json
 from ...passes.trace import TraceInfo
 from ...runtime.store.manifest import TEXT_FILES, digest_of, sha256
 from ...runtime.store.direct import BLOCK
-from ...runtime.store.host import DIGESTS, ExpertLayout, blob_key, digests_key
+from ...runtime.store.host import DIGESTS, ExpertLayout, blob_digest, blob_key, digest_algorithm, digests_key
 
 MANIFEST = "manifest.json"
 
@@ -33,7 +33,7 @@ def layouts_of(lm: nn.Module, info: TraceInfo) -> dict[int, ExpertLayout]:
 def write_weights(weights: nn.Module | Iterable[tuple[Any, dict[str, torch.Tensor]]],
                   layouts: dict[int, ExpertLayout], out: Path, progress: Callable[[Any], Any]) -> None:
     """dense.safetensors (everything but experts), experts.safetensors (one blob per expert) and
-    expert_digests.safetensors (each blob's sha256, per layer [experts, 32] uint8: what a read of
+    expert_digests.safetensors (each blob's BLAKE3 digest, per layer [experts, 32] uint8: what a read of
     one blob from disk is checked against, ``runtime/store/disk.py``).
 
     ``weights`` is a model or a stream of ``(group, state-dict tensors)`` pairs such as
@@ -65,18 +65,18 @@ def write_weights(weights: nn.Module | Iterable[tuple[Any, dict[str, torch.Tenso
             raise ValueError(f"the experts of layers {sorted(pending)} arrived incomplete")
         dense.finish()
         experts.finish()
-        _write_digests(experts.digests, layouts, out / DIGESTS)
+        _write_digests(experts.digests, experts.algorithm, layouts, out / DIGESTS)
     finally:
         dense.close()
         experts.close()
 
 
-def _write_digests(digests: dict[str, bytes], layouts: dict[int, ExpertLayout], path: Path) -> None:
+def _write_digests(digests: dict[str, bytes], algorithm: str, layouts: dict[int, ExpertLayout], path: Path) -> None:
     table = _DenseFile(path)
     try:
         for layer, lay in layouts.items():
             rows = [list(digests[blob_key(layer, e)]) for e in range(lay.num_experts)]
-            table.add(digests_key(layer), torch.tensor(rows, dtype=torch.uint8))
+            table.add(digests_key(layer, algorithm), torch.tensor(rows, dtype=torch.uint8))
         table.finish()
     finally:
         table.close()
@@ -115,7 +115,8 @@ class _BlobFile:
             self._place[key] = (offset, n)
             offset += n
         self._missing = set(sizes)
-        self.digests: dict[str, bytes] = {}  # key -> the sha256 of its blob, as written
+        self.digests: dict[str, bytes] = {}  # key -> the digest of its blob, as written
+        self.algorithm = digest_algorithm()
         self._file = open(path, "wb")
         self._file.write(header)
         self._file.truncate(offset)  # full size now: a blob written out of order leaves no short file
@@ -127,7 +128,7 @@ class _BlobFile:
         data = blob.contiguous().numpy()
         self._file.seek(start)
         self._file.write(data)
-        self.digests[key] = hashlib.sha256(data).digest()
+        self.digests[key] = blob_digest(data, self.algorithm)
         self._missing.discard(key)
 
     def finish(self) -> None:

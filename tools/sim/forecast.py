@@ -13,15 +13,14 @@ Per decoded token each MoE layer needs its top-k experts: ``accesses = layers * 
 share ``hit`` is in the host tier and the rest is read from disk. Without a routing trace ``hit``
 is the share of experts the tier holds (uniform routing: a floor, since trained routers reuse
 experts across neighbouring tokens); with ``--trace`` it is the layer-cycle replay's hit rate on
-that trace. Each read is checked (sha256) on its reading thread, so a read costs the transfer
-(one disk, shared) and the check (both probed; a layer's reads are checked side by side on up to
+that trace. Each read is checked (its digest) on its reading thread, so a read costs the transfer
+(one disk, shared) and the check (BLAKE3; both probed; a layer's reads are checked side by side on up to
 as many cores as there are readers). The band runs from reads that never overlap compute (demand loading: compute +
 reads) to reads fully hidden behind it (a perfect prefetcher: the larger of the two).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tempfile
@@ -38,7 +37,7 @@ from ...runtime.assemble.derive import make_config
 from ...runtime.store.budget import AutoBudget, all_slots, auto_budget, routed_per_token, size_text
 from ...runtime.store.direct import BLOCK, aligned, drop_cached, open_read
 from ...runtime.store.disk import READERS
-from ...runtime.store.host import ExpertLayout
+from ...runtime.store.host import ExpertLayout, blob_digest, digest_algorithm
 from ...runtime.store.manifest import LoadError, read_manifest
 from ..presets import catalog
 from ..shell import UserError
@@ -163,11 +162,12 @@ def probe_decode(dtype: torch.dtype, nbytes: int = 64 * 2**20, repeats: int = 5)
 
 
 def probe_check(nbytes: int = 64 * 2**20) -> float:
-    """Bytes per second sha256 checks here: every blob read from disk is checked on the reading
-    thread before it is used (``runtime/store/disk.py``), so a read costs its transfer and this."""
+    """Bytes per second a blob's digest (``host.blob_digest``, the algorithm compile writes here)
+    checks: every blob read from disk is checked on the reading thread before it is used
+    (``runtime/store/disk.py``), so a read costs its transfer and this."""
     data = os.urandom(nbytes)
     start = time.perf_counter()
-    hashlib.sha256(data).digest()
+    blob_digest(data, digest_algorithm())
     return nbytes / max(time.perf_counter() - start, 1e-9)
 
 
@@ -177,7 +177,7 @@ class Forecast:
     tiers: AutoBudget
     disk: DiskProbe
     decode_bps: float
-    check_bps: float  # sha256 of what is read, on the reading thread
+    check_bps: float  # the digest of what is read, on the reading thread
     hit: float
     hit_source: str
 
@@ -220,7 +220,7 @@ class Forecast:
             self.tiers.describe(),
             f"tiers: {tier}",
             (f"this machine: disk {j['disk_gbps']:.2f} GB/s ({how}, {size_text(self.disk.nbytes)} probed), "
-            f"sha256 {j['check_gbps']:.2f} GB/s, decode compute {j['decode_gbps']:.1f} GB/s of weights"),
+            f"digest check {j['check_gbps']:.2f} GB/s, decode compute {j['decode_gbps']:.1f} GB/s of weights"),
             (f"hit rate {j['hit_rate']:.3f} ({self.hit_source}): {j['misses']:.1f} expert reads per token, "
             f"{1000 * j['read_s']:.1f} ms reading and {1000 * j['compute_s']:.1f} ms computing"),
             (f"decode: {j['tokens_per_s_low']:.2f} to {j['tokens_per_s_high']:.2f} tokens/s (reads never hidden .. "
