@@ -257,7 +257,7 @@ def edit_manifest(path: Path, edit, resign: bool = True) -> None:
 def forge(path: Path, name: str, data: bytes) -> None:
     """Replaces a file and re-signs everything, as a stranger shipping a whole directory can."""
     (path / name).write_bytes(data)
-    edit_manifest(path, lambda m: m["files"].update({name: artefact.sha256(path / name)}))
+    edit_manifest(path, lambda m: m["files"].update({name: artefact.file_digest(path / name)}))
 
 
 def _experts_header(path: Path, edit) -> None:

@@ -24,7 +24,8 @@ from expertflow.runtime.cache.streams import Ticket
 from expertflow.runtime.store.budget import kv_cache_bytes
 from expertflow.runtime.store.disk import DiskStore
 from expertflow.runtime.store.host import DIGESTS, HostStore, blob_key
-from expertflow.runtime.store.manifest import LoadError, digest_of, sha256
+from expertflow.runtime.store.digest import file_digest
+from expertflow.runtime.store.manifest import LoadError, digest_of
 from expertflow.tools.sim.prefetch_sim import from_log, replay
 
 NAME = "tiny-mixtral"
@@ -166,7 +167,7 @@ def test_digests_are_written_per_blob_and_required_for_the_disk_tier(compiled_di
     experts = (directory / "experts.safetensors").read_bytes()
     start, end = _blob_span(directory / "experts.safetensors", 1, 3)
     assert bytes(table["blake3.layers.1"][3].tolist()) == blake3.blake3(experts[start:end]).digest()
-    assert manifest["files"][DIGESTS] == sha256(directory / DIGESTS)
+    assert manifest["files"][DIGESTS] == file_digest(directory / DIGESTS)
     # a directory without them (an older compile) loads in memory, and refuses the disk tier in one line
     old = _copy(directory, tmp_path)
     manifest["files"].pop(DIGESTS)
@@ -280,10 +281,10 @@ def test_without_blake3_compile_writes_sha256_digests_that_the_loader_checks(tmp
     """An environment without the blake3 package (an image installed with --no-deps) compiles
     sha256 digests, named so; the disk tier checks them (exact tokens, a flipped byte caught)."""
     from expertflow.passes.options import CompileOptions
-    from expertflow.runtime.store import host
+    from expertflow.runtime.store import digest
     from expertflow.tools.cli.compile import compile_model
 
-    monkeypatch.setattr(host, "blake3", None)
+    monkeypatch.setattr(digest, "blake3", None)
     out = compile_model(NAME, tmp_path / "c", CompileOptions(), dumps=False)
     monkeypatch.undo()
     assert set(load_file(out / DIGESTS)) == {f"sha256.layers.{layer}" for layer in range(4)}

@@ -13,7 +13,8 @@ from expertflow import runtime
 from expertflow.runtime.store import arena as arena_mod
 from expertflow.runtime.store import manifest as manifest_mod
 from expertflow.runtime.assemble.loader import _layouts
-from expertflow.runtime.store.manifest import LoadError, read_manifest, sha256
+from expertflow.runtime.store.digest import file_digest
+from expertflow.runtime.store.manifest import LoadError, read_manifest
 from expertflow.runtime.store.host import HostStore
 
 NAME = "tiny-trained-moe"
@@ -26,7 +27,7 @@ def _store(directory, **kw) -> HostStore:
 
 def test_one_page_aligned_arena_of_exactly_the_expert_bytes(compiled_dir):
     directory = compiled_dir(NAME)
-    store = _store(directory, digest=sha256(directory / "experts.safetensors"))
+    store = _store(directory, digest=file_digest(directory / "experts.safetensors"))
     plan = read_manifest(directory)["memory_plan"]
     arena = store.arena.data
     assert store.nbytes == plan["expert_bytes_total"]
@@ -41,8 +42,8 @@ def test_one_page_aligned_arena_of_exactly_the_expert_bytes(compiled_dir):
 
 def test_the_experts_are_read_once(compiled_dir, monkeypatch):
     hashed = []
-    real = manifest_mod.sha256
-    monkeypatch.setattr(manifest_mod, "sha256", lambda path: hashed.append(path.name) or real(path))
+    real = manifest_mod.file_digest
+    monkeypatch.setattr(manifest_mod, "file_digest", lambda path, like=None: hashed.append(path.name) or real(path, like))
     reads = []
     real_fill = arena_mod._fill
     monkeypatch.setattr(arena_mod, "_fill", lambda *a: reads.append(a[0].name) or real_fill(*a))

@@ -15,7 +15,8 @@ import onnx
 import pytest
 
 from expertflow.ir import graph_view as gv
-from expertflow.runtime.store.manifest import digest_of, sha256
+from expertflow.runtime.store.digest import file_digest
+from expertflow.runtime.store.manifest import digest_of
 from expertflow.tools.cli import inspector as ins
 
 PROG_ERROR = "expertflow-inspect: error: "
@@ -48,7 +49,7 @@ def _resign(d: Path) -> None:
     """Re-signs graph.json, so the checks after the checksum's are what a damaged graph meets."""
     manifest = json.loads((d / "manifest.json").read_text())
     if (d / "graph.json").is_file():
-        manifest["files"]["graph.json"] = sha256(d / "graph.json")
+        manifest["files"]["graph.json"] = file_digest(d / "graph.json")
     (d / "manifest.json").write_text(json.dumps(dict(manifest, digest=digest_of(manifest))))
 
 

@@ -302,7 +302,8 @@ def _forge(calibrated, tmp_path, name, forge):
 
     from safetensors.torch import load_file, save_file
 
-    from expertflow.runtime.store.manifest import digest_of, sha256
+    from expertflow.runtime.store.digest import file_digest
+    from expertflow.runtime.store.manifest import digest_of
 
     forged = tmp_path / "forged"
     shutil.copytree(calibrated, forged)
@@ -310,7 +311,7 @@ def _forge(calibrated, tmp_path, name, forge):
     forge(t)
     save_file({k: v.contiguous() for k, v in t.items()}, str(forged / name))
     manifest = json.loads((forged / "manifest.json").read_text())
-    manifest["files"][name] = sha256(forged / name)
+    manifest["files"][name] = file_digest(forged / name)
     manifest["digest"] = digest_of(manifest)
     (forged / "manifest.json").write_text(json.dumps(manifest))
     return forged

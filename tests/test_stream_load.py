@@ -8,7 +8,6 @@ compiled model's logits.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import struct
@@ -26,7 +25,9 @@ from expertflow import runtime
 from expertflow.ir.skeleton import build_skeleton
 from expertflow.passes.options import CompileOptions
 from expertflow.passes.pipeline import compile_graph
-from expertflow.runtime.store.host import ALIGN, DIGESTS, HostStore, blob_key, digests_key
+from expertflow.runtime.store.digest import blob_digest
+from expertflow.runtime.store.direct import BLOCK
+from expertflow.runtime.store.host import DIGESTS, HostStore, blob_key, digests_key
 from expertflow.tools.make import artefact, stream_load
 from expertflow.tools.presets import catalog as presets
 from expertflow.tools.make.stream_load import WeightStream, group_of
@@ -157,11 +158,12 @@ def test_writer_round_trip(source: str, tmp_path: Path, model_dir) -> None:
         for e in range(lay.num_experts):
             expected = lay.pack(params, e)
             assert torch.equal(store.blob(layer, e), expected) and torch.equal(experts[blob_key(layer, e)], expected)
-            # the digest table holds each blob's sha256 (what a read from disk is checked against)
-            assert bytes(digests[digests_key(layer)][e].tolist()) == hashlib.sha256(expected.numpy()).digest()
+            # the digest table holds each blob's digest (what a read from disk is checked against)
+            assert bytes(digests[digests_key(layer, "blake3")][e].tolist()) == blob_digest(expected.numpy(), "blake3")
     store.close()
-    with open(out / "experts.safetensors", "rb") as f:  # blobs 64-byte aligned in the file
-        assert (8 + struct.unpack("<Q", f.read(8))[0]) % ALIGN == 0
+    with open(out / "experts.safetensors", "rb") as f:  # blobs on 4 KiB blocks in the file (direct reads)
+        assert (8 + struct.unpack("<Q", f.read(8))[0]) % BLOCK == 0
+    assert all(lay.blob_bytes % BLOCK == 0 for lay in layouts.values())
 
 
 def test_writer_accepts_a_model_or_a_stream_alike(tmp_path: Path, model_dir) -> None:

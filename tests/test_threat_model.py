@@ -30,7 +30,8 @@ import torch
 from conftest import PROMPT_MASK, PROMPTS
 
 from expertflow import runtime
-from expertflow.runtime.store.manifest import digest_of, sha256
+from expertflow.runtime.store.digest import file_digest
+from expertflow.runtime.store.manifest import digest_of
 
 
 def write(path: Path, graph: Any = None, manifest: dict | None = None, resign: bool = True) -> None:
@@ -40,7 +41,7 @@ def write(path: Path, graph: Any = None, manifest: dict | None = None, resign: b
     manifest = manifest if manifest is not None else json.loads((path / "manifest.json").read_text())
     if resign and isinstance(manifest, dict):
         if isinstance(manifest.get("files"), dict) and graph is not None:
-            manifest["files"]["graph.json"] = sha256(path / "graph.json")
+            manifest["files"]["graph.json"] = file_digest(path / "graph.json")
         manifest["digest"] = digest_of(manifest)
     (path / "manifest.json").write_text(json.dumps(manifest))
 
@@ -305,7 +306,7 @@ def ship(path: Path, files: dict[str, bytes | None]) -> None:
             manifest["files"].pop(name, None)
         else:
             (path / name).write_bytes(data)
-            manifest["files"][name] = sha256(path / name)
+            manifest["files"][name] = file_digest(path / name)
     write(path, manifest=manifest)
 
 

@@ -13,7 +13,6 @@ available; a host that cannot hold the experts gets a one-line LoadError naming 
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .digest import hasher_for
 from .manifest import LoadError
 
 CHUNK = 64 * 2**20  # bytes per read: large sequential reads, progress reported per chunk
@@ -65,8 +65,8 @@ def _gib(n: int) -> str:
 
 def read_arena(path: Path, start: int, length: int, digest: str | None, pin: bool,
                progress: Callable[[int], None] | None = None) -> Arena:
-    """Bytes ``start .. start + length`` of ``path`` in one arena; the whole file's sha256 must
-    equal ``digest`` (when given). LoadError, with nothing left allocated, on any failure."""
+    """Bytes ``start .. start + length`` of ``path`` in one arena; the whole file's digest must
+    equal ``digest`` (when given; ``digest.py``). LoadError, with nothing left allocated, on any failure."""
     free = available_host_bytes()
     if free is not None and length * HEADROOM > free:
         raise LoadError(f"{path}: the experts need {_gib(length)} of host memory ({_gib(int(length * HEADROOM))} "
@@ -92,22 +92,24 @@ def read_arena(path: Path, start: int, length: int, digest: str | None, pin: boo
 def _fill(path: Path, start: int, data: torch.Tensor, digest: str | None,
           progress: Callable[[int], None] | None) -> bytes:
     """Reads the file once in order: bytes before ``start`` are hashed and returned, the rest land in ``data``."""
-    h = hashlib.sha256()
+    h = hasher_for(digest) if digest is not None else None
     view = memoryview(data.numpy()) if data.numel() else memoryview(bytearray())
     with open(path, "rb") as f:
         head = f.read(start)
-        h.update(head)
+        if h is not None:
+            h.update(head)
         done = 0
         while done < len(view):
             n = f.readinto(view[done:done + CHUNK])
             if not n:
                 raise LoadError(f"{path} ended {len(view) - done} bytes early (truncated); recompile the model")
-            h.update(view[done:done + n])
+            if h is not None:
+                h.update(view[done:done + n])
             done += n
             if progress is not None:
                 progress(n)
         if f.read(1):
             raise LoadError(f"{path} has bytes after its last blob; recompile the model")
-    if digest is not None and h.hexdigest() != digest:
+    if h is not None and h.text() != digest:
         raise LoadError(f"{path} does not match its checksum (edited or truncated); recompile the model")
     return head

@@ -5,7 +5,7 @@ slots are the host tier, and each miss or prefetch reads its blob from the file 
 slot, on the copy engine's worker (``cache/streams.py``), so reads overlap compute as copies do.
 Loading reads the header and the small digest table only: its time does not grow with the model.
 
-Every read is checked against the blob's BLAKE3 digest (``host.blob_digest``, from
+Every read is checked against the blob's BLAKE3 digest (``digest.blob_digest``, from
 ``expert_digests.safetensors``, listed and checked in the manifest) before the slot is handed to a compute; a blob that fails is a one-line
 LoadError naming its layer, expert and file, raised where it was needed, and the cache forgets
 that slot (``CacheModel._await``), so no later call computes with it. The file stays open for
@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from .direct import BLOCK, DIRECT_IO, drop_cached, open_read
-from .host import DIGEST_ALGORITHMS, DIGESTS, ExpertLayout, HostStore, blob_digest, blob_key, digests_key
+from .digest import ALGORITHMS, blob_digest
+from .host import DIGESTS, ExpertLayout, HostStore, blob_key, digests_key
 from .manifest import LoadError
 from .tensor_file import read_tensor_file
 
@@ -89,7 +90,7 @@ def load_digests(directory: Path, manifest: dict, layouts: dict[int, ExpertLayou
     tensors = read_tensor_file(directory, DIGESTS, size, manifest["files"][DIGESTS] if verify else None)
     file = directory / DIGESTS
     first = min(layouts)
-    algorithm = next((a for a in DIGEST_ALGORITHMS if digests_key(first, a) in tensors), DIGEST_ALGORITHMS[0])
+    algorithm = next((a for a in ALGORITHMS if digests_key(first, a) in tensors), ALGORITHMS[0])
     out = {}
     for layer, lay in layouts.items():
         table = tensors.get(digests_key(layer, algorithm))
@@ -106,7 +107,7 @@ class DiskStore:
     are not checked (``runtime.load(verify=False)``)."""
 
     def __init__(self, path: Path, layouts: dict[int, ExpertLayout], digests: dict[str, bytes] | None,
-                 algorithm: str = DIGEST_ALGORITHMS[0]):
+                 algorithm: str = ALGORITHMS[0]):
         self.path, self.algorithm = path, algorithm
         self._file = open(path, "rb", buffering=0)
         self._direct = -1  # a second descriptor, O_DIRECT, when the filesystem and the file allow

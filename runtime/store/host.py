@@ -7,7 +7,6 @@ a slot pool of shape (slots, blob_bytes) can be viewed as the module's 3-D param
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -20,10 +19,6 @@ from collections.abc import Callable
 
 import torch
 
-try:
-    import blake3
-except ImportError:  # the GPU image installs with --no-deps: sha256 then (digest_algorithm)
-    blake3 = None
 
 from .arena import read_arena
 from .direct import BLOCK
@@ -161,35 +156,13 @@ def blob_key(layer: int, expert: int) -> str:
     return f"layers.{layer}.experts.{expert}"
 
 
-#: Each expert blob's digest (``blob_digest``), per MoE layer (``digests_key``): uint8 [experts, 32].
+#: Each expert blob's digest (``digest.blob_digest``), per MoE layer (``digests_key``): uint8 [experts, 32].
 #: Written by compile; what a blob read from disk is checked against (``disk.py``).
 DIGESTS = "expert_digests.safetensors"
 
 
-#: The per-blob digests compile writes, the preferred first: BLAKE3 is a cryptographic hash (a blob
-#: edited to collide is out of reach) at 2.3x sha256's speed on one core here (3.7 against 1.6 GB/s),
-#: and every read from disk pays it. sha256 where the blake3 package is missing (an image installed
-#: with --no-deps): the loader reads either, by the name its table carries.
-DIGEST_ALGORITHMS = ("blake3", "sha256")
-
-
-def digest_algorithm() -> str:
-    """What compile writes here: BLAKE3 where the package is installed, else sha256."""
-    return "blake3" if blake3 is not None else "sha256"
-
-
 def digests_key(layer: int, algorithm: str) -> str:
     return f"{algorithm}.layers.{layer}"  # the algorithm in the name: a table is never checked as another
-
-
-def blob_digest(data: Any, algorithm: str) -> bytes:
-    """A blob's 32-byte digest by ``algorithm`` (``DIGEST_ALGORITHMS``); both release the GIL."""
-    if algorithm == "sha256":
-        return hashlib.sha256(data).digest()
-    if blake3 is None:
-        raise LoadError("this model's expert digests are BLAKE3: install the blake3 package (pip install blake3) "
-                        "to stream its experts from disk")
-    return blake3.blake3(data).digest()
 
 
 class HostStore:
@@ -198,7 +171,7 @@ class HostStore:
     The header is checked against the layouts before anything is allocated: exactly one ``U8``
     blob of the layout's size per (layer, expert), each inside the file, none overlapping another,
     and no more than 5% of the data section outside the blobs. A violation raises LoadError
-    naming the blob. ``digest``, when given, is the file's sha256, checked during the one read.
+    naming the blob. ``digest``, when given, is the file's digest, checked during the one read.
     """
 
     HEADER_LIMIT = 64 * 2**20

@@ -14,10 +14,12 @@ import hashlib
 import json
 import math
 import os
-import re
 import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from .digest import FORM, bytes_digest, file_digest
+from .errors import LoadError
 
 SCHEMA_VERSION = 5  # 5: expert blobs a whole number of 4 KiB blocks, block-aligned in the file; 4: the graph is the model's own forward (no mask_kinds); 3: own digest, versions
 #: The files every compiled directory has; each must carry a checksum in the manifest.
@@ -36,22 +38,8 @@ MANIFEST_LIMIT = 2**20
 #: Files the loader reads whole and hashes as it reads them (``read_bytes``), so ``check_files``
 #: leaves them out: a second read by path could see other bytes than the ones checked.
 VERIFIED_AS_READ = ("dense.safetensors", "graph.json", "generation_config.json", "experts.safetensors")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
-
-
-class LoadError(ValueError):
-    """The compiled directory, device or budget is unusable; the message says what to do."""
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def digest_of(manifest: dict[str, Any]) -> str:
@@ -88,7 +76,7 @@ def regular_file(directory: Path, name: str, what: str = "") -> Path:
 
 def read_bytes(directory: Path, name: str, limit: int, digest: str | None = None, what: str = "") -> bytearray:
     """The bytes of ``directory/name``, read once: a regular file of at most ``limit`` bytes and, when
-    ``digest`` is given, exactly the bytes whose sha256 it is. The caller parses these bytes, never
+    ``digest`` is given, exactly the bytes whose digest it is (``digest.py``). The caller parses these bytes, never
     the path again, so a file changed after the check cannot be loaded unverified."""
     path = regular_file(directory, name, what)
     try:  # O_NOFOLLOW and fstat: a symlink or FIFO swapped in after regular_file's lstat is refused
@@ -110,7 +98,7 @@ def read_bytes(directory: Path, name: str, limit: int, digest: str | None = None
             raise LoadError(f"{path} is unreadable ({exc.strerror or exc}); check its permissions") from None
     if changed:
         raise LoadError(f"{path} changed size while it was read; recompile the model")
-    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+    if digest is not None and bytes_digest(data, digest) != digest:
         raise LoadError(f"{path} does not match its checksum (edited or truncated); recompile the model")
     return data
 
@@ -190,8 +178,9 @@ def check_fields(m: dict[str, Any], where: str) -> None:
         raise LoadError(f"{where}: config.auto_map names remote code, which ExpertFlow never loads")
     files = _need(m, "files", dict, where)
     for name, digest in files.items():
-        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
-            raise LoadError(f"{where}: files[{name!r}] is not a sha256 hex digest; recompile the model")
+        if not isinstance(digest, str) or not FORM.fullmatch(digest):
+            raise LoadError(f"{where}: files[{name!r}] is not a file digest (64 hex digits, or 'blake3:' and 64); "
+                            "recompile the model")
     missing = [n for n in REQUIRED_FILES if n not in files]
     if missing:  # a file without a checksum would be trusted unchecked
         raise LoadError(f"{where} has no checksum for {', '.join(missing)}; recompile the model")
@@ -206,13 +195,13 @@ def check_fields(m: dict[str, Any], where: str) -> None:
 def check_files(directory: Path, manifest: dict[str, Any], only: tuple[str, ...] | None = None,
                 skip: tuple[str, ...] = ()) -> None:
     """Every listed file (or those in ``only``, less ``skip``) is a regular file inside the
-    directory with its sha256. (The loader checks the experts while it reads them: ``skip``.)"""
+    directory with its digest. (The loader checks the experts while it reads them: ``skip``.)"""
     for name, expected in manifest["files"].items():
         if (only is not None and name not in only) or name in skip:
             continue
         path = regular_file(directory, name, f"files[{name!r}]")
         try:
-            actual = sha256(path)
+            actual = file_digest(path, like=expected)
         except OSError as exc:
             raise LoadError(f"{path} is unreadable ({exc.strerror or exc}); check its permissions") from None
         if actual != expected:

@@ -144,7 +144,7 @@ def stats_table(stats: dict[str, Any]) -> str:
         rate = "-" if disk["read_gbps"] is None else f"{disk['read_gbps']:.2f} GB/s"
         lines.append(f"disk: {disk['reads']} reads, {disk['bytes_read'] / 2**20:.2f} MiB read, "
                      f"{1000 * disk['read_s']:.2f} ms reading ({rate}, {'direct' if disk['direct'] else 'buffered'}), "
-                     f"{1000 * disk['check_s']:.2f} ms checking (sha256), summed over the reading threads")
+                     f"{1000 * disk['check_s']:.2f} ms checking digests, summed over the reading threads")
     return (f"expert cache: {stats['slots']} slots (each holds one expert) in {where}\n" + "\n".join(lines)
             + "\n" + STATS_LEGEND)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,9 +17,10 @@ from torch import fx, nn
 
 from ...ir.serialize import graph_to_json
 from ...passes.trace import TraceInfo
-from ...runtime.store.manifest import TEXT_FILES, digest_of, sha256
+from ...runtime.store.manifest import TEXT_FILES, digest_of
 from ...runtime.store.direct import BLOCK
-from ...runtime.store.host import DIGESTS, ExpertLayout, blob_digest, blob_key, digest_algorithm, digests_key
+from ...runtime.store.digest import algorithm as digest_algorithm, blob_digest, file_digest
+from ...runtime.store.host import DIGESTS, ExpertLayout, blob_key, digests_key
 
 MANIFEST = "manifest.json"
 
@@ -222,7 +222,7 @@ def current_umask() -> int:
 def _seal(tmp: Path, manifest: dict[str, Any]) -> None:
     """Checksums every file but the manifest, then writes the manifest with its own digest."""
     manifest.pop("digest", None)
-    manifest["files"] = {p.relative_to(tmp).as_posix(): sha256(p)
+    manifest["files"] = {p.relative_to(tmp).as_posix(): file_digest(p)
                          for p in sorted(tmp.rglob("*")) if p.is_file() and p.relative_to(tmp).as_posix() != MANIFEST}
     manifest["digest"] = digest_of(manifest)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -37,7 +37,8 @@ from ...runtime.assemble.derive import make_config
 from ...runtime.store.budget import AutoBudget, all_slots, auto_budget, routed_per_token, size_text
 from ...runtime.store.direct import BLOCK, aligned, drop_cached, open_read
 from ...runtime.store.disk import READERS
-from ...runtime.store.host import ExpertLayout, blob_digest, digest_algorithm
+from ...runtime.store.digest import algorithm as digest_algorithm, blob_digest
+from ...runtime.store.host import ExpertLayout
 from ...runtime.store.manifest import LoadError, read_manifest
 from ..presets import catalog
 from ..shell import UserError
@@ -162,7 +163,7 @@ def probe_decode(dtype: torch.dtype, nbytes: int = 64 * 2**20, repeats: int = 5)
 
 
 def probe_check(nbytes: int = 64 * 2**20) -> float:
-    """Bytes per second a blob's digest (``host.blob_digest``, the algorithm compile writes here)
+    """Bytes per second a blob's digest (``digest.blob_digest``, the algorithm compile writes here)
     checks: every blob read from disk is checked on the reading thread before it is used
     (``runtime/store/disk.py``), so a read costs its transfer and this."""
     data = os.urandom(nbytes)
