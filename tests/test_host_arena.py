@@ -110,3 +110,47 @@ def test_auto_budget_takes_what_free_memory_leaves(compiled_dir, monkeypatch):
         runtime.load(directory, expert_cache="auto")
     with pytest.raises(LoadError, match="must be positive integers"):
         runtime.load(directory, expert_cache="auto", batch_size=0)
+
+
+class _Driver:
+    """CUDA's host registration as the driver keeps it: registering an address twice is error 712."""
+
+    def __init__(self):
+        self.registered: set[int] = set()
+        self.calls: list[tuple[str, int]] = []
+
+    def cudaHostRegister(self, pointer: int, size: int, flags: int) -> int:
+        self.calls.append(("register", pointer))
+        if pointer in self.registered:
+            return 712
+        self.registered.add(pointer)
+        return 0
+
+    def cudaHostUnregister(self, pointer: int) -> int:
+        self.calls.append(("unregister", pointer))
+        if pointer not in self.registered:
+            return 1  # not registered
+        self.registered.remove(pointer)
+        return 0
+
+
+def test_a_pinned_arena_is_unregistered_when_its_model_goes_so_a_reload_pins_again(compiled_dir, monkeypatch):
+    """Issue 24's reload defect: the arena registered with CUDA was never unregistered, so the next
+    load (often given the same address) failed with error 712. Dropping the store, or closing it,
+    unregisters it, before its mapping is unmapped."""
+    import gc
+
+    driver = _Driver()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: driver)
+    directory = compiled_dir(NAME)
+    for _ in range(3):  # load, drop, load again: each registration succeeds
+        store = _store(directory, pin=True)
+        pointer = store.arena.data.data_ptr()
+        assert store.arena.pinned and pointer in driver.registered
+        del store
+        gc.collect()
+        assert pointer not in driver.registered and driver.calls[-1] == ("unregister", pointer)
+    store = _store(directory, pin=True)
+    store.close()
+    store.close()  # once only
+    assert [c for c, _ in driver.calls].count("unregister") == 4 and not driver.registered

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,11 +54,15 @@ class Arena:
     buffer: mmap.mmap
     pinned: bool = False
     head: bytes = b""  # the bytes before ``start``, as read and hashed: the caller checks they are what it parsed
+    #: Unregisters the pinned mapping when the arena goes (``close`` or garbage): nothing else would,
+    #: and the next load in the process, given the same address back, would fail to register it
+    #: (CUDA error 712, already registered) while the old pages stayed pinned.
+    unpin: Any = None
 
     def close(self) -> None:
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
-            self.pinned = False
+        if self.unpin is not None:
+            self.unpin()
+        self.pinned = False
 
 
 def _gib(n: int) -> str:
@@ -82,11 +88,17 @@ def read_arena(path: Path, start: int, length: int, digest: str | None, pin: boo
                 raise LoadError(f"{path}: could not pin {_gib(length)} of host memory for the experts (CUDA error "
                                 f"{int(err)}); raise the locked-memory limit (ulimit -l) or use a smaller model")
             arena.pinned = True
+            # holds the mapping until it is unregistered: a mapping unmapped first would stay registered
+            arena.unpin = weakref.finalize(arena, _unregister, data.data_ptr(), buffer)
         return arena
     except BaseException:
         del data
         buffer.close()
         raise
+
+
+def _unregister(pointer: int, buffer: mmap.mmap) -> None:
+    torch.cuda.cudart().cudaHostUnregister(pointer)
 
 
 def _fill(path: Path, start: int, data: torch.Tensor, digest: str | None,
