@@ -337,3 +337,25 @@ def test_copies_are_ordered_per_pool_and_slot() -> None:
         assert engine.read == engine.submitted
     finally:
         engine.close()
+
+
+def test_a_step_whose_slots_spread_past_the_group_limit_runs_in_windows(compiled_dir, hf_logits, monkeypatch):
+    """Issue 24's 1,024-group defect: torch's grouped GEMM takes at most 1,024 groups and a view
+    spans the slots lo..hi a step uses. With the limit at 4 (every expert resident: a layer's
+    experts sit in 8 slots), no experts call is given more than 4 groups, and HF's logits come out."""
+    from expertflow.runtime.generate import context as context_mod
+
+    monkeypatch.setattr(context_mod, "MAX_GROUPS", 4)
+    model = load(compiled_dir("tiny-mixtral"))
+    spans = []
+    real = context_mod.RuntimeContext._grouped
+
+    def grouped(self, layer, hidden, local, dtype, weights, lo, hi):
+        spans.append(hi - lo + 1)
+        assert 0 <= int(local.min()) and int(local.max()) <= hi - lo  # ids inside the view
+        return real(self, layer, hidden, local, dtype, weights, lo, hi)
+
+    monkeypatch.setattr(context_mod.RuntimeContext, "_grouped", grouped)
+    assert_close(model(PROMPTS, PROMPT_MASK).logits, hf_logits)
+    assert spans and max(spans) <= 4 and len(spans) > len(model.context.cache.layouts)  # some split
+    assert context_mod.slot_windows([9, 0, 3, 4, 7, 12], 4) == [(0, 3), (4, 7), (9, 12)]

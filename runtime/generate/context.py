@@ -35,6 +35,25 @@ def slot_view_module(module: nn.Module, layout: ExpertLayout, pool: torch.Tensor
     return view
 
 
+#: The most expert groups one experts call may take: torch's grouped GEMM refuses more than 1,024
+#: ("Can't process more than 1024 groups"), and a view spans slots lo..hi, so a pool of 1,024+
+#: slots whose step's experts sit far apart needs several calls (``slot_windows``).
+MAX_GROUPS = 1024
+
+
+def slot_windows(slots: list[int], most: int) -> list[tuple[int, int]]:
+    """The slots in use as (lo, hi) windows, each spanning at most ``most`` slots, in order."""
+    ordered = sorted(slots)
+    windows, lo, last = [], ordered[0], ordered[0]
+    for slot in ordered[1:]:
+        if slot - lo >= most:
+            windows.append((lo, last))
+            lo = slot
+        last = slot
+    windows.append((lo, last))
+    return windows
+
+
 def _to_device(values: list[int], like: torch.Tensor) -> torch.Tensor:
     """A small host list on ``like``'s device without blocking (pinned source, async copy)."""
     host = torch.tensor(values, dtype=like.dtype)
@@ -162,12 +181,25 @@ class RuntimeContext:
 
     def _run(self, layer: int, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
              slots: list[int]) -> torch.Tensor:
-        lo, hi = min(slots), max(slots)
         local = self.cache.tables[layer].on_device()[index]  # every id in ``index`` is resident: acquired above
-        if lo:
-            local = local - lo
+        windows = slot_windows(slots, MAX_GROUPS)
+        if len(windows) == 1:
+            lo, hi = windows[0]
+            return self._grouped(layer, hidden, local - lo if lo else local, index.dtype, weights, lo, hi)
+        # The slots in use spread over more than one view's groups: each window of slots adds its
+        # own experts' share, the positions routed elsewhere weighted zero (as waves do).
+        out = None
+        for lo, hi in windows:
+            inside = (local >= lo) & (local <= hi)
+            part = self._grouped(layer, hidden, torch.where(inside, local - lo, 0), index.dtype,
+                                 weights * inside.to(weights.dtype), lo, hi)
+            out = part if out is None else out + part
+        return out
+
+    def _grouped(self, layer: int, hidden: torch.Tensor, local: torch.Tensor, dtype: torch.dtype,
+                 weights: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         view = self._view(layer, lo, hi)
-        return type(view).forward(view, hidden, local.to(index.dtype), weights)
+        return type(view).forward(view, hidden, local.to(dtype), weights)
 
     def expert_compute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor, plan: SlotPlan) -> torch.Tensor:
