@@ -67,6 +67,7 @@ def make_cache() -> Iterator:
                            engines[-1])
 
     yield make
+    Recording.delay = 0.0  # other files' caches copy these blobs too
     for engine in engines:
         engine.close()
 
@@ -359,3 +360,22 @@ def test_a_step_whose_slots_spread_past_the_group_limit_runs_in_windows(compiled
     assert_close(model(PROMPTS, PROMPT_MASK).logits, hf_logits)
     assert spans and max(spans) <= 4 and len(spans) > len(model.context.cache.layouts)  # some split
     assert context_mod.slot_windows([9, 0, 3, 4, 7, 12], 4) == [(0, 3), (4, 7), (9, 12)]
+
+
+def test_a_copy_into_a_slot_whose_last_copy_runs_does_not_wait_for_it(make_cache) -> None:
+    """Issue 24: the host waited for a victim slot's running copy (a prefetch nobody will read)
+    before queueing the next copy into it; on CUDA that made the compute stream wait. The engine
+    orders the two copies itself, so the load returns at once and the later bytes land last."""
+    cache = make_cache(slots=1, layers=1)
+    pool = cache.pool(0)
+    Recording.delay = 0.3
+    cache._load(pool, 0, 0, 4, demand=False)  # a prefetch's copy into the only slot
+    deadline = time.monotonic() + 2
+    while not Recording.copies and time.monotonic() < deadline:  # ... has started
+        time.sleep(0.005)
+    start = time.perf_counter()
+    cache._load(pool, 0, 0, 6)  # the victim is that slot: a demand copy of another expert into it
+    assert time.perf_counter() - start < 0.15, "the load waited for the running copy"
+    pool.tickets[0].wait()
+    assert torch.equal(pool.tensor[0], cache.store.blob(0, 6).as_subclass(torch.Tensor))
+    assert len(Recording.copies) == 2 and Recording.copies[1][1] >= Recording.copies[0][1] + 0.29

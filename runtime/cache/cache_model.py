@@ -126,16 +126,13 @@ class CacheModel:
         previous = pool.tickets.get(slot)
         if previous is not None and not previous.ready():
             # Demand copies overtake queued prefetches: an earlier copy into this slot must never
-            # land after this one. Cancel it if it has not started, else let it finish first.
-            if previous.cancel():
-                if old is not None:
-                    self.stats[old[0]].bytes_moved -= previous.nbytes
-                    self.stats[old[0]].prefetch_cancelled += 1
-            else:
-                try:
-                    previous.wait()
-                except Exception:  # it failed (a bad blob): nothing of it is kept, this copy replaces it
-                    pass
+            # land after this one. Cancel it if it has not started; one that has is ordered before
+            # this one by the copy engine itself (on CUDA the copy stream waits for the slot's last
+            # write, on CPU a worker waits for the slot's running copy), so nothing here waits for
+            # it: a compute that never reads that copy must not stall on it (issue 24).
+            if previous.cancel() and old is not None:
+                self.stats[old[0]].bytes_moved -= previous.nbytes
+                self.stats[old[0]].prefetch_cancelled += 1
         ticket = self._submit(pool, slot, layer, expert, demand)
         pool.tickets[slot] = ticket  # a hit waits for it; until here the slot is empty to the host
         self.stats[layer].bytes_moved += ticket.nbytes

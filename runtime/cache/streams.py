@@ -207,28 +207,32 @@ class CopyEngine:
         if not ticket.claim.acquire(blocking=False):  # cancelled: its layer ran without it
             ticket.done.release()
             return
+        prior = None
         with self._lock:  # counted here: a cancelled copy moves nothing
             self.bytes_moved += ticket.nbytes
             self.copies += 1
-            prior, self._running[key] = self._running.get(key), ticket
-        if prior is not None:  # only an interrupted submit leaves two copies into one slot: in order
-            with prior.done:
-                pass
+            if self.readers > 1:  # one worker runs copies in order by itself
+                prior, self._running[key] = self._running.get(key), ticket
         timeline, start = self.timeline, time.perf_counter_ns()
         try:
+            if prior is not None:  # the slot's earlier copy, still running on another worker, lands first
+                with prior.done:
+                    pass
             if isinstance(src, torch.Tensor):
                 dst.copy_(src)
             else:  # a blob on disk (store/disk.py): read into the slot, checked before it is done
                 src.read_into(dst)
         except BaseException as exc:  # surfaced to the waiter, never lost in the thread
             ticket.error = exc
-        if timeline is not None:
-            timeline.add("copy" if isinstance(src, torch.Tensor) else "disk", label, start, time.perf_counter_ns(),
-                         bytes=ticket.nbytes)
-        with self._lock:
-            if self._running.get(key) is ticket:
-                del self._running[key]
-        ticket.done.release()
+        finally:
+            if self.readers > 1:
+                with self._lock:
+                    if self._running.get(key) is ticket:
+                        del self._running[key]
+            if timeline is not None:
+                timeline.add("copy" if isinstance(src, torch.Tensor) else "disk", label, start,
+                             time.perf_counter_ns(), bytes=ticket.nbytes)
+            ticket.done.release()
 
     def close(self) -> None:
         if self.device.type != "cuda":
