@@ -34,7 +34,7 @@ import torch
 from ...ir.skeleton import build_skeleton
 from ...passes.driver import is_experts_module
 from ...runtime.assemble.derive import make_config
-from ...runtime.store.budget import AutoBudget, all_slots, auto_budget, routed_per_token, size_text
+from ...runtime.store.budget import AutoBudget, all_slots, auto_budget, routed_per_token, size_text, slot_bytes
 from ...runtime.store.direct import BLOCK, aligned, drop_cached, open_read
 from ...runtime.store.disk import READERS
 from ...runtime.store.digest import algorithm as digest_algorithm, blob_digest
@@ -233,7 +233,7 @@ def forecast_slots(shape: ModelShape, slots: int, given: str, disk: DiskProbe, r
     """The decode band of a host tier of ``slots`` (``host_memory=``, as slots), no memory split."""
     every = all_slots(shape.layouts)
     slots = min(slots, every)
-    one = max(lay.blob_bytes for lay in shape.layouts.values()) * len({lay.signature for lay in shape.layouts.values()})
+    one = slot_bytes(shape.layouts)
     tiers = AutoBudget(slots, slots * one, shape.dense_bytes, 0, 0, one, f"host_memory={given!r}", every - slots)
     if hit is None:
         hit = (slots / every, "uniform routing: the share of experts held, a floor")
