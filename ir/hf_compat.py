@@ -19,6 +19,8 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 #: The names transformers has given the KV-cache keyword, newest first.
 CACHE_KEYWORDS = ("cache", "past_key_values")
 
@@ -109,7 +111,13 @@ def cached_length(cache: Any) -> int:
     lightning attention that never fills its key/value layer) answers 0 there. The longest
     layer is the count: every key/value layer holds the tokens seen (a sliding one counts them all)."""
     lengths = [layer.get_seq_length() for layer in getattr(cache, "layers", ()) if hasattr(layer, "get_seq_length")]
-    return max([cache.get_seq_length(), *lengths])
+    lengths.append(cache.get_seq_length())
+    # Linear-attention layers count their tokens in a device tensor (transformers >= 5.2x): reading
+    # it stalls the host on a GPU, so the attention layers' integer counts decide when any has one.
+    counted = [n for n in lengths if not isinstance(n, torch.Tensor)]
+    if any(counted):
+        return max(counted)
+    return int(max(int(n) for n in lengths)) if lengths else 0
 
 
 def _mask_builders() -> dict[str, Any]:

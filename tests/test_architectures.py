@@ -235,8 +235,6 @@ def test_module_branching_on_the_device_runs_whole(tmp_path, model_dir, compiled
 
 
 def _preset_config(name: str):
-    import transformers
-
     class_name, kwargs = presets.PRESETS[name]
     return getattr(transformers, class_name)(**{k: v for k, v in kwargs.items() if k != "attn_implementation"})
 

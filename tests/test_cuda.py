@@ -83,7 +83,7 @@ def test_cuda_two_layouts_a_slow_reader_is_never_overwritten():
                1: ExpertLayout(1, "lm.model.layers.1.mlp.experts", 4, (part_i,), blob)}
     dev = torch.device("cuda")
     store = _PinnedStore(2, 4, blob)
-    cache = ExpertCache(layouts, store, 2, dev, CopyEngine(dev))
+    cache = ExpertCache(layouts, store, 1, dev, CopyEngine(dev))  # one slot per pool: the third acquire evicts
     try:
         assert len(cache.pools) == 2
         first = cache.acquire(0, [1])
@@ -183,3 +183,22 @@ def test_cuda_a_copy_orphaned_by_an_interrupt_never_lands_over_a_later_one(monke
     engine.submit((0, 0), slot, fresh, demand=True).wait()
     torch.cuda.synchronize()
     assert torch.equal(slot.cpu(), fresh)
+
+
+def test_cuda_close_lands_every_queued_copy():
+    """A dropped model's engine closes before its slots and pinned pages go: a copy still queued
+    (a wasted prefetch behind a busy copy stream) has landed when ``close`` returns, and the slots
+    are recorded on the copy streams so the allocator would wait for it anyway."""
+    from expertflow.runtime.cache.streams import CopyEngine
+
+    dev = torch.device("cuda")
+    engine = CopyEngine(dev)
+    dst = torch.empty(1 << 20, dtype=torch.uint8, device=dev)
+    engine.adopt(dst)
+    src = torch.full((1 << 20,), 7, dtype=torch.uint8).pin_memory()
+    with torch.cuda.stream(engine._stream):
+        torch.cuda._sleep(200_000_000)  # the copy stream is busy: the copy below stays queued
+    ticket = engine.submit((0, 0), dst, src)
+    assert not ticket.ready()
+    engine.close()
+    assert ticket.ready() and bool((dst == 7).all())

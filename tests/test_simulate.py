@@ -15,7 +15,7 @@ import pytest
 from expertflow.runtime.cache.policy import POLICIES as RUNTIME_POLICIES, LayerCycle, Policy
 from expertflow.tools.cli import simulate as cli
 from expertflow.tools.sim.cache_sim import POLICIES, Access, TimeModel, predict_time, simulate
-from expertflow.tools.sim.sim_cache import SimCache
+from expertflow.tools.sim.sim_cache import Clock, SimCache
 from expertflow.tools.sim.trace_file import parse_lines, parse_trace
 
 #: The policies ``reference_loads`` writes out (predictive's estimates have no plain-scan form).
@@ -302,6 +302,27 @@ def test_time_model_by_hand():
     t = predict_time(r, TimeModel(bandwidth_gbps=1.0, layer_ms=0.5, expert_bytes=10**6))
     assert t.ms_per_token == pytest.approx(4.5) and t.bound_ms_per_token == pytest.approx(3.0)
     assert t.over_bound == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("in_order,demand_lands,cancellable", [(False, 1.0, True), (True, 4.0, False)])
+def test_copy_queues_by_hand(in_order, demand_lands, cancellable):
+    """Three prefetches queued, then a demand copy, 1 ms each. Demand-first (a CPU device): the
+    demand copy goes first and lands at 1 ms; a queued prefetch can still be cancelled. In order
+    (CUDA: every copy is on a stream when made, one DMA engine runs them): it lands after the
+    three, at 4 ms, and nothing can be cancelled."""
+    clock = Clock(1.0, in_order)
+    prefetches = [clock.submit(1, demand=False) for _ in range(3)]
+    demand = clock.submit(1, demand=True)
+    assert demand.arrival == pytest.approx(demand_lands)
+    assert prefetches[-1].cancel() is cancellable
+
+
+def test_cli_copy_queue_needs_the_time_model(tmp_path, capsys):
+    trace = write_trace(tmp_path / "trace.jsonl")
+    assert cli.main(["--trace", str(trace), "--experts-per-layer", "8", "--cache", "4", "--quiet",
+                     "--copy-queue", "in-order"]) == 2
+    assert capsys.readouterr().err.strip() == ("expertflow-simulate: error: --copy-queue shapes the time model: give "
+                                               "it with --bandwidth (or --disk-bandwidth) and --layer-ms")
 
 
 # ----- the trace format -----

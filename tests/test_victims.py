@@ -11,7 +11,7 @@ import torch
 
 from expertflow.runtime.cache import cache_model as cache_module
 from expertflow.runtime.cache.expert_cache import ExpertCache
-from expertflow.runtime.cache.policy import POLICIES, Key, Policy, make_policy
+from expertflow.runtime.cache.policy import POLICIES, Policy, make_policy
 from expertflow.runtime.predict.prior import RoutingPrior
 from expertflow.runtime.predict.reuse import SCALE
 from expertflow.runtime.cache.streams import CopyEngine, Ticket
@@ -120,7 +120,7 @@ def test_the_runtime_takes_the_victims_one_fresh_call_per_slot_would(name: str, 
     for reference in (False, True):
         if reference:
             monkeypatch.setattr(cache_module, "Victims",
-                                lambda pool, policy, protect: _OneAtATime(pool, policy, protect, cache))
+                                lambda pool, policy, protect, need=4, settled_first=False: _OneAtATime(pool, policy, protect, cache))
         engine = _Immediate(torch.device("cpu"))
         cache = ExpertCache(layouts_for(layers, experts), Store(layers, experts), slots, torch.device("cpu"), engine,
                             make_policy(name, list(range(layers))))
@@ -163,3 +163,35 @@ def test_the_host_cost_example_refuses_an_unknown_policy(monkeypatch, capsys) ->
         _example().main()
     assert exit_info.value.code == 2
     assert "unknown policy 'fifo'; choose from" in capsys.readouterr().err
+
+
+class _Running:
+    """A copy still in flight: not ready, cannot be cancelled."""
+    nbytes = 1
+
+    def ready(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_slot_whose_copy_is_running_is_the_last_victim(name: str) -> None:
+    """On a GPU a copy into a slot whose last copy still runs queues behind it, and evicting it
+    wastes the bytes in flight: the policy's first victim is passed over while its copy runs,
+    and taken only once every settled slot is."""
+    layers = [0, 1]
+    pool = cache_module.Pool(None, [None] * 3)
+    for slot, key in enumerate([(0, 0), (1, 1), (0, 2)]):
+        pool.owner[slot], pool.where[key] = key, slot
+        pool.lru[slot] = None
+    policy = make_policy(name, layers)
+    policy.begin(1)
+    first = pool.where[policy.ranking([pool.owner[s] for s in pool.lru], 1)[0]]
+    pool.tickets[first] = _Running()
+    room, taken = cache_module.Victims(pool, policy, set(), settled_first=True), []
+    for _ in range(3):
+        taken.append(room.take())
+        room.protect.add(taken[-1])  # as the cache does with a slot it has loaded
+    assert taken[-1] == first and sorted(taken) == [0, 1, 2]
+    assert room.take() is None
+    plain = cache_module.Victims(pool, policy, set())  # a CPU device's rule: the policy's order alone
+    assert plain.take() == first

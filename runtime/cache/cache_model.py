@@ -40,8 +40,14 @@ class CacheModel:
     for its copies).
     """
 
-    def __init__(self, experts: dict[int, int], pool_of: dict[int, Hashable], slots: int, policy: Policy):
+    def __init__(self, experts: dict[int, int], pool_of: dict[int, Hashable], slots: int, policy: Policy,
+                 settled_first: bool = False):
         self.experts, self.slots, self.policy = experts, slots, policy
+        #: victims among slots whose last copy has landed first (``victims.py``): where copies run in
+        #: the order made (CUDA), a copy into a busy slot queues behind the copy running into it;
+        #: where a queued copy is cancelled instead (a CPU device) the rule would only make the
+        #: decisions depend on thread timing
+        self.settled_first = settled_first
         self.stats = {layer: LayerStats() for layer in experts}
         self._deferred: list[Handle] = []  # resolved; their copies start after the wait's demand loads
         self.pools: dict[Hashable, Pool] = {}
@@ -95,7 +101,7 @@ class CacheModel:
         for layer, n in self.experts.items():
             pool = self.pool(layer)
             held = set(pool.where.values())  # so only empty slots are taken
-            room = Victims(pool, self.policy, held)
+            room = Victims(pool, self.policy, held, settled_first=self.settled_first)
             for e in range(n):
                 slot = room.take()
                 if slot is None:
@@ -196,7 +202,7 @@ class CacheModel:
         """Starts the copies of ``handle``'s predictions that are not resident."""
         pool, layer, stats = self.pool(handle.layer), handle.layer, self.stats[handle.layer]
         protect = {pool.where[(layer, e)] for e in handle.predicted if (layer, e) in pool.where}
-        room = Victims(pool, self.policy, protect)
+        room = Victims(pool, self.policy, protect, len(handle.predicted) - len(protect), self.settled_first)
         for e in handle.predicted:
             if (layer, e) in pool.where:
                 continue
@@ -243,6 +249,7 @@ class CacheModel:
             ticket = pool.tickets.get(slot) if slot is not None else None
             if ticket is None or ticket.ready():
                 stats.prefetch_wasted += 1
+                stats.bytes_wasted += ticket.nbytes if ticket is not None else 0
                 continue
             # Forgotten before the cancel, as in ``_load``: a resident expert's copy always lands.
             pool.unsettled.add(slot)
@@ -255,6 +262,7 @@ class CacheModel:
             else:  # the copy has started: its bytes land, and the expert stays
                 self._name(pool, slot, layer, e)
                 stats.prefetch_wasted += 1
+                stats.bytes_wasted += ticket.nbytes
             pool.unsettled.discard(slot)
 
     def acquire(self, layer: int, experts: list[int], demand: bool = True) -> list[int]:
@@ -262,7 +270,7 @@ class CacheModel:
         ``demand`` is False); returns their slots in the same order."""
         pool, stats = self.pool(layer), self.stats[layer]
         protect = {pool.where[(layer, e)] for e in experts if (layer, e) in pool.where}
-        room, slots = Victims(pool, self.policy, protect), []
+        room, slots = Victims(pool, self.policy, protect, len(experts) - len(protect), self.settled_first), []
         for e in experts:
             slot = pool.where.get((layer, e))
             if slot is None:

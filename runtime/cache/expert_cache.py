@@ -31,7 +31,8 @@ class ExpertCache(CacheModel):
                  device: torch.device, engine: CopyEngine, policy: Policy | None = None):
         super().__init__({layer: lay.num_experts for layer, lay in layouts.items()},
                          {layer: lay.signature for layer, lay in layouts.items()}, slots,
-                         policy if policy is not None else make_policy("layer_cycle", list(layouts)))
+                         policy if policy is not None else make_policy("layer_cycle", list(layouts)),
+                         settled_first=device.type == "cuda")
         self.layouts, self.store, self.engine = layouts, store, engine
         # Expert id -> slot, per layer: the compute remaps ids with one gather on the device. The
         # host edits its own copy; the device table is refreshed by one asynchronous upload per
@@ -50,6 +51,7 @@ class ExpertCache(CacheModel):
             if pool.tensor is None:  # on CPU block-aligned rows: a blob on disk is read straight into one
                 pool.tensor = (aligned_rows(slots, layout.blob_bytes) if device.type == "cpu"
                                else torch.empty(slots, layout.blob_bytes, dtype=torch.uint8, device=device))
+                engine.adopt(pool.tensor)
 
     def _submit(self, pool: Pool, slot: int, layer: int, expert: int, demand: bool) -> Ticket:
         return self.engine.submit((pool.ident, slot), pool.tensor[slot], self.store.blob(layer, expert),

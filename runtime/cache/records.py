@@ -32,6 +32,7 @@ class LayerStats:
     waves: int = 0              # expert-compute waves, one per step unless it is split
     split_steps: int = 0        # steps needing more experts than slots: computed in several waves
     bytes_moved: int = 0
+    bytes_wasted: int = 0       # of those, copies of prefetched experts their layer did not need
     stall_s: float = 0.0
 
 

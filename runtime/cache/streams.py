@@ -234,8 +234,22 @@ class CopyEngine:
                              time.perf_counter_ns(), bytes=ticket.nbytes)
             ticket.done.release()
 
+    def adopt(self, slots: torch.Tensor) -> None:
+        """``slots`` (a pool's storage) is written by this engine's streams: on CUDA the allocator is
+        told so, and when the pool is freed it hands the memory out again only after every copy
+        queued into it has landed (a wasted prefetch may still be running when a model is dropped)."""
+        if self.device.type == "cuda":
+            slots.record_stream(self._stream)
+            slots.record_stream(self._demand_stream)
+
     def close(self) -> None:
-        if self.device.type != "cuda":
+        """Ends the engine: on CUDA every queued copy has landed when it returns (nothing writes
+        into the slots, or reads the pinned host memory that is unpinned next, after the model is
+        gone); on CPU the workers are stopped and joined."""
+        if self.device.type == "cuda":
+            self._stream.synchronize()
+            self._demand_stream.synchronize()
+        else:
             for thread in self._threads:
                 (self._demand_wake if thread is self._threads[0] and self.readers > 1 else self._queue).put(None)
             for thread in self._threads:

@@ -228,7 +228,14 @@ class RuntimeContext:
                 if hi > lo:
                     wave_ids = _to_device(wave, top_k_index)
                     index = top_k_index[lo:hi]
-                    inside = torch.isin(index, wave_ids)
+                    # Membership by a gather from a host-made table, not ``isin``: on a GPU a
+                    # large ``isin`` takes a path that synchronises with the host. The last entry
+                    # (0) stands for ids outside the layer's experts, which no wave computes.
+                    n = self.cache.layouts[layer].num_experts
+                    member = [0] * (n + 1)
+                    for e in wave:
+                        member[e] = 1
+                    inside = _to_device(member, index)[index.clamp(-1, n)].bool()
                     weights = top_k_weights[lo:hi] * inside.to(top_k_weights.dtype)
                     part = self._run(layer, hidden[lo:hi], torch.where(inside, index, wave_ids[0]), weights, slots)
                     if out is None:

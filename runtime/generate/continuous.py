@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from ...ir import ops
 from .scheduler import Picker
@@ -65,8 +66,6 @@ class Admissions:
 def unsupported(model: Any, generation_kwargs: dict[str, Any]) -> str | None:
     """Why continuous batching cannot run this request (None: it can)."""
     cache = model.new_cache()
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
     others = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [None])} - {"DynamicLayer"})
     if type(cache) is not DynamicCache or others:  # MiniMaxCache keeps its linear states outside .layers
         kinds = ", ".join(others or [type(cache).__name__])

@@ -15,6 +15,11 @@ import torch
 _TOKENIZE = "tokenize text first: tokenizer(text, return_tensors='pt').input_ids"
 
 
+def on_host(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values costs the host nothing (no wait for a device)."""
+    return t.device.type == "cpu"
+
+
 def check_input_ids(ids: Any, vocab_size: int, name: str = "input_ids") -> torch.Tensor:
     """``ids`` if it is a 2-D integer tensor of token ids inside the vocabulary; else ValueError."""
     if isinstance(ids, str):
@@ -32,7 +37,14 @@ def check_input_ids(ids: Any, vocab_size: int, name: str = "input_ids") -> torch
         raise ValueError(f"{name} has shape {tuple(ids.shape)}; it must be 2-D (batch, sequence){hint}")
     if ids.numel() == 0:
         raise ValueError(f"{name} has shape {tuple(ids.shape)}; it needs at least one token per sequence")
-    low, high = (int(v) for v in torch.aminmax(ids))  # one reduction, one host sync
+    low, high = torch.aminmax(ids)
+    if not on_host(ids):
+        # On a device, reading the range back would stall the host at every step; a device-side
+        # assertion checks it where the ids are (a wrong id would fail in the embedding anyway).
+        torch._assert_async((low >= 0) & (high < vocab_size),
+                            f"{name} holds a token id outside this model's vocabulary [0, {vocab_size})")
+        return ids
+    low, high = int(low), int(high)
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"{name} holds token id {bad}, outside this model's vocabulary [0, {vocab_size}); "

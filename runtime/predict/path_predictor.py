@@ -85,7 +85,7 @@ class PathPredictor(nn.Module):
         if sorted(t) != sorted(_SHAPES):
             raise LoadError(f"{where} holds {sorted(t)[:8]}, expected the tensors {', '.join(_SHAPES)}; "
                             "recompile the model")
-        w1, w2, k = t["w1"], t["w2"], t["top_k"]
+        w1, k = t["w1"], t["top_k"]
         width = w1.shape[0] if w1.dim() == 2 else -1
         size = hidden if context is None else context
         context = size if w1.dim() == 2 and w1.shape[1] == hidden + size else 0  # [inputs, context]

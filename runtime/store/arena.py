@@ -98,6 +98,10 @@ def read_arena(path: Path, start: int, length: int, digest: str | None, pin: boo
 
 
 def _unregister(pointer: int, buffer: mmap.mmap) -> None:
+    # Copies from these pages may still be queued (a model dropped mid-prefetch, its engine not yet
+    # closed): every device finishes its work before the pages stop being pinned.
+    for device in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(device)
     torch.cuda.cudart().cudaHostUnregister(pointer)
 
 

@@ -14,6 +14,7 @@ misses, bytes moved and prefetch precision/recall; and the peak memory of
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -162,37 +163,39 @@ def _measure(args: argparse.Namespace, source: Path, compiled: Path) -> dict[str
         peak = compile_peak_rss(args.model, compiled)
         disk = sum(f.stat().st_size for f in source.glob("*.safetensors"))
         result.update(compile_peak_rss=peak, model_bytes_on_disk=disk)
-    gen = torch.Generator().manual_seed(0)
-    hf = AutoModelForCausalLM.from_pretrained(source).eval().to(device)
-    ids = torch.randint(3, hf.config.vocab_size, (args.batch, args.prompt_len), generator=gen)
+    # The budget first, on a device nothing else is on yet ('auto' reads its free memory).
+    probe = runtime.load(compiled, device=args.device, expert_cache=runtime.budget_argument(args.budget),
+                         batch_size=args.batch, max_context=args.prompt_len + args.tokens + 1)
+    slots = probe.stats()["slots"] if args.gpu_memory is None else _slots_for(args, probe, compiled)
+    result["offload_slots"] = slots
+    if probe.budget is not None and args.gpu_memory is None:
+        result["auto_budget"] = probe.budget.describe()
+    vocab = probe.config.vocab_size
+    del probe
+    bench_rows.free(device)
+    ids = torch.randint(3, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
     bandwidth = bench_rows.h2d_bandwidth(device)
     result["h2d_bytes_per_s"] = bandwidth
-    full = runtime.load(compiled, device=args.device)  # loaded first: both rows run in the same process state
+    row = functools.partial(bench_rows.one_model_row, ids=ids, tokens=args.tokens, repeats=args.repeats,
+                            device=device)
     # Every figure below, header and table alike, is one row's measurement: one timing per run.
-    rows = [bench_rows.timed_row("HF eager, all resident", hf_stepper(hf, device), ids, args.tokens, args.repeats,
-                                 device)]
-    del hf
-    rows.append(bench_rows.timed_row(RESIDENT, ef_stepper(full), ids, args.tokens, args.repeats, device))
-    total = full.stats()["slots"]
-    budget = runtime.budget_argument(args.budget) if args.gpu_memory is None else _slots_for(args, full, compiled)
-    del full
-    small = runtime.load(compiled, device=args.device, expert_cache=budget, batch_size=args.batch,
-                         max_context=args.prompt_len + args.tokens + 1)
-    slots = small.stats()["slots"]
-    result["offload_slots"], result["all_slots"] = slots, total
-    if small.budget is not None:
-        result["auto_budget"] = small.budget.describe()
-    del small
-    rows.append(_accelerate_row(source, device, compiled, slots, ids, args))
+    rows = [row("HF eager, all resident", lambda: AutoModelForCausalLM.from_pretrained(source).eval().to(device),
+                lambda hf: hf_stepper(hf, device)),
+            row(RESIDENT, lambda: runtime.load(compiled, device=args.device), ef_stepper,
+                keep=lambda full: result.__setitem__("all_slots", full.stats()["slots"])),
+            _accelerate_row(source, device, compiled, slots, ids, args)]
     runs = _offloaded_runs(compiled)
     for i, (name, load_kwargs) in enumerate(runs):
         timeline = args.timeline is not None and i == len(runs) - 1
-        model = runtime.load(compiled, device=args.device, expert_cache=slots, timeline=timeline, **load_kwargs)
-        rows.append(bench_rows.timed_row(name, ef_stepper(model), ids, args.tokens, args.repeats, device, model,
-                                         bandwidth))
-        if timeline:
-            result["timeline"] = str(model.timeline.write(args.timeline))
-        del model
+
+        def load(kw=load_kwargs, timeline=timeline):
+            return runtime.load(compiled, device=args.device, expert_cache=slots, timeline=timeline, **kw)
+
+        def keep(model, timeline=timeline):
+            if timeline:
+                result["timeline"] = str(model.timeline.write(args.timeline))
+
+        rows.append(row(name, load, ef_stepper, counters=True, bandwidth=bandwidth, keep=keep))
     _headline(result, rows)
     result["rows"] = bench_rows.as_json(rows)
     result["markdown"] = bench_rows.markdown(rows)
@@ -207,12 +210,12 @@ def _headline(result: dict[str, Any], rows: list["bench_rows.Row"]) -> None:
     decode tok/s), so the two can never disagree."""
     by_name = {row.name: row for row in rows}
     step_s = {name: result["batch"] / row.decode_tok_s for name, row in by_name.items() if row.decode_tok_s}
-    result["hf_eager_s_per_token"] = step_s["HF eager, all resident"]
-    result["resident_s_per_token"] = step_s[RESIDENT]
-    result["resident_over_hf"] = result["resident_s_per_token"] / result["hf_eager_s_per_token"]
+    hf, resident = step_s.get("HF eager, all resident"), step_s.get(RESIDENT)  # None: it did not fit
+    result["hf_eager_s_per_token"], result["resident_s_per_token"] = hf, resident
+    result["resident_over_hf"] = resident / hf if hf and resident else None
     compiled = rows[-1]  # the compiled directory's own predictor, policy and prefetch: the last run
     result["offload_run"] = compiled.name
-    result["offload_s_per_token"] = step_s[compiled.name]
+    result["offload_s_per_token"] = step_s.get(compiled.name)
     result["offload_stats"] = compiled.cache
 
 
@@ -253,9 +256,10 @@ def _accelerate_row(source: Path, device: torch.device, compiled: Path, slots: i
         return bench_rows.Row(name, skipped="the accelerate package is not installed (pip install accelerate)")
     manifest = read_manifest(compiled)
     budget = manifest["memory_plan"]["dense_bytes"] + slots * max(lay["blob_bytes"] for lay in manifest["layouts"])
-    hf = AutoModelForCausalLM.from_pretrained(source, device_map="auto",
-                                              max_memory={device.index or 0: budget, "cpu": 2**40}).eval()
-    return bench_rows.timed_row(name, hf_stepper(hf, device), ids, args.tokens, args.repeats, device)
+    return bench_rows.one_model_row(
+        name, lambda: AutoModelForCausalLM.from_pretrained(source, device_map="auto", max_memory={
+            device.index or 0: budget, "cpu": 2**40}).eval(), lambda hf: hf_stepper(hf, device), ids, args.tokens,
+        args.repeats, device)
 
 
 def _slots_for(args: argparse.Namespace, full: Any, compiled: Path) -> int:
@@ -271,17 +275,22 @@ def _num(value: float | None) -> str:
 
 def render(r: dict[str, Any]) -> str:
     s = r["offload_stats"]
+
+    def tok_s(key: str) -> str:
+        return "did not fit" if r[key] is None else f"{r['batch'] / r[key]:,.1f}"
+
     lines = [f"model {r['model']} on {r['device']}, batch {r['batch']}, prompt {r['prompt_len']}, "
              f"{r['tokens']} decode steps, {r['torch_threads']} torch threads; each figure is the median of "
              "the table row's timed runs",
-             f"decode tok/s: HF eager {r['batch'] / r['hf_eager_s_per_token']:,.1f}, ExpertFlow all resident "
-             f"{r['batch'] / r['resident_s_per_token']:,.1f} (ExpertFlow takes {r['resident_over_hf']:.2f}x "
-             "HF's time per token)",
-             f"budget {r['offload_slots']}/{r['all_slots']} slots, {r['offload_run']}: "
-             f"{r['batch'] / r['offload_s_per_token']:,.1f} decode tok/s, "
-             f"hits {s['hits']}, misses {s['misses']}, hit rate {_num(s['hit_rate'])}, bytes moved "
-             f"{s['bytes_moved']}, stall {s['stall_s']:.4f} s, prefetch precision "
-             f"{_num(s['prefetch_precision'])}, recall {_num(s['prefetch_recall'])} (last timed run)"]
+             f"decode tok/s: HF eager {tok_s('hf_eager_s_per_token')}, ExpertFlow all resident "
+             f"{tok_s('resident_s_per_token')}" + ("" if r["resident_over_hf"] is None else
+                                                   f" (ExpertFlow takes {r['resident_over_hf']:.2f}x HF's time per token)"),
+             f"budget {r['offload_slots']}/{r.get('all_slots', '?')} slots, {r['offload_run']}: "
+             f"{tok_s('offload_s_per_token')} decode tok/s"]
+    if s is not None:
+        lines[-1] += (f", hits {s['hits']}, misses {s['misses']}, hit rate {_num(s['hit_rate'])}, bytes moved "
+                      f"{s['bytes_moved']} ({s['bytes_wasted']} wasted), stall {s['stall_s']:.4f} s, prefetch "
+                      f"precision {_num(s['prefetch_precision'])}, recall {_num(s['prefetch_recall'])} (last timed run)")
     if "auto_budget" in r:
         lines.append(r["auto_budget"])
     if r.get("random_weights"):

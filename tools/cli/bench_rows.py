@@ -3,12 +3,14 @@
 Rows: Hugging Face eager with everything resident (when it fits), transformers + accelerate CPU
 offload (CUDA only), on-demand LRU (ExpertFlow's cache with no predictor: the mixtral-offloading
 method), and ExpertFlow with each predictor the compiled directory has. Each row gets prefill and
-decode tokens/s, peak device and host memory, hit rate, stall, bytes moved per decode step, and
-the physical bound: those bytes over the host-to-device bandwidth measured in the same run.
+decode tokens/s, peak device and host memory (each row's own: the rows run one model at a time),
+hit rate, stall, bytes moved per decode step and the part of them a compute read, and the
+physical bound: that part over the host-to-device bandwidth measured in the same run.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -31,8 +33,9 @@ class Row:
     slots: int | None = None
     hit_rate: float | None = None
     stall_s_per_token: float | None = None
-    bytes_per_token: float | None = None
-    bound_s_per_token: float | None = None  # bytes_per_token / measured bandwidth
+    bytes_per_token: float | None = None    # every byte copied, wasted prefetches included
+    needed_per_token: float | None = None   # of those, the copies of experts a compute read
+    bound_s_per_token: float | None = None  # needed_per_token / measured bandwidth
     over_bound: float | None = None         # decode s/token over the bound
     cache: dict[str, Any] | None = None     # model.stats()["total"] of the last timed decode run
 
@@ -76,6 +79,35 @@ def read_peaks(device: torch.device) -> tuple[int | None, int | None]:
     except (OSError, StopIteration, ValueError):
         host = None
     return dev, host
+
+
+def free(device: torch.device) -> None:
+    """Returns what dropped models held: the next row's peak, and ``expert_cache='auto'``, see a
+    device with only that row's model on it (CUDA's allocator keeps freed blocks until asked)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def one_model_row(name: str, load: Callable[[], Any], stepper: Callable[[Any], Stepper], ids: torch.Tensor,
+                  tokens: int, repeats: int, device: torch.device, counters: bool = False,
+                  bandwidth: float | None = None, keep: Callable[[Any], None] = lambda model: None) -> Row:
+    """Loads one model, times it, frees it: rows run one model at a time, so each row's peak memory
+    is its own, and a model that fits only offloaded still gets its offloaded rows (a reference
+    that does not fit is a row skipped, saying so). ``counters``: an ExpertFlow model's cache
+    counters join the row; ``keep`` sees the model before it goes."""
+    model = None
+    try:
+        model = load()
+        row = timed_row(name, stepper(model), ids, tokens, repeats, device, model if counters else None, bandwidth)
+        keep(model)
+        return row
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        return Row(name, skipped=f"does not fit in this device's memory ({str(exc).splitlines()[0][:160]})")
+    finally:
+        del model
+        free(device)
 
 
 def measure(step: Stepper, ids: torch.Tensor, tokens: int, repeats: int,
@@ -123,8 +155,11 @@ def timed_row(name: str, step: Stepper, ids: torch.Tensor, tokens: int, repeats:
         row.slots, row.hit_rate, row.cache = stats["slots"], total["hit_rate"], total
         row.stall_s_per_token = total["stall_s"] / tokens
         row.bytes_per_token = total["bytes_moved"] / tokens
+        # The bound is what the row's own demand had to move (its misses and the prefetches it
+        # used), not what it moved: a row that wastes more must not look closer to its bound.
+        row.needed_per_token = (total["bytes_moved"] - total["bytes_wasted"]) / tokens
         if bandwidth:
-            row.bound_s_per_token = row.bytes_per_token / bandwidth
+            row.bound_s_per_token = row.needed_per_token / bandwidth
             row.over_bound = decode_s / row.bound_s_per_token if row.bound_s_per_token else None
     return row
 
@@ -143,7 +178,8 @@ def _cell(value: Any, kind: str) -> str:
 
 COLUMNS = (("name", "run", ""), ("prefill_tok_s", "prefill tok/s", ""), ("decode_tok_s", "decode tok/s", ""),
            ("slots", "slots", ""), ("hit_rate", "hit rate", ""), ("stall_s_per_token", "stall/token", "s"),
-           ("bytes_per_token", "moved/token", "bytes"), ("bound_s_per_token", "bound/token", "s"),
+           ("bytes_per_token", "moved/token", "bytes"), ("needed_per_token", "needed/token", "bytes"),
+           ("bound_s_per_token", "bound/token", "s"),
            ("over_bound", "decode/bound", "ratio"), ("peak_device_bytes", "peak device", "bytes"),
            ("peak_host_bytes", "peak host", "bytes"))
 

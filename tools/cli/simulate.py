@@ -28,6 +28,7 @@ from ..make.artefact import current_umask
 from . import predict
 from ..sim.cache_sim import POLICIES, TRACE_DEFAULT, TimeModel
 from ..shell import UserError, cli_terms, run_command
+from ..sim.sim_cache import QUEUES
 from ..sim.trace_file import parse_trace
 from ..sim.trace_predict import PREDICTORS as TRACE_PREDICTORS
 from ..sim.trace_report import render, trace_rows
@@ -125,6 +126,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="bytes one expert's copy moves (default 1: the bytes column counts loads)")
     p.add_argument("--bandwidth", type=float, metavar="GBPS",
                    help="host-to-device copy bandwidth in GB/s (1e9 bytes), for the time model; needs --layer-ms")
+    p.add_argument("--copy-queue", choices=QUEUES, metavar="QUEUE",
+                   help="how the time model queues copies: 'in-order' as CUDA runs them (a demand copy waits for "
+                        "every copy made before it; none is cancelled; the default with --bandwidth) or "
+                        "'demand-first' as a CPU device does (demand copies overtake queued prefetches, which can "
+                        "be cancelled; the default with --disk-bandwidth)")
     p.add_argument("--layer-ms", type=float, metavar="MS",
                    help="compute time of one MoE layer for one token, in ms, for the time model; needs --bandwidth")
     predict.add_arguments(p)
@@ -214,10 +220,14 @@ def _caches(args: argparse.Namespace) -> list[int]:
             raise UserError("--disk-bandwidth times reads into a host tier: give it with --host-memory, instead of "
                             "--bandwidth")
         args.bandwidth = args.disk_bandwidth  # on a cpu device the copy engine is the disk read
+        args.copy_queue = args.copy_queue or "demand-first"
     return sorted(set(caches))
 
 
 def _check_time(args: argparse.Namespace) -> None:
+    if args.copy_queue is not None and args.bandwidth is None:
+        raise UserError("--copy-queue shapes the time model: give it with --bandwidth (or --disk-bandwidth) and "
+                        "--layer-ms")
     if (args.bandwidth is None) != (args.layer_ms is None):
         raise UserError("--bandwidth and --layer-ms go together: the time model needs both")
     if args.bandwidth is not None and not (math.isfinite(args.bandwidth) and args.bandwidth > 0
@@ -243,7 +253,7 @@ def _compiled(args: argparse.Namespace) -> int:
         blob = args.expert_bytes if args.expert_bytes != 1 else None
         if args.bandwidth is not None:
             blob = blob or sc.read_manifest(args.compiled)["memory_plan"]["expert_blob_bytes"]
-            time_model = TimeModel(args.bandwidth, args.layer_ms, blob)
+            time_model = TimeModel(args.bandwidth, args.layer_ms, blob, args.copy_queue or "in-order")
         with tqdm(desc="replaying", unit="replay", disable=True if args.quiet else None, file=sys.stderr) as bar:
             rows, recall = sc.evaluate(args.compiled, args.cache, args.policies, args.group, time_model, blob,
                                        progress=bar.update, start=bar.reset)
@@ -312,7 +322,8 @@ def _main(argv: list[str] | None) -> int:
         raise UserError(f"{args.trace}: {exc}") from None
     if not trace:
         raise UserError(f"{args.trace}: the trace has no records")
-    time_model = TimeModel(args.bandwidth, args.layer_ms, args.expert_bytes) if args.bandwidth is not None else None
+    time_model = (TimeModel(args.bandwidth, args.layer_ms, args.expert_bytes, args.copy_queue or "in-order")
+                  if args.bandwidth is not None else None)
     try:
         with tqdm(desc="replaying", disable=True if args.quiet else None, file=sys.stderr) as bar:
             rows = trace_rows(trace, args.policies, args.cache, args.expert_bytes, time_model, bar,

@@ -49,7 +49,6 @@ def fit_trace_predictors(train: torch.Tensor, n_experts: int, k: int) -> dict[st
 def trace_predictions(experts: torch.Tensor, tables: dict[str, torch.Tensor], k: int) -> dict[str, Prediction]:
     """``oracle``, ``frequency`` and ``transition`` for routes ``experts`` [tokens, layers, k]."""
     tokens, layers, _ = experts.shape
-    n = tables["frequency"].shape[1]
     popular = frequency_ids(tables["frequency"], k)  # [layers, k]
     freq = popular.unsqueeze(0).expand(tokens, layers, k)
     trans = [freq[:, 0]] + [transition_ids(tables["transition"][j], tables["frequency"][j], experts[:, j - 1], k)

@@ -2,10 +2,17 @@
 
 ``SimCache`` is ``runtime/cache/cache_model.CacheModel`` (every rule: victims, reservations, waves,
 cancellation, counters) whose copies are modelled by ``Clock``. Without a time model every copy
-lands when it is made. With one, there is one copy engine: copies run one at a time, demand
-copies before every queued prefetch, a prefetch waited for before it started becomes a demand
-copy, and one cancelled before it started moves nothing. A step computes for ``layer_ms`` once
-its experts are in.
+lands when it is made. With one, there is one copy engine and copies run one at a time, queued
+as the runtime's copy engine queues them on the device simulated:
+
+- ``demand-first`` (a CPU device: the copy engine's worker threads, and the disk tier): demand
+  copies go before every queued prefetch, a prefetch waited for before it started becomes a
+  demand copy, and one cancelled before it started moves nothing;
+- ``in-order`` (CUDA): every copy is queued on a copy stream when it is made, and one DMA engine
+  runs them in that order (stream priority orders kernels, not copies): a demand copy waits for
+  every copy queued before it, and no copy can be cancelled once made.
+
+A step computes for ``layer_ms`` once its experts are in.
 
 ``Belady`` is Belady's MIN on the runtime's policy interface (``runtime/cache/policy.Policy``): it
 evicts the expert needed again farthest in the future, which only a replay of a whole trace
@@ -94,7 +101,7 @@ class _Copy:
         return self.cancelled or (self.arrival is not None and self.arrival <= self.clock.now)
 
     def cancel(self) -> bool:
-        if self.arrival is not None or self.cancelled:
+        if self.arrival is not None or self.cancelled:  # in order, every copy has started when made
             return False
         self.clock.queue.remove(self)
         self.cancelled = True
@@ -107,16 +114,17 @@ class _Copy:
 
 
 class Clock:
-    """One copy engine (module docstring); ``copy_ms`` None: no time model, copies land at once."""
+    """One copy engine (module docstring); ``copy_ms`` None: no time model, copies land at once;
+    ``in_order``: CUDA's queue (every copy starts, in order, when it is made), else demand-first."""
 
-    def __init__(self, copy_ms: float | None):
-        self.copy_ms, self.now, self.free_at = copy_ms, 0.0, 0.0
+    def __init__(self, copy_ms: float | None, in_order: bool = False):
+        self.copy_ms, self.now, self.free_at, self.in_order = copy_ms, 0.0, 0.0, in_order
         self.queue: deque[_Copy] = deque()
         self.loads = self.prefetch_loads = 0
 
     def submit(self, nbytes: int, demand: bool) -> _Copy:
         copy = _Copy(self, nbytes, self.now)
-        if self.copy_ms is None or demand:
+        if self.copy_ms is None or demand or self.in_order:
             self.start(copy, prefetch=not demand, at=self.now)
         else:
             self.queue.append(copy)
@@ -145,7 +153,8 @@ class SimCache(CacheModel):
 
     def __init__(self, layers: Sequence[int], experts: int, slots: int, policy: Policy, clock: Clock,
                  expert_bytes: int = 1):
-        super().__init__({layer: experts for layer in layers}, {layer: 0 for layer in layers}, slots, policy)
+        super().__init__({layer: experts for layer in layers}, {layer: 0 for layer in layers}, slots, policy,
+                         settled_first=clock.in_order)
         self.clock, self.expert_bytes, self.ready_at = clock, expert_bytes, 0.0
 
     def _submit(self, pool: Pool, slot: int, layer: int, expert: int, demand: bool) -> _Copy:
@@ -179,6 +188,10 @@ class Totals:
         return self.loads * self.expert_bytes
 
 
+#: How copies queue (module docstring): on a GPU, and on a CPU device.
+QUEUES = ("in-order", "demand-first")
+
+
 @dataclass(frozen=True)
 class TimeModel:
     """Decode time predicted for a replay: one GPU, one copy engine (``Clock``).
@@ -194,8 +207,13 @@ class TimeModel:
     bandwidth_gbps: float
     layer_ms: float
     expert_bytes: int = 1
+    #: the copy queue (module docstring): "in-order" as CUDA runs copies, "demand-first" as the
+    #: CPU copy engine and the disk tier do
+    queue: str = "demand-first"
 
     def __post_init__(self) -> None:
+        if self.queue not in QUEUES:
+            raise ValueError(f"unknown copy queue {self.queue!r}; choose {' or '.join(QUEUES)}")
         if not self.bandwidth_gbps > 0 or not self.layer_ms >= 0 or self.expert_bytes < 1:
             raise ValueError("the time model needs bandwidth > 0, layer ms >= 0 and expert bytes >= 1, got "
                              f"{self.bandwidth_gbps}, {self.layer_ms}, {self.expert_bytes}")
