@@ -304,23 +304,26 @@ def test_time_model_by_hand():
     assert t.over_bound == pytest.approx(1.5)
 
 
-@pytest.mark.parametrize("in_order,demand_lands,cancellable", [(False, 1.0, True), (True, 4.0, False)])
-def test_copy_queues_by_hand(in_order, demand_lands, cancellable):
-    """Three prefetches queued, then a demand copy, 1 ms each. Demand-first (a CPU device): the
-    demand copy goes first and lands at 1 ms; a queued prefetch can still be cancelled. In order
-    (CUDA: every copy is on a stream when made, one DMA engine runs them): it lands after the
-    three, at 4 ms, and nothing can be cancelled."""
-    clock = Clock(1.0, in_order)
+@pytest.mark.parametrize("window_ms,demand_lands,first_lands", [(None, 1.0, None), (0.5, 1.5, 2.0), (2.0, 3.0, 1.0)])
+def test_copy_queues_by_hand(window_ms, demand_lands, first_lands):
+    """Three prefetches queued at 0, then a demand copy, 1 ms each. A CPU's queue (no window):
+    the demand copy goes first, at 1 ms. CUDA's, its prefetch chunks 0.5 ms of the stream at a
+    time: the first prefetch is on the stream; the demand copy follows that half-millisecond
+    window (lands at 1.5) and the prefetch's rest follows it (lands at 2). A window of 2 ms (small
+    experts: two whole prefetches on the stream): behind both, at 3. Prefetches not on the stream
+    can still be cancelled in every case."""
+    clock = Clock(1.0, window_ms)
     prefetches = [clock.submit(1, demand=False) for _ in range(3)]
     demand = clock.submit(1, demand=True)
     assert demand.arrival == pytest.approx(demand_lands)
-    assert prefetches[-1].cancel() is cancellable
+    assert prefetches[0].arrival == (None if first_lands is None else pytest.approx(first_lands))
+    assert prefetches[-1].cancel() is True
 
 
 def test_cli_copy_queue_needs_the_time_model(tmp_path, capsys):
     trace = write_trace(tmp_path / "trace.jsonl")
     assert cli.main(["--trace", str(trace), "--experts-per-layer", "8", "--cache", "4", "--quiet",
-                     "--copy-queue", "in-order"]) == 2
+                     "--copy-queue", "cuda"]) == 2
     assert capsys.readouterr().err.strip() == ("expertflow-simulate: error: --copy-queue shapes the time model: give "
                                                "it with --bandwidth (or --disk-bandwidth) and --layer-ms")
 

@@ -1,8 +1,9 @@
 """The copy stream: moves expert blobs into slots while the compute stream works.
 
 On CUDA it is a real side stream, with events ordering each copy after the last compute that
-read its slot and each compute after the copies it needs. On CPU it is a worker thread, so
-prefetch really overlaps compute there too and CI exercises the same ordering logic.
+read its slot and each compute after the copies it needs; prefetches are fed to it a few chunks
+at a time (``chunks.py``), demand copies go at once on a second stream. On CPU it is a worker
+thread, so prefetch really overlaps compute there too and CI exercises the same ordering logic.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from collections import deque
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from ..observe.timeline import Timeline
+from .chunks import ChunkQueue
 
 
 class Source(Protocol):
@@ -50,21 +52,32 @@ class Ticket:
     #: Whoever acquires it first decides: the CPU worker (the copy runs) or ``cancel`` (it never does).
     claim: threading.Lock = field(default_factory=threading.Lock)
     cancelled: bool = False
+    #: a CUDA prefetch not yet wholly on the copy stream (``chunks.Pending``): None once it is
+    pending: Any = None
 
     def ready(self) -> bool:
         """True once the bytes have landed (a query: never blocks, never syncs the host)."""
+        if self.pending is not None:
+            self.pending.queue.pump()
+            if self.pending is not None:
+                return False
         if self.event is not None:
             return bool(self.event.query())
         return not self.done.locked()
 
     def cancel(self) -> bool:
-        """Drops a CPU copy not started yet; True if it will never run. CUDA copies are already queued."""
+        """Drops a copy not started yet (on CUDA: a prefetch none of whose chunks is queued);
+        True if it will never run."""
+        if self.pending is not None:
+            return self.pending.queue.drop(self.pending)
         if self.event is None and self.claim.acquire(blocking=False):
             self.cancelled = True
             return True
         return False
 
     def wait(self) -> None:
+        if self.pending is not None:  # a compute needs it: the rest of it is queued now
+            self.pending.queue.flush(self.pending)
         if self.event is not None:
             torch.cuda.current_stream(self.device).wait_event(self.event)  # GPU-side: the host does not block
             return
@@ -98,6 +111,7 @@ class CopyEngine:
         if device.type == "cuda":
             self._stream = torch.cuda.Stream(device=device)
             self._demand_stream = torch.cuda.Stream(device=device, priority=-1)
+            self._chunks = ChunkQueue(self)  # prefetches, fed to the copy stream a few chunks at a time
         else:
             # deque append/popleft and SimpleQueue put/get are single C calls: no lost wake-ups
             self._demand: deque = deque()
@@ -118,13 +132,20 @@ class CopyEngine:
         """Copies ``src`` into ``dst``, the slot ``key`` = (pool, slot), after its last reader.
 
         A ``demand`` copy (a compute is waiting for it) goes before every queued prefetch: on CPU
-        the worker takes demand copies first; on CUDA they run on their own high-priority stream.
+        the worker takes demand copies first; on CUDA it is queued at once on its own stream, where
+        at most ``chunks.WINDOW`` prefetch chunks are ahead of it on the DMA engine.
         """
         on_disk = not isinstance(src, torch.Tensor)
         if on_disk and self.device.type == "cuda":
             raise ValueError("blobs on disk are read into CPU slots only")
         ticket = Ticket(nbytes=src.nbytes if on_disk else src.numel() * src.element_size())
         if self.device.type == "cuda":
+            earlier = self._chunks.of.get(key)
+            if earlier is not None:  # the slot's earlier copy, not wholly queued: it goes first, whole
+                self._chunks.flush(earlier)
+            if not demand:
+                self._chunks.add(key, dst, src, ticket, label)
+                return ticket
             self.bytes_moved += ticket.nbytes
             self.copies += 1
             # Every stream and event on the model's GPU: on cuda:1 the current device may be cuda:0.
@@ -135,9 +156,7 @@ class CopyEngine:
                 dst.copy_(src, non_blocking=True)
                 ticket.event, ticket.device = torch.cuda.Event(), self.device
                 ticket.event.record(stream)
-                self._slot_write[key] = ticket.event
-                self._slot_read.pop(key, None)  # waited for above; forgotten only once the copy is recorded
-                del self._unrecorded[key]
+                self._recorded(key, ticket.event)
                 if self.timeline is not None:
                     self.timeline.add("copy", label, start, self.timeline.mark(stream), bytes=ticket.nbytes)
         else:
@@ -167,6 +186,12 @@ class CopyEngine:
         if key in self._slot_read:  # the slot's last reader must finish first
             stream.wait_event(self._slot_read[key])
 
+    def _recorded(self, key: tuple[int, int], event: "torch.cuda.Event") -> None:
+        """A copy into ``key`` is on a stream with its event: later copies into the slot follow it."""
+        self._slot_write[key] = event
+        self._slot_read.pop(key, None)  # waited for by ``_order``; forgotten only once the copy is recorded
+        del self._unrecorded[key]
+
     def mark_read(self, keys: list[tuple[int, int]]) -> None:
         """Records that the compute stream has queued reads of the (pool, slot) ``keys``: a later
         copy into one of them waits for them (CUDA ordering; on CPU compute is synchronous)."""
@@ -177,6 +202,7 @@ class CopyEngine:
                     ev = torch.cuda.Event()
                     ev.record(stream)
                     self._slot_read[key] = ev
+            self._chunks.pump()  # once per compute queued at least: the copy stream is kept fed
 
     def _run(self, demand_only: bool = False) -> None:
         wakes = self._demand_wake if demand_only else self._queue
@@ -247,6 +273,7 @@ class CopyEngine:
         into the slots, or reads the pinned host memory that is unpinned next, after the model is
         gone); on CPU the workers are stopped and joined."""
         if self.device.type == "cuda":
+            self._chunks.close()
             self._stream.synchronize()
             self._demand_stream.synchronize()
         else:

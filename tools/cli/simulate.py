@@ -127,10 +127,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bandwidth", type=float, metavar="GBPS",
                    help="host-to-device copy bandwidth in GB/s (1e9 bytes), for the time model; needs --layer-ms")
     p.add_argument("--copy-queue", choices=QUEUES, metavar="QUEUE",
-                   help="how the time model queues copies: 'in-order' as CUDA runs them (a demand copy waits for "
-                        "every copy made before it; none is cancelled; the default with --bandwidth) or "
-                        "'demand-first' as a CPU device does (demand copies overtake queued prefetches, which can "
-                        "be cancelled; the default with --disk-bandwidth)")
+                   help="how the time model queues copies: 'cuda' as the CUDA copy engine does (prefetches "
+                        "reach the copy stream a few 16 MiB chunks at a time; a demand copy waits for those, "
+                        "not for whole prefetches; the default with --bandwidth) or 'cpu' as a CPU device "
+                        "does (demand copies go before every queued prefetch; the default with --disk-bandwidth)")
     p.add_argument("--layer-ms", type=float, metavar="MS",
                    help="compute time of one MoE layer for one token, in ms, for the time model; needs --bandwidth")
     predict.add_arguments(p)
@@ -220,7 +220,7 @@ def _caches(args: argparse.Namespace) -> list[int]:
             raise UserError("--disk-bandwidth times reads into a host tier: give it with --host-memory, instead of "
                             "--bandwidth")
         args.bandwidth = args.disk_bandwidth  # on a cpu device the copy engine is the disk read
-        args.copy_queue = args.copy_queue or "demand-first"
+        args.copy_queue = args.copy_queue or "cpu"
     return sorted(set(caches))
 
 
@@ -253,7 +253,7 @@ def _compiled(args: argparse.Namespace) -> int:
         blob = args.expert_bytes if args.expert_bytes != 1 else None
         if args.bandwidth is not None:
             blob = blob or sc.read_manifest(args.compiled)["memory_plan"]["expert_blob_bytes"]
-            time_model = TimeModel(args.bandwidth, args.layer_ms, blob, args.copy_queue or "in-order")
+            time_model = TimeModel(args.bandwidth, args.layer_ms, blob, args.copy_queue or "cuda")
         with tqdm(desc="replaying", unit="replay", disable=True if args.quiet else None, file=sys.stderr) as bar:
             rows, recall = sc.evaluate(args.compiled, args.cache, args.policies, args.group, time_model, blob,
                                        progress=bar.update, start=bar.reset)
@@ -322,7 +322,7 @@ def _main(argv: list[str] | None) -> int:
         raise UserError(f"{args.trace}: {exc}") from None
     if not trace:
         raise UserError(f"{args.trace}: the trace has no records")
-    time_model = (TimeModel(args.bandwidth, args.layer_ms, args.expert_bytes, args.copy_queue or "in-order")
+    time_model = (TimeModel(args.bandwidth, args.layer_ms, args.expert_bytes, args.copy_queue or "cuda")
                   if args.bandwidth is not None else None)
     try:
         with tqdm(desc="replaying", disable=True if args.quiet else None, file=sys.stderr) as bar:

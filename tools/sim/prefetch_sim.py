@@ -77,7 +77,7 @@ def replay(trace: Sequence[Access], issues: Sequence[Sequence[Issue]], policy: s
     layers = sorted({a.layer for a in trace})
     experts = 1 + max([e for a in trace for e in a.experts]
                       + [e for due in issues for i in due for e in i.experts], default=0)
-    clock = Clock(time.copy_ms if time is not None else None, time is not None and time.queue == "in-order")
+    clock = Clock(time.copy_ms if time is not None else None, time.window_ms if time is not None else None)
     cache = SimCache(layers, experts, capacity, make_sim_policy(policy, layers, trace, prior), clock, expert_bytes)
     handles: dict[int, list[Handle]] = {}  # target step -> the prefetches made for it
     last_token = None

@@ -5,12 +5,14 @@ cancellation, counters) whose copies are modelled by ``Clock``. Without a time m
 lands when it is made. With one, there is one copy engine and copies run one at a time, queued
 as the runtime's copy engine queues them on the device simulated:
 
-- ``demand-first`` (a CPU device: the copy engine's worker threads, and the disk tier): demand
-  copies go before every queued prefetch, a prefetch waited for before it started becomes a
-  demand copy, and one cancelled before it started moves nothing;
-- ``in-order`` (CUDA): every copy is queued on a copy stream when it is made, and one DMA engine
-  runs them in that order (stream priority orders kernels, not copies): a demand copy waits for
-  every copy queued before it, and no copy can be cancelled once made.
+- ``cpu`` (the copy engine's worker threads, and the disk tier): demand copies go before every
+  queued prefetch, a prefetch waited for before it started becomes a demand copy, and one
+  cancelled before it started moves nothing;
+- ``cuda``: prefetches wait on the host and reach the copy stream in chunks, a window of
+  ``runtime/cache/chunks.WINDOW`` at a time (one DMA engine runs every stream's copies in the
+  order queued); a demand copy, or a prefetch waited for, goes on at once behind the chunks
+  already on the stream, and the rest of the prefetch it cut into follows it; a prefetch not
+  begun can be cancelled. The victims prefer slots whose copy has landed, as the CUDA runtime's.
 
 A step computes for ``layer_ms`` once its experts are in.
 
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...runtime.cache.cache_model import CacheModel
+from ...runtime.cache.chunks import CHUNK, WINDOW
 from ...runtime.cache.policy import POLICIES, Key, Policy
 from ...runtime.predict.estimates import RoutingPrior
 from ...runtime.cache.pool import Pool
@@ -101,7 +104,7 @@ class _Copy:
         return self.cancelled or (self.arrival is not None and self.arrival <= self.clock.now)
 
     def cancel(self) -> bool:
-        if self.arrival is not None or self.cancelled:  # in order, every copy has started when made
+        if self.arrival is not None or self.cancelled:
             return False
         self.clock.queue.remove(self)
         self.cancelled = True
@@ -110,34 +113,66 @@ class _Copy:
     def wait(self) -> None:
         if self.arrival is None and not self.cancelled:  # waited for before it started: it goes now, ahead of the queue
             self.clock.queue.remove(self)
-            self.clock.start(self, prefetch=True, at=self.clock.now)
+            self.clock.start(self, prefetch=True, at=self.clock.now, urgent=True)
 
 
 class Clock:
-    """One copy engine (module docstring); ``copy_ms`` None: no time model, copies land at once;
-    ``in_order``: CUDA's queue (every copy starts, in order, when it is made), else demand-first."""
+    """One copy engine (module docstring); ``copy_ms`` None: no time model, copies land at once.
+    ``window_ms`` None: a CPU device's queue; else CUDA's, the time the prefetch chunks on the
+    copy stream at once take (``runtime/cache/chunks.WINDOW`` chunks of ``CHUNK`` bytes)."""
 
-    def __init__(self, copy_ms: float | None, in_order: bool = False):
-        self.copy_ms, self.now, self.free_at, self.in_order = copy_ms, 0.0, 0.0, in_order
+    def __init__(self, copy_ms: float | None, window_ms: float | None = None):
+        self.copy_ms, self.window_ms, self.now, self.free_at = copy_ms, window_ms, 0.0, 0.0
         self.queue: deque[_Copy] = deque()
         self.loads = self.prefetch_loads = 0
+        self.running: _Copy | None = None  # the prefetch the engine copies last (CUDA)
+        self.urgent_free = 0.0  # when the last demand (or waited-for) copy lands (CUDA)
+
+    @property
+    def cuda(self) -> bool:
+        return self.window_ms is not None
 
     def submit(self, nbytes: int, demand: bool) -> _Copy:
         copy = _Copy(self, nbytes, self.now)
-        if self.copy_ms is None or demand or self.in_order:
-            self.start(copy, prefetch=not demand, at=self.now)
+        if self.copy_ms is None or demand:
+            self.start(copy, prefetch=not demand, at=self.now, urgent=True)
         else:
             self.queue.append(copy)
         return copy
 
-    def start(self, copy: _Copy, prefetch: bool, at: float) -> None:
+    def start(self, copy: _Copy, prefetch: bool, at: float, urgent: bool = False) -> None:
         self.loads += 1
         self.prefetch_loads += prefetch
         if self.copy_ms is None:
             copy.arrival = at
             return
+        if urgent and self.cuda:
+            self._cut_in(copy, at)
+            return
         self.free_at = max(self.free_at, at) + self.copy_ms
         copy.arrival = self.free_at
+        if not urgent:
+            self.running = copy
+
+    def _cut_in(self, copy: _Copy, at: float) -> None:
+        """CUDA: an urgent copy goes on its stream at once, behind the prefetch chunks already on
+        the copy stream (those the window reaches by ``at + window_ms``, queued prefetches
+        included), not behind whole prefetches; the rest of the prefetch it cuts into follows it."""
+        horizon = at + self.window_ms
+        while self.queue and max(self.free_at, self.queue[0].issued) < horizon:  # already on the stream
+            queued = self.queue.popleft()
+            self.start(queued, prefetch=True, at=max(self.free_at, queued.issued))
+        running = self.running
+        if running is not None and running.arrival > at:
+            begin = max(min(running.arrival, horizon), self.urgent_free)
+            copy.arrival = begin + self.copy_ms
+            if running.arrival > begin:  # its remaining chunks come after this copy
+                running.arrival += self.copy_ms
+            self.free_at = max(self.free_at + self.copy_ms, copy.arrival)
+        else:
+            copy.arrival = max(self.free_at, at, self.urgent_free) + self.copy_ms
+            self.free_at = max(self.free_at, copy.arrival)
+        self.urgent_free = copy.arrival
 
     def advance(self, now: float) -> None:
         """Starts, in order, the queued prefetches the engine reaches before ``now``."""
@@ -154,19 +189,19 @@ class SimCache(CacheModel):
     def __init__(self, layers: Sequence[int], experts: int, slots: int, policy: Policy, clock: Clock,
                  expert_bytes: int = 1):
         super().__init__({layer: experts for layer in layers}, {layer: 0 for layer in layers}, slots, policy,
-                         settled_first=clock.in_order)
+                         settled_first=clock.cuda)
         self.clock, self.expert_bytes, self.ready_at = clock, expert_bytes, 0.0
 
     def _submit(self, pool: Pool, slot: int, layer: int, expert: int, demand: bool) -> _Copy:
         return self.clock.submit(self.expert_bytes, demand)
 
     def _await(self, layer: int, pool: Pool, slots: list[int]) -> None:
-        for slot in slots:
-            copy = pool.tickets.get(slot)
-            if copy is not None:
-                copy.wait()
-                if copy.arrival is not None:
-                    self.ready_at = max(self.ready_at, copy.arrival)
+        copies = [pool.tickets[slot] for slot in slots if slot in pool.tickets]
+        for copy in copies:
+            copy.wait()
+        for copy in copies:  # after every wait: one that cut in may have delayed another (CUDA)
+            if copy.arrival is not None:
+                self.ready_at = max(self.ready_at, copy.arrival)
         super()._await(layer, pool, slots)
 
 
@@ -189,7 +224,7 @@ class Totals:
 
 
 #: How copies queue (module docstring): on a GPU, and on a CPU device.
-QUEUES = ("in-order", "demand-first")
+QUEUES = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -207,9 +242,9 @@ class TimeModel:
     bandwidth_gbps: float
     layer_ms: float
     expert_bytes: int = 1
-    #: the copy queue (module docstring): "in-order" as CUDA runs copies, "demand-first" as the
-    #: CPU copy engine and the disk tier do
-    queue: str = "demand-first"
+    #: the copy queue (module docstring): "cuda" as the CUDA copy engine feeds its streams, "cpu"
+    #: as the CPU copy engine and the disk tier run copies
+    queue: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.queue not in QUEUES:
@@ -221,6 +256,13 @@ class TimeModel:
     @property
     def copy_ms(self) -> float:
         return self.expert_bytes / (self.bandwidth_gbps * 1e9) * 1e3
+
+    @property
+    def window_ms(self) -> float | None:
+        """CUDA: the time of the prefetch chunks on the copy stream at once; None for a CPU."""
+        if self.queue != "cuda":
+            return None
+        return WINDOW * CHUNK / (self.bandwidth_gbps * 1e9) * 1e3
 
     def per_token(self, ms: float, nbytes: int, tokens: int) -> dict[str, float | None]:
         """A timed replay's row fields: ``ms`` over ``tokens``, the copy time of ``nbytes`` alone
