@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -202,3 +204,26 @@ def test_cuda_close_lands_every_queued_copy():
     assert not ticket.ready()
     engine.close()
     assert ticket.ready() and bool((dst == 7).all())
+
+
+def test_cuda_a_copy_overlaps_a_running_compute():
+    """The copy stream works while the compute stream is busy: a 64 MiB copy queued after a
+    long kernel has landed while that kernel still runs (copies overlap compute, the point of
+    the second stream)."""
+    from expertflow.runtime.cache.streams import CopyEngine
+
+    dev = torch.device("cuda")
+    engine = CopyEngine(dev)
+    dst = torch.empty(64 << 20, dtype=torch.uint8, device=dev)
+    src = torch.ones(64 << 20, dtype=torch.uint8).pin_memory()
+    try:
+        busy = torch.cuda.Event()
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of compute stream
+        busy.record()
+        ticket = engine.submit((0, 0), dst, src, demand=True)
+        deadline = time.monotonic() + 0.5
+        while not ticket.ready() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert ticket.ready() and not busy.query(), "the copy waited for the compute stream"
+    finally:
+        engine.close()
