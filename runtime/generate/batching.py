@@ -142,13 +142,19 @@ def _prepare(model: Any, prompts: Any, tokenizer: Any, batch_size: Any, schedule
         if context and len(p) + new > context:
             raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={new} it exceeds the model's "
                              f"context of {context}: shorten it or lower max_new_tokens")
-    # the caller's pad_token_id is the pad, given to generate once (it left the kwargs here)
+    pad, eos = pad_and_eos(model, generation_kwargs)
+    return ids, limits, pad, eos, tokenizer if strings else None
+
+
+def pad_and_eos(model: Any, generation_kwargs: dict[str, Any]) -> tuple[int, set[int]]:
+    """The pad id and the end-of-sequence ids: the caller's, else the model's generation config's.
+    The caller's pad_token_id leaves ``generation_kwargs`` (it is given to generate once)."""
+    gc = model.generation_config
     pad = next((t for t in (generation_kwargs.pop("pad_token_id", None), gc.pad_token_id, gc.eos_token_id,
                             getattr(model.config, "pad_token_id", None), 0) if t is not None), 0)
     pad = pad[0] if isinstance(pad, list) else pad
     eos = gc.eos_token_id if generation_kwargs.get("eos_token_id") is None else generation_kwargs["eos_token_id"]
-    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    return ids, limits, pad, eos, tokenizer if strings else None
+    return pad, set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
 def generate_many(model: Any, prompts: Any, batch_size: Any, schedule: Any, tokenizer: Any, continuous: Any,

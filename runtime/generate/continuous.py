@@ -125,12 +125,10 @@ def _kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _rebuild(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    from transformers import DynamicCache
-
     return DynamicCache(ddp_cache_data=kv, config=model.config)
 
 
-def _merge(model: Any, run: Running, cache: Any, mask: torch.Tensor, rows: list[Row]) -> None:
+def merge(model: Any, run: Running, cache: Any, mask: torch.Tensor, rows: list[Row]) -> None:
     """Append ``rows`` (prefilled into ``cache``/``mask``) to the running batch."""
     if not run.rows:
         run.rows, run.cache, run.mask = rows, cache, mask
@@ -143,7 +141,7 @@ def _merge(model: Any, run: Running, cache: Any, mask: torch.Tensor, rows: list[
     run.rows, run.cache, run.mask = run.rows + rows, _rebuild(model, kv), full[:, start:]
 
 
-def _drop_finished(model: Any, run: Running) -> None:
+def drop_finished(model: Any, run: Running) -> None:
     keep = [i for i, row in enumerate(run.rows) if not row.done]
     if len(keep) == len(run.rows):
         return
@@ -169,10 +167,10 @@ def _choose(rows: Sequence[Row], logits: torch.Tensor, config: Any, eos: set[int
     else:
         tokens = scores.argmax(-1)
     for row, token in zip(rows, tokens.tolist()):
-        _append(row, token, eos)
+        append_token(row, token, eos)
 
 
-def _append(row: Row, token: int, eos: set[int]) -> None:
+def append_token(row: Row, token: int, eos: set[int]) -> None:
     row.tokens.append(token)
     row.new += 1
     row.done = token in eos or row.new >= row.limit
@@ -190,7 +188,7 @@ def padded(prompts: Sequence[list[int]], rows: list[int], pad: int) -> tuple[tor
     return ids, mask
 
 
-def _prefill(model: Any, prompts: Sequence[list[int]], group: list[int], pad: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+def prefill(model: Any, prompts: Sequence[list[int]], group: list[int], pad: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
     ids, mask = padded(prompts, group, pad)
     ids, mask = ids.to(model.device), mask.to(model.device)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
@@ -199,7 +197,7 @@ def _prefill(model: Any, prompts: Sequence[list[int]], group: list[int], pad: in
     return cache, mask, out.logits[:, -1]
 
 
-def _decode(model: Any, run: Running) -> torch.Tensor:
+def decode(model: Any, run: Running) -> torch.Tensor:
     last = torch.tensor([[row.tokens[-1]] for row in run.rows], device=run.mask.device)
     positions = run.mask.sum(1, keepdim=True)
     run.mask = torch.cat([run.mask, torch.ones_like(run.mask[:, :1])], dim=1)
@@ -231,7 +229,7 @@ def run(model: Any, prompts: Sequence[list[int]], batch_size: int, picker: Picke
     config = generation_config(model, generation_kwargs)
     outputs: list[list[int]] = [[] for _ in prompts]
     # rows are made first: a prompt generate would refuse is refused before any token is generated
-    made = [_row(model, config, i, p, limits[i] if limits else None, generation_kwargs) for i, p in enumerate(prompts)]
+    made = [make_row(model, config, i, p, limits[i] if limits else None, generation_kwargs) for i, p in enumerate(prompts)]
     waiting, state = list(range(len(prompts))), Running()
     groups: list[list[int]] = []
     members: list[list[int]] = []
@@ -239,20 +237,20 @@ def run(model: Any, prompts: Sequence[list[int]], batch_size: int, picker: Picke
         while waiting and len(state.rows) < batch_size:
             group = _next_group(picker, waiting, [row.prompt for row in state.rows], batch_size - len(state.rows))
             waiting = [i for i in waiting if i not in set(group)]
-            cache, mask, logits = _prefill(model, prompts, group, pad)
+            cache, mask, logits = prefill(model, prompts, group, pad)
             rows = [made[i] for i in group]
             _choose(rows, logits, config, eos)
-            _merge(model, state, cache, mask, rows)
+            merge(model, state, cache, mask, rows)
             groups.append(sorted(group))
             members.append(sorted(row.prompt for row in state.rows))
             _finish(model, state, outputs)
         if state.rows:
-            _choose(state.rows, _decode(model, state), config, eos)
+            _choose(state.rows, decode(model, state), config, eos)
             _finish(model, state, outputs)
     return outputs, Admissions(groups, members)
 
 
-def _row(model: Any, config: Any, prompt: int, tokens: list[int], limit: int | None,
+def make_row(model: Any, config: Any, prompt: int, tokens: list[int], limit: int | None,
          kwargs: dict[str, Any]) -> Row:
     """A row with generate's own length rules for its prompt (``_prepare_generated_length``: the
     default max_length means 20 new tokens) and processors built for its prompt length."""
@@ -276,4 +274,4 @@ def _finish(model: Any, state: Running, outputs: list[list[int]]) -> None:
     for row in state.rows:
         if row.done:
             outputs[row.prompt] = row.tokens
-    _drop_finished(model, state)
+    drop_finished(model, state)

@@ -1,1 +1,1 @@
-"""The command lines (compile, generate, inspect, bench, simulate), each run by ``tools/shell``."""
+"""The command lines (compile, generate, serve, inspect, bench, simulate), each run by ``tools/shell``."""

@@ -18,7 +18,8 @@ from typing import Any
 
 from ...runtime.store.chat import render_chat
 from ...runtime.store.tokenizer import encode_text
-from ..shell import UserError, cli_terms, run_command
+from . import model_args
+from ..shell import UserError, run_command
 
 EXAMPLES = """
 examples:
@@ -45,19 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="with --prompts-file: route-aware (default) batches prompts whose routes share experts; "
                         "fifo keeps the file's order")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    p.add_argument("--budget", default=None, help="expert cache on the device: slots (8), a size (4GiB), a "
-                   "fraction of all experts (25%%), 'auto' (the most that fits the device's free memory after "
-                   "the dense weights, a KV cache for this prompt and --max-new-tokens, and a margin), or 'all' "
-                   "(default 25%%)")
-    p.add_argument("--host-memory", metavar="BUDGET", help="keep the experts on disk (cpu): the expert slots hold "
-                   "this much (slots, a size, a fraction of all experts, or 'auto': the host's free memory less "
-                   "the dense weights, a KV cache and a margin) and every other expert is read from the compiled "
-                   "directory when a prediction or a miss asks for it, checked as read; instead of --budget")
-    p.add_argument("--memory", metavar="SIZE", help="one total for the host instead of --budget or --host-memory "
-                   "(cpu): a size (12GiB) or 'auto' (the host's free memory); the dense weights, a KV cache for "
-                   "this prompt and --max-new-tokens and a margin come first, the expert slots get the rest, and "
-                   "the other experts stay on disk; the split is printed")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    model_args.add_arguments(p, "this prompt and --max-new-tokens")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="with --sample: divide logits by this (default 1.0)")
     p.add_argument("--top-k", type=int, default=50, help="with --sample: keep the K likeliest tokens; 0 keeps all "
@@ -70,9 +59,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stats", action="store_true", help="after the text, print the expert cache's statistics per "
                    "MoE layer (hits, misses, prefetch precision and recall, wasted, cancelled and dropped "
                    "prefetches, split steps, bytes moved, stall) as a table with a legend, on stderr")
-    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "expertflow",
-                   help="where models given by name or directory are compiled once and reused "
-                        "(default ~/.cache/expertflow)")
     p.add_argument("--list-cache", action="store_true", help="list the models compiled into --cache-dir (size, "
                    "date, source) and exit")
     p.add_argument("--clean-cache", action="store_true", help="remove the models compiled into --cache-dir and "
@@ -153,44 +139,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import TextStreamer
 
-    from ... import runtime
-    from ...runtime.assemble.memory import host_tier
-    from ...runtime.store.manifest import TOKENIZER_VOCAB, read_manifest
-    from ..presets import catalog as presets
-    from .compile_cache import compiled_path
     from .generate_batch import generate_batch, read_prompts
 
-    given = [flag for flag, v in (("--budget", args.budget), ("--host-memory", args.host_memory),
-                                  ("--memory", args.memory)) if v is not None]
-    if len(given) > 1:
-        raise UserError(f"{given[1]} and {given[0]} both size the expert slots: give one of them, not both")
-    budget = runtime.budget_argument(args.budget if args.budget is not None else "25%")
-    host = runtime.budget_argument(args.host_memory) if args.host_memory is not None else None
-    # a bad budget fails now, not after a compile
-    runtime.Budget.read(budget)
-    tier = host_tier(host, args.memory, None, torch.device(args.device)) if given[-1:] != ["--budget"] else None
     texts = read_prompts(args.prompts_file) if args.prompts_file is not None else [args.prompt]
-    path = compiled_path(args.model, args.cache_dir, args.quiet, needs_tokenizer=True)
-    manifest = read_manifest(path)  # checked as runtime.load checks it: the directory may be a stranger's
-    if not any(name in manifest["files"] for name in TOKENIZER_VOCAB):
-        raise UserError(f"{path} has no tokenizer: its source model shipped none, so text cannot become tokens; "
-                        "compile it from a directory that holds the model's tokenizer (tokenizer.save_pretrained)")
-    if not args.quiet and presets.is_random(manifest.get("source") or ""):
-        print(f"note: {manifest['source']} is a preset with seeded random weights: its text is gibberish, "
-              "but exactly the text transformers would give", file=sys.stderr)
-    tokenizer = runtime.load_tokenizer(path)
+    src = model_args.resolve(args)
+    tokenizer = src.tokenizer
     prompts = [encode(tokenizer, text, args.chat)["input_ids"][0].tolist() for text in texts]
     context = max(len(p) for p in prompts) + args.max_new_tokens
-    limit = manifest["config"].get("max_position_embeddings")
+    limit = src.manifest["config"].get("max_position_embeddings")
     if isinstance(limit, int) and context > limit:
         print(f"warning: {context - args.max_new_tokens} prompt tokens + --max-new-tokens {args.max_new_tokens} "
               f"exceed the model's context of {limit} positions; text past it is unreliable", file=sys.stderr)
-    model = runtime.load(path, device=args.device, expert_cache=budget if tier is None else None,
-                         host_memory=host, memory=args.memory, timeline=args.timeline is not None,
-                         record_routing=args.trace_out is not None, max_context=context,
-                         batch_size=args.batch_size if args.prompts_file is not None else 1)
-    if model.budget is not None and not args.quiet:
-        print(cli_terms(model.budget.describe()), file=sys.stderr)
+    path = src.path
+    model = model_args.load(src, args, context, args.batch_size if args.prompts_file is not None else 1,
+                            timeline=args.timeline is not None, record_routing=args.trace_out is not None)
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
         if args.sample else dict(do_sample=False)
     if args.sample and args.seed is not None:
