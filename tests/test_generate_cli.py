@@ -150,7 +150,8 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--max-new-tokens", "--budget", "--device", "--sample", "--temperature", "--top-k", "--top-p",
                    "--seed", "--chat", "--stats", "--cache-dir", "--quiet", "--prompts-file", "--batch-size",
-                   "--schedule"):
+                   "--schedule", "--repetition-penalty", "--stop", "--interactive", "--system", "--host-memory",
+                   "--memory"):
         assert option in text
 
 

@@ -216,3 +216,37 @@ def test_a_full_queue_is_429_and_sigterm_stops_the_server_cleanly(compiled_dir):
             list(stream)  # each ends (cut short), never hangs
         except Exception:
             pass
+
+
+def test_help_explains_every_option(capsys):
+    from expertflow.tools.cli import serve
+
+    with pytest.raises(SystemExit) as exit_:
+        serve.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--host", "--port", "--budget", "--host-memory", "--memory", "--device", "--cache-dir",
+                   "--max-batch", "--max-queue", "--max-context", "--served-model-name", "--quiet"):
+        assert option in text
+    assert "/v1/chat/completions" in text and "SIGTERM" in text
+
+
+def test_a_busy_port_or_a_bad_option_is_a_one_line_error(compiled_dir, capsys):
+    import socket
+
+    from expertflow.tools.cli import serve
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        assert serve.main([str(compiled_dir(NAME)), "--port", str(port)]) == 2
+    finally:
+        busy.close()
+    err = capsys.readouterr().err
+    assert err == (f"expertflow-serve: error: cannot listen on 127.0.0.1:{port} (Address already in use); choose "
+                   "another --port or --host\n")
+    with pytest.raises(SystemExit) as exit_:
+        serve.main([str(compiled_dir(NAME)), "--max-batch", "0"])
+    assert exit_.value.code == 2 and "--max-batch must be at least 1, got 0" in capsys.readouterr().err

@@ -4,8 +4,9 @@ Streams the new text to the terminal (stdout) as it is generated; notes and --st
 stderr. MODEL is a compiled directory, or anything expertflow-compile takes (a save_pretrained
 directory, a hub id already in the local Hugging Face cache, a built-in preset): that is compiled
 once into --cache-dir and reused while the source is unchanged (--list-cache, --clean-cache). Generation is transformers' own (greedy by default; --sample draws with
---temperature, --top-k, --top-p); --chat wraps the prompt in the model's chat template.
---prompts-file runs many prompts at once (``tools/cli/generate_batch.py``): one JSON line each.
+--temperature, --top-k, --top-p); --chat wraps the prompt in the model's chat template;
+--interactive holds a multi-turn chat in the terminal (``tools/cli/chat.py``). --prompts-file
+runs many prompts at once (``tools/cli/generate_batch.py``): one JSON line each.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ examples:
   expertflow-generate compiled/ "Explain MoE offloading." --chat --budget 4GiB --device cuda
   expertflow-generate ./my-model "Once upon a time" --sample --temperature 0.7 --top-p 0.9 --seed 1
   expertflow-generate tiny-trained-moe --prompts-file prompts.jsonl --batch-size 16 --max-new-tokens 32
+  expertflow-generate tiny-trained-moe --interactive --system "You are terse." --max-new-tokens 128
   expertflow-generate --list-cache       (and --clean-cache: remove what --cache-dir holds)
 """
 
@@ -54,6 +56,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="with --sample: keep the smallest set of tokens whose "
                    "probability reaches P (default 1.0: all)")
     p.add_argument("--seed", type=int, help="with --sample: seed torch's generator, for a repeatable draw")
+    p.add_argument("--repetition-penalty", type=float, help="divide the scores of tokens already in the text by "
+                   "this (transformers' repetition_penalty; above 1 repeats less; default: the model's, else none)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop once the new text contains TEXT (it is "
+                   "printed, as transformers' stop_strings keep it); repeat for several; with one PROMPT or "
+                   "--interactive")
+    p.add_argument("--interactive", action="store_true", help="a multi-turn chat in the terminal with the model's "
+                   "chat template: Enter sends, Ctrl-C stops an answer (not the chat), /reset forgets the "
+                   "conversation, Ctrl-D or /exit quits; PROMPT, if given, is the first message")
+    p.add_argument("--system", metavar="TEXT", help="with --interactive or --chat: the system message")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt as a user "
                    "message and generate the assistant's reply")
     p.add_argument("--stats", action="store_true", help="after the text, print the expert cache's statistics per "
@@ -78,20 +89,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("give a MODEL (a compiled directory, model directory, cached hub id or preset), or --list-cache")
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if (args.prompt is None) == (args.prompts_file is None):
-        p.error("give a PROMPT or --prompts-file FILE (one of the two)")
+    if args.interactive and args.prompts_file is not None:
+        p.error("--interactive chats one message at a time: drop --prompts-file")
+    if not args.interactive and (args.prompt is None) == (args.prompts_file is None):
+        p.error("give a PROMPT or --prompts-file FILE (one of the two), or --interactive")
+    if args.stop and args.prompts_file is not None:
+        p.error("--stop works with one PROMPT or --interactive; --prompts-file batches without stop strings")
+    if args.system is not None and not (args.interactive or args.chat):
+        p.error("--system needs --interactive or --chat: plain text has no system message")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        p.error(f"--repetition-penalty must be above 0, got {args.repetition_penalty}")
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     return args
 
 
-def encode(tokenizer: Any, prompt: str, chat: bool) -> dict[str, Any]:
+def encode(tokenizer: Any, prompt: str, chat: bool, system: str | None = None) -> dict[str, Any]:
     """The prompt's ids; the directory's tokenizer and chat template run bounded (runtime/store/chat.py)."""
     if not chat:
         return encode_text(tokenizer, prompt, return_tensors="pt")
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("--chat: this model's tokenizer has no chat template; drop --chat to continue plain text")
-    text = render_chat(tokenizer, [{"role": "user", "content": prompt}])
+    first = [{"role": "system", "content": system}] if system else []
+    text = render_chat(tokenizer, first + [{"role": "user", "content": prompt}])
     return encode_text(tokenizer, text, return_tensors="pt", add_special_tokens=False)
 
 
@@ -144,19 +164,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     texts = read_prompts(args.prompts_file) if args.prompts_file is not None else [args.prompt]
     src = model_args.resolve(args)
     tokenizer = src.tokenizer
-    prompts = [encode(tokenizer, text, args.chat)["input_ids"][0].tolist() for text in texts]
-    context = max(len(p) for p in prompts) + args.max_new_tokens
     limit = src.manifest["config"].get("max_position_embeddings")
+    if args.interactive:
+        return _interactive(src, args, limit if isinstance(limit, int) and limit > 1 else None)
+    prompts = [encode(tokenizer, text, args.chat, args.system)["input_ids"][0].tolist() for text in texts]
+    context = max(len(p) for p in prompts) + args.max_new_tokens
     if isinstance(limit, int) and context > limit:
         print(f"warning: {context - args.max_new_tokens} prompt tokens + --max-new-tokens {args.max_new_tokens} "
               f"exceed the model's context of {limit} positions; text past it is unreliable", file=sys.stderr)
     path = src.path
     model = model_args.load(src, args, context, args.batch_size if args.prompts_file is not None else 1,
                             timeline=args.timeline is not None, record_routing=args.trace_out is not None)
-    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
-        if args.sample else dict(do_sample=False)
-    if args.sample and args.seed is not None:
-        torch.manual_seed(args.seed)
+    sampling = _sampling(args, tokenizer)
     start = time.perf_counter()
     if args.prompts_file is not None:
         new = generate_batch(model, tokenizer, prompts, texts, args, sampling)
@@ -174,6 +193,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.trace_out is not None:
         model.routing.write_jsonl(args.trace_out)
     return {"path": path, "new_tokens": new, "seconds": seconds, "stats": model.stats()}
+
+
+def _sampling(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
+    """generate's keyword arguments for the decoding options (the seed set here)."""
+    import torch
+
+    sampling: dict[str, Any] = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p) if args.sample else dict(do_sample=False)
+    if args.sample and args.seed is not None:
+        torch.manual_seed(args.seed)
+    if args.repetition_penalty is not None:
+        sampling["repetition_penalty"] = args.repetition_penalty
+    if args.stop:
+        sampling.update(stop_strings=list(args.stop), tokenizer=tokenizer)
+    return sampling
+
+
+def _interactive(src: Any, args: argparse.Namespace, limit: int | None) -> dict[str, Any]:
+    from .chat import run_chat
+
+    context = min(limit or model_args.DEFAULT_CONTEXT, model_args.DEFAULT_CONTEXT)
+    if args.max_new_tokens >= context:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the "
+                        f"{context}-token context; lower it")
+    model = model_args.load(src, args, context, 1, timeline=args.timeline is not None,
+                            record_routing=args.trace_out is not None)
+    start = time.perf_counter()
+    new = run_chat(model, src.tokenizer, args, _sampling(args, src.tokenizer), context)
+    return {"path": src.path, "new_tokens": new, "seconds": time.perf_counter() - start, "stats": model.stats()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..shell import UserError, cli_terms
 
+DEFAULT_CONTEXT = 4096  # tokens a chat or a served request may hold when the model's context is longer
 
 def add_arguments(p: argparse.ArgumentParser, kv: str) -> None:
     """--budget, --host-memory, --memory, --device, --cache-dir; ``kv`` says what the KV cache an

@@ -34,7 +34,6 @@ examples:
        -d '{"model": "tiny-trained-moe", "messages": [{"role": "user", "content": "Hello"}]}'
   (or any OpenAI client: base_url="http://127.0.0.1:8000/v1", api_key="unused")
 """
-DEFAULT_CONTEXT = 4096  # tokens per request when the model's own context is longer (KV memory per row)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a place in the batch; "
                    "more are answered 429 with Retry-After (default 64)")
     p.add_argument("--max-context", type=int, help=f"prompt + completion tokens per request (default: the "
-                   f"model's context, at most {DEFAULT_CONTEXT}); longer requests are answered 400")
+                   f"model's context, at most {model_args.DEFAULT_CONTEXT}); longer requests are answered 400")
     p.add_argument("--served-model-name", help="the model id clients send and /v1/models lists (default: MODEL "
                    "as given)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes; only the line saying where "
@@ -86,7 +85,7 @@ def _main(args: argparse.Namespace) -> int:
     src = model_args.resolve(args)
     limit = src.manifest["config"].get("max_position_embeddings")
     limit = limit if isinstance(limit, int) and limit > 1 else None
-    context = args.max_context or min(limit or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+    context = args.max_context or min(limit or model_args.DEFAULT_CONTEXT, model_args.DEFAULT_CONTEXT)
     if limit is not None and context > limit:
         print(f"warning: --max-context {context} is past the model's context of {limit} positions; text past it "
               "is unreliable", file=sys.stderr)
