@@ -250,3 +250,17 @@ def test_a_busy_port_or_a_bad_option_is_a_one_line_error(compiled_dir, capsys):
     with pytest.raises(SystemExit) as exit_:
         serve.main([str(compiled_dir(NAME)), "--max-batch", "0"])
     assert exit_.value.code == 2 and "--max-batch must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_listening_socket_is_tcp_so_responses_are_not_held_back():
+    """asyncio sets TCP_NODELAY on accepted connections only when the listening socket's proto
+    says TCP; with proto 0 every response waited out the client's delayed ACK (40 ms each)."""
+    import socket
+
+    from expertflow.tools.cli import serve
+
+    sock = serve._listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()

@@ -99,8 +99,13 @@ async def _complete(served: Served, request: Request, chat: bool) -> Response:
             raise ApiError(400, f"these sampling parameters are refused: {exc}") from None
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job = eng.Request(parsed.ids, parsed.sampling,
-                          emit=lambda token: loop.call_soon_threadsafe(events.put_nowait, ("token", token)),
+        # A stream, or a stop string to watch for, needs each token as it comes; a whole body
+        # without stops takes them all at the end: no wake-up of this loop per token, which on a
+        # small host costs the engine thread the time the loop runs (one client: 0.71x -> see docs).
+        backlog: list[int] = []
+        emit = (lambda token: loop.call_soon_threadsafe(events.put_nowait, ("token", token))) \
+            if parsed.stream or parsed.stop else backlog.append
+        job = eng.Request(parsed.ids, parsed.sampling, emit=emit,
                           finish=lambda reason: loop.call_soon_threadsafe(events.put_nowait, ("end", reason)))
         try:
             served.engine.submit(job)
@@ -114,7 +119,7 @@ async def _complete(served: Served, request: Request, chat: bool) -> Response:
         return JSONResponse(exc.body(), exc.status, headers=exc.headers)
     served.responses[(route, 200)] += 1
     served.prompt_tokens += len(parsed.ids)
-    reply = _Reply(served, parsed, job, events)
+    reply = _Reply(served, parsed, job, events, backlog)
     if parsed.stream:
         return StreamingResponse(reply.stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -122,8 +127,10 @@ async def _complete(served: Served, request: Request, chat: bool) -> Response:
 
 
 class _Reply:
-    def __init__(self, served: Served, parsed: protocol.Parsed, job: eng.Request, events: asyncio.Queue):
+    def __init__(self, served: Served, parsed: protocol.Parsed, job: eng.Request, events: asyncio.Queue,
+                 backlog: list[int]):
         self.served, self.parsed, self.job, self.events = served, parsed, job, events
+        self.backlog = backlog  # the tokens of a request not sent one by one, complete at its end
         self.ident = ("chatcmpl-" if parsed.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.text = protocol.TextStream(served.tokenizer, parsed.stop)
@@ -146,6 +153,11 @@ class _Reply:
                     continue
                 if value.startswith("error"):
                     raise RuntimeError(value)
+                for token in self.backlog:  # no stop strings here: they come one by one
+                    self.tokens += 1
+                    piece, _ = self.text.push(token)
+                    if piece:
+                        yield piece, None
                 tail = self.text.flush()
                 if tail:
                     yield tail, None
