@@ -302,3 +302,75 @@ def test_without_blake3_compile_writes_sha256_digests_that_the_loader_checks(tmp
     model = runtime.load(out, host_memory=31)  # as the blake3 test: layer 0 expert 0 is read at its first use
     with pytest.raises(LoadError, match="layer 0 expert 0 does not match its checksum"):
         model(PROMPTS, attention_mask=PROMPT_MASK)
+
+
+def test_a_large_blob_is_read_in_chunks_and_a_prefetch_pauses_between_them(compiled_dir, monkeypatch):
+    """Chunked reads: the bytes and the check are those of one read, and ``pause`` (a prefetch's)
+    runs between chunks, never before the first."""
+    from expertflow.runtime.store import disk
+
+    model = runtime.load(compiled_dir(NAME), host_memory=2)
+    store = model.context.cache.store
+    blob = store.blob(0, 1)
+    monkeypatch.setattr(disk, "CHUNK", 4 * 4096)
+    chunks = -(-blob.nbytes // disk.CHUNK)
+    pauses = []
+    dst = torch.zeros(blob.nbytes + 4096, dtype=torch.uint8)[:blob.nbytes]
+    store.read_into(blob, dst, lambda: pauses.append(1))
+    whole = torch.zeros_like(dst)
+    store.read_into(blob, whole)
+    assert chunks > 2 and len(pauses) == chunks - 1 and torch.equal(dst, whole)
+
+
+class _Gate:
+    """A disk blob whose read waits for ``release``: a demand read under way."""
+
+    nbytes = 8
+
+    def __init__(self):
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def read_into(self, dst, pause=None):
+        self.started.set()
+        assert self.release.wait(10)
+        dst.fill_(2)
+
+
+class _Chunked:
+    """A prefetch read in four chunks, calling ``pause`` between them as DiskStore does."""
+
+    nbytes = 8
+
+    def __init__(self):
+        self.done: list[int] = []
+
+    def read_into(self, dst, pause=None):
+        for i in range(4):
+            if i and pause is not None:
+                pause()
+            self.done.append(i)
+        dst.fill_(1)
+
+
+def test_a_prefetch_read_gives_the_disk_to_a_demand_read():
+    """With several readers, a demand read under way pauses every prefetch read at its next chunk
+    boundary; the prefetch goes on once the demand read is over."""
+    from expertflow.runtime.cache.streams import CopyEngine
+
+    engine = CopyEngine(torch.device("cpu"), readers=3)
+    gate, chunked = _Gate(), _Chunked()
+    slots = torch.zeros(2, 8, dtype=torch.uint8)
+    try:
+        demand = engine.submit((0, 0), slots[0], gate, demand=True)
+        assert gate.started.wait(10)
+        prefetch = engine.submit((0, 1), slots[1], chunked)
+        deadline = threading.Event()
+        deadline.wait(0.3)  # the prefetch's worker has had time to read on, and must not have
+        assert chunked.done == [0] and not prefetch.ready()
+        gate.release.set()
+        demand.wait()
+        prefetch.wait()
+        assert chunked.done == [0, 1, 2, 3] and slots.tolist() == [[2] * 8, [1] * 8]
+    finally:
+        gate.release.set()
+        engine.close()

@@ -13,6 +13,7 @@ from collections import deque
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -26,7 +27,7 @@ class Source(Protocol):
 
     nbytes: int
 
-    def read_into(self, dst: torch.Tensor) -> None: ...
+    def read_into(self, dst: torch.Tensor, pause: "Callable[[], None] | None" = None) -> None: ...
 
 
 def _held_lock() -> threading.Lock:
@@ -121,6 +122,10 @@ class CopyEngine:
             self._last: dict[tuple[int, int], Ticket] = {}  # (pool, slot) -> its latest copy
             self._running: dict[tuple[int, int], Ticket] = {}  # (pool, slot) -> the copy a worker runs into it
             self._lock = threading.Lock()  # the counters and ``_running``, written by every worker
+            #: demand reads from disk under way (not those still waiting for their slot's earlier
+            #: copy): a prefetch read pauses between its chunks while there is one
+            self._demand_reads = 0
+            self._demand_done = threading.Condition(self._lock)
             self.readers = max(1, readers)
             self._threads = [threading.Thread(target=self._run, args=(i == 0 and self.readers > 1,),
                                               name=f"expertflow-copy-{i}", daemon=True) for i in range(self.readers)]
@@ -219,17 +224,24 @@ class CopyEngine:
     def run_next(self, demand_only: bool = False) -> bool:
         """Runs the next queued CPU copy, demand copies first (False: none is queued). The workers'
         loop; a test that closed the engine runs copies with it at points of its choosing."""
+        demand = bool(self._demand) or demand_only
         try:
-            item = (self._demand if self._demand or demand_only else self._speculative).popleft()
+            item = (self._demand if demand else self._speculative).popleft()
         except IndexError:  # none queued, or another worker took the last one
             return False
         if self.readers > 1 and (self._demand or self._speculative):
             self._queue.put(True)  # more queued: another worker starts the next one beside this
-        self._copy(*item)
+        self._copy(*item, demand=demand)
         return True
 
+    def _yield_to_demand(self) -> None:
+        """Between a prefetch read's chunks: returns once no demand read is under way."""
+        with self._demand_done:
+            while self._demand_reads:
+                self._demand_done.wait(0.05)
+
     def _copy(self, key: tuple[int, int], dst: torch.Tensor, src: torch.Tensor | Source, ticket: Ticket,
-              label: str) -> None:
+              label: str, demand: bool = False) -> None:
         if not ticket.claim.acquire(blocking=False):  # cancelled: its layer ran without it
             ticket.done.release()
             return
@@ -246,8 +258,17 @@ class CopyEngine:
                     pass
             if isinstance(src, torch.Tensor):
                 dst.copy_(src)
+            elif demand and self.readers > 1:  # a compute waits for it: prefetch reads pause meanwhile
+                with self._lock:
+                    self._demand_reads += 1
+                try:
+                    src.read_into(dst)
+                finally:
+                    with self._lock:
+                        self._demand_reads -= 1
+                        self._demand_done.notify_all()
             else:  # a blob on disk (store/disk.py): read into the slot, checked before it is done
-                src.read_into(dst)
+                src.read_into(dst, None if demand or self.readers == 1 else self._yield_to_demand)
         except BaseException as exc:  # surfaced to the waiter, never lost in the thread
             ticket.error = exc
         finally:

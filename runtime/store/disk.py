@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,9 @@ from .tensor_file import read_tensor_file
 #: only with several requests queued, and the checks (BLAKE3, which releases the GIL) of several
 #: blobs run on as many cores. One of them takes demand reads only (``cache/streams.CopyEngine``).
 READERS = 4
+#: Bytes per positional read (a multiple of the 4 KiB block): a prefetch of a large blob (a Mixtral
+#: expert is 336 MiB) yields to demand reads between chunks; 8 MiB keeps a drive's queue deep.
+CHUNK = 8 * 2**20
 
 
 def _close(file, fds: list[int]) -> None:
@@ -60,8 +64,8 @@ class DiskBlob:
     nbytes: int
     digest: bytes
 
-    def read_into(self, dst: torch.Tensor) -> None:
-        self.store.read_into(self, dst)
+    def read_into(self, dst: torch.Tensor, pause: Callable[[], None] | None = None) -> None:
+        self.store.read_into(self, dst, pause)
 
 
 @dataclass
@@ -141,20 +145,24 @@ class DiskStore:
     def blob(self, layer: int, expert: int) -> DiskBlob:
         return self._blobs[blob_key(layer, expert)]
 
-    def read_into(self, blob: DiskBlob, dst: torch.Tensor) -> None:
-        """Reads ``blob`` into the uint8 CPU tensor ``dst`` and checks it (LoadError if bad)."""
+    def read_into(self, blob: DiskBlob, dst: torch.Tensor, pause: Callable[[], None] | None = None) -> None:
+        """Reads ``blob`` into the uint8 CPU tensor ``dst`` and checks it (LoadError if bad).
+        ``pause`` (a prefetch's read): called between chunks of ``CHUNK`` bytes, it returns once
+        no demand read is running, so a large prefetch gives the disk to a compute's miss."""
         view = memoryview(dst.numpy()).cast("B")[:blob.nbytes]
         direct = self._direct >= 0 and dst.data_ptr() % BLOCK == 0
         fd = self._direct if direct else self._file.fileno()
-        start = time.perf_counter()
-        got = 0
+        elapsed, got = 0.0, 0
         while got < blob.nbytes:  # a positional read may return short: read the rest
-            n = os.preadv(fd, [view[got:]], blob.offset + got)
+            if pause is not None and got:
+                pause()
+            start = time.perf_counter()
+            n = os.preadv(fd, [view[got:got + CHUNK]], blob.offset + got)
+            elapsed += time.perf_counter() - start
             if n == 0 or (direct and n % BLOCK and got + n < blob.nbytes):  # a direct read ends short only at the end
                 raise LoadError(f"{self.path}: layer {blob.layer} expert {blob.expert} ends after {got} of its "
                                 f"{blob.nbytes} bytes (truncated); recompile the model")
             got += n
-        elapsed = time.perf_counter() - start
         if not direct:
             drop_cached(fd, blob.offset, blob.nbytes)
         checked = time.perf_counter()
