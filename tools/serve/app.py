@@ -113,7 +113,8 @@ async def _complete(served: Served, request: Request, chat: bool) -> Response:
             raise ApiError(429, f"the server is busy ({exc}); retry shortly", kind="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         except RuntimeError as exc:
-            raise ApiError(503, f"the server is not taking requests ({exc})", kind="server_error") from None
+            raise ApiError(503, f"the server is not taking requests ({exc})", kind="server_error",
+                           headers={"Retry-After": "5"}) from None
     except ApiError as exc:
         served.responses[(route, exc.status)] += 1
         return JSONResponse(exc.body(), exc.status, headers=exc.headers)
