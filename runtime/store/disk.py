@@ -41,9 +41,12 @@ from .tensor_file import read_tensor_file
 #: only with several requests queued, and the checks (BLAKE3, which releases the GIL) of several
 #: blobs run on as many cores. One of them takes demand reads only (``cache/streams.CopyEngine``).
 READERS = 4
-#: Bytes per positional read (a multiple of the 4 KiB block): a prefetch of a large blob (a Mixtral
-#: expert is 336 MiB) yields to demand reads between chunks; 8 MiB keeps a drive's queue deep.
-CHUNK = 8 * 2**20
+#: Bytes per positional read (a multiple of the 4 KiB block); a prefetch read of a larger blob
+#: yields to demand reads between chunks. Measured on this project's CPU machine (Mixtral-shaped
+#: 336 MiB experts, 25% host tier, docs/benchmarks.md): 8, 32 and 128 MiB chunks cost 5-20% of
+#: decode speed against one read per blob (one large direct read keeps the drive's queue deep, a
+#: chunk at a time does not), so every real expert size is read whole; only blobs past this split.
+CHUNK = 512 * 2**20
 
 
 def _close(file, fds: list[int]) -> None:
