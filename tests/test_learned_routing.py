@@ -635,3 +635,38 @@ def test_the_predictive_victim_is_the_first_farthest_next_use(seed):
         rng.shuffle(keys)
         scores = [policy.next_use(k) for k in keys]
         assert policy.victim(keys) == keys[scores.index(max(scores))]
+
+
+def test_the_server_engine_admits_by_predicted_route_and_each_request_gets_its_solo_tokens(calibrated):
+    """expertflow-serve's engine with a routing-path predictor: when more requests wait than
+    there are places, it picks by predicted route (their estimates are made and kept), and every
+    request still gets exactly the tokens it gets alone."""
+    import threading
+
+    from expertflow.runtime.generate import engine as eng
+
+    model = runtime.load(calibrated, expert_cache=8, batch_size=2)
+    tokenizer = runtime.load_tokenizer(calibrated)
+    texts = PROMPTS + ["for key, value in", "return None", "while True:"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    expected = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        expected.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                       do_sample=False)[0, len(p):].tolist())
+    engine = eng.Engine(model, max_batch=2, max_queue=16)
+    got = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+    requests = []
+    try:
+        for i, p in enumerate(prompts):
+            requests.append(engine.submit(eng.Request(p, eng.Sampling(6), got[i].append,
+                                                      lambda reason, i=i: done[i].set())))
+            if i == 0:
+                while not got[0]:
+                    threading.Event().wait(0.001)
+        assert all(d.wait(60) for d in done)
+    finally:
+        engine.stop()
+    assert got == expected
+    assert sum(r.estimate is not None for r in requests) >= 2  # admitted by route, not by arrival alone

@@ -264,3 +264,30 @@ def test_the_listening_socket_is_tcp_so_responses_are_not_held_back():
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+def test_text_streams_as_the_whole_decode_and_stops_at_the_first_stop_string(compiled_dir):
+    """TextStream decodes a window per token; what it sends, joined, is the whole decode (and,
+    with a stop string, the whole decode up to it), for random token sequences."""
+    import random
+
+    from expertflow.tools.serve.protocol import TextStream
+
+    tokenizer = runtime.load_tokenizer(compiled_dir(NAME))
+    rng = random.Random(0)
+    for _ in range(100):
+        ids = [rng.randrange(3, len(tokenizer)) for _ in range(rng.randrange(1, 40))]
+        full = tokenizer.decode(ids, skip_special_tokens=True)
+        stream = TextStream(tokenizer, ())
+        assert "".join(stream.push(t)[0] for t in ids) + stream.flush() == full
+        if len(full) > 6:
+            stop = full[len(full) // 2:len(full) // 2 + 3]
+            stream, sent = TextStream(tokenizer, (stop,)), []
+            for t in ids:
+                piece, stopped = stream.push(t)
+                sent.append(piece)
+                if stopped:
+                    break
+            else:
+                sent.append(stream.flush())
+            assert "".join(sent) == full[:full.find(stop)]

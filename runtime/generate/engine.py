@@ -158,7 +158,13 @@ class Engine:
                     self._cv.wait()
                 if self._stop:
                     break
-                admit = self._admissions()
+                window, free = self._window()
+            # chosen outside the lock: the predictor runs, and submitters must not wait for it
+            chosen = window[:free] if len(window) <= free else self._route_aware(window, free)
+            with self._cv:
+                admit = [r for r in chosen if r in self._waiting]
+                for request in admit:
+                    self._waiting.remove(request)
             start = time.perf_counter()
             try:
                 self._step(admit)
@@ -171,20 +177,17 @@ class Engine:
             request.finish("cancelled")
         self._jobs, self._waiting, self._run = [], deque(), cb.Running()
 
-    def _admissions(self) -> list[Request]:
-        """Waiting requests to admit now (under the lock): cancelled ones end here."""
+    def _window(self) -> tuple[list[Request], int]:
+        """(under the lock) The waiting requests admission may choose from, and the free places;
+        cancelled ones end here."""
         for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(request)
             request.finish("cancelled")
             self.stats.cancelled += 1
         free = self.batch_limit - len(self._jobs)
-        if free <= 0 or not self._waiting:
-            return []
-        window = list(itertools.islice(self._waiting, free * LOOKAHEAD))
-        chosen = window[:free] if len(window) <= free else self._route_aware(window, free)
-        for request in chosen:
-            self._waiting.remove(request)
-        return chosen
+        if free <= 0:
+            return [], 0
+        return list(itertools.islice(self._waiting, free * LOOKAHEAD)), free
 
     def _route_aware(self, window: list[Request], free: int) -> list[Request]:
         estimates = predicted_estimates(self.model, [r.ids for r in window])

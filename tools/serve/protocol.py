@@ -210,34 +210,52 @@ def usage_chunk(p: Parsed, ident: str, created: int, model: str, n: int) -> dict
 
 class TextStream:
     """Tokens to text as they come: held back while the text ends inside a UTF-8 character or
-    could still be the start of a stop string; cut at the first stop string."""
+    could still be the start of a stop string; cut at the first stop string. Each token decodes
+    only a few tokens (the window since the last stable point, as TGI and vLLM detokenize), so a
+    long completion costs linear time, not quadratic."""
 
     def __init__(self, tokenizer: Any, stops: tuple[str, ...]):
         self.tokenizer, self.stops = tokenizer, stops
         self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] decoded to text already taken; ids[read:] not yet
         self.sent = 0
-        self.text = ""
+        self.text = ""  # the completion's text so far (stable part)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _settle(self, final: bool = False) -> None:
+        """Appends the text of ``ids[read:]`` once it is whole (not ending inside a character)."""
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
 
     def push(self, token: int) -> tuple[str, bool]:
         """The new text to send, and whether a stop string ended the completion."""
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._settle()
         start = max(self.sent - max((len(s) for s in self.stops), default=0), 0)
         cuts = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if cuts:
             cut = min(cuts)
             out, self.sent, self.text = self.text[self.sent:cut], cut, self.text[:cut]
+            self.ids = self.ids[:self.read]  # nothing past the stop is sent at flush
             return out, True
-        safe = len(self.text.rstrip("\ufffd"))
+        safe = len(self.text)
         for s in self.stops:  # the longest tail that could still grow into a stop string
             for n in range(min(len(s) - 1, safe), 0, -1):
-                if self.text[:safe].endswith(s[:n]):
-                    safe = min(safe, len(self.text[:safe]) - n)
+                if self.text.endswith(s[:n]):
+                    safe = min(safe, len(self.text) - n)
                     break
         out = self.text[self.sent:max(safe, self.sent)]
         self.sent = max(safe, self.sent)
         return out, False
 
     def flush(self) -> str:
+        """The rest: held-back text, and a last character left incomplete."""
+        if self.read < len(self.ids):
+            self._settle(final=True)
         out, self.sent = self.text[self.sent:], len(self.text)
         return out
