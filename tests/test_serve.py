@@ -170,6 +170,12 @@ def test_bad_requests_get_their_4xx_and_the_server_serves_on(server):
     status, _, body = server.post("/completions", json.dumps({"model": "tiny", "prompt": [1, 99999]}).encode())
     assert status == 400 and "outside this model's vocabulary" in body["error"]["message"]
     assert server.get("/v1/nothing")[0] == 404
+    status, _, body = server.post("/completions", b"[" * 100_000)  # json recurses per bracket
+    assert status == 400 and body["error"]["message"] == "the request body is nested too deeply"
+    status, _, body = server.post("/completions", b" " * (3 << 20))  # over 256 tokens x 64 bytes, and 1 MiB
+    assert status == 413 and "over this server's 1048576" in body["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="'stop' must be a non-empty string of at most 1000"):
+        client.completions.create(model="tiny", prompt="x", stop="s" * 1001)
     assert client.completions.create(model="tiny", prompt="x", max_tokens=3).choices[0].finish_reason == "length"
 
 

@@ -32,6 +32,12 @@ from . import protocol
 from .protocol import ApiError
 
 POLL_S = 0.25  # how often a request waiting for a whole body checks that its client is still there
+#: A request body may hold this much per token of the context (a token is ~4 characters of text;
+#: JSON escapes and message wrapping take more), and never less than MIN_BODY: a larger body is a
+#: 413 before it is all read, so no client makes the server hold gigabytes.
+BODY_PER_TOKEN = 64
+MIN_BODY = 1 << 20
+DRAIN = 4
 
 
 @dataclass
@@ -87,10 +93,13 @@ def make_app(served: Served) -> Starlette:
 async def _complete(served: Served, request: Request, chat: bool) -> Response:
     route = "chat" if chat else "completions"
     try:
+        raw = await _bounded_body(request, max(MIN_BODY, served.context * BODY_PER_TOKEN))
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON") from None
+        except RecursionError:  # json recurses per bracket
+            raise ApiError(400, "the request body is nested too deeply") from None
         parsed = protocol.parse(body, chat, served.name, served.tokenizer, served.context,
                                 served.model.config.vocab_size, served.model.generation_config)
         try:
@@ -125,6 +134,22 @@ async def _complete(served: Served, request: Request, chat: bool) -> Response:
         return StreamingResponse(reply.stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await reply.whole(request)
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes:
+    """The body, read as it arrives; ApiError 413 once it passes ``limit`` bytes. What follows is
+    read and dropped up to ``DRAIN`` times the limit, so a client still sending hears the 413
+    rather than a reset connection; past that the connection is dropped."""
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            parts.append(chunk)
+        elif size > DRAIN * limit:
+            break
+    if size > limit:
+        raise ApiError(413, f"the request body is over this server's {limit} bytes; shorten it")
+    return b"".join(parts)
 
 
 class _Reply:

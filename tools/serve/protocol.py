@@ -25,6 +25,7 @@ UNSUPPORTED = {"logprobs": "log probabilities", "top_logprobs": "log probabiliti
                "modalities": "other modalities", "prediction": "predicted outputs"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4
+MAX_STOP_CHARS = 1000  # a stop string is searched for at every token
 
 
 class ApiError(Exception):
@@ -121,8 +122,10 @@ def _stops(body: dict[str, Any]) -> tuple[str, ...]:
     if stop is None:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
-        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
+    if not isinstance(stops, list) or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops) \
+            or len(stops) > MAX_STOPS:
+        raise ApiError(400, f"'stop' must be a non-empty string of at most {MAX_STOP_CHARS} characters or a list "
+                       f"of at most {MAX_STOPS} of them", "stop")
     return tuple(stops)
 
 
