@@ -242,9 +242,8 @@ class Engine:
         picked = []
         for r, job in enumerate(jobs):
             s = scores[r:r + 1]
-            ids = torch.tensor([job.row.tokens], device=logits.device)
-            if job.row.processors:
-                s = job.row.processors(ids, s)
+            if job.row.processors:  # they read the tokens so far (repetition penalty, min length...)
+                s = job.row.processors(torch.tensor([job.row.tokens], device=logits.device), s)
             s = _penalised(s, job.row.tokens[len(job.request.ids):], job.request.sampling)
             if job.generator is None:
                 picked.append(s.argmax(-1))
