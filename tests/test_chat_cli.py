@@ -50,6 +50,16 @@ class Terminal:
     def send(self, text: str) -> None:
         os.write(self.fd, text.encode())
 
+    def close(self) -> None:
+        """Kills the chat if it still runs (a failed assertion must not leave it behind)."""
+        try:
+            if os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                os.kill(self.pid, 9)
+                os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        os.close(self.fd)
+
     def exit_status(self, timeout: float = 30) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -83,34 +93,40 @@ def test_a_chat_of_two_turns_a_ctrl_c_and_an_exit(compiled_dir):
                                          {"role": "user", "content": second}], 24)
     term = Terminal([str(path), "--interactive", "--system", system["content"], "--max-new-tokens", "24",
                      "--budget", "8", "--quiet"])
-    term.read_until("> ")
-    term.send(first + "\n")
-    shown = term.read_until("> ")
-    assert shown.startswith(first + "\n") and shown[len(first) + 1:].rstrip("\n") == answer1.rstrip("\n")
-    term.send(second + "\n")
-    shown = term.read_until("> ")
-    assert shown[len(second) + 1:].rstrip("\n") == answer2.rstrip("\n")
-    term.send("/exit\n")
-    assert term.exit_status() == 0
+    try:
+        term.read_until("> ")
+        term.send(first + "\n")
+        shown = term.read_until("> ")
+        assert shown.startswith(first + "\n") and shown[len(first) + 1:].rstrip("\n") == answer1.rstrip("\n")
+        term.send(second + "\n")
+        shown = term.read_until("> ")
+        assert shown[len(second) + 1:].rstrip("\n") == answer2.rstrip("\n")
+        term.send("/exit\n")
+        assert term.exit_status() == 0
+    finally:
+        term.close()
 
 
 def test_ctrl_c_stops_an_answer_not_the_chat(compiled_dir):
     path = compiled_dir(NAME)
     term = Terminal([str(path), "--interactive", "--max-new-tokens", "480", "--budget", "8", "--quiet",
                      "--repetition-penalty", "1.0"])
-    term.read_until("> ")
-    term.send("Tell me everything.\n")
-    term.read_until("Tell me everything.\n")
-    time.sleep(0.5)  # it is writing its (long) answer: 480 tokens take seconds here
-    term.send("\x03")  # Ctrl-C, as the terminal delivers it: SIGINT to the chat
-    term.read_until("[stopped]")
-    term.read_until("> ")  # the chat goes on
-    term.send("Short?\n")
-    term.read_until("Short?\n")
-    term.send("\x03")
-    term.read_until("> ")
-    term.send("\x04")  # Ctrl-D at the prompt ends it
-    assert term.exit_status() == 0
+    try:
+        term.read_until("> ")
+        term.send("Tell me everything.\n")
+        term.read_until("Tell me everything.\n")
+        time.sleep(0.5)  # it is writing its (long) answer: 480 tokens take seconds here
+        term.send("\x03")  # Ctrl-C, as the terminal delivers it: SIGINT to the chat
+        term.read_until("[stopped]")
+        term.read_until("> ")  # the chat goes on
+        term.send("Short?\n")
+        term.read_until("Short?\n")
+        term.send("\x03")
+        term.read_until("> ")
+        term.send("\x04")  # Ctrl-D at the prompt ends it
+        assert term.exit_status() == 0
+    finally:
+        term.close()
 
 
 def test_generation_controls(compiled_dir, capsys):

@@ -79,7 +79,11 @@ def server(compiled_dir):
     s = start(compiled_dir(NAME), "--max-batch", "8", "--max-context", "256")
     yield s
     s.proc.send_signal(signal.SIGTERM)
-    s.proc.wait(30)
+    try:
+        s.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        s.proc.kill()
+        s.proc.wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -203,25 +207,31 @@ def test_models_health_and_metrics(server):
 
 def test_a_full_queue_is_429_and_sigterm_stops_the_server_cleanly(compiled_dir):
     s = start(compiled_dir(NAME), "--max-batch", "1", "--max-queue", "1")
-    client = s.client()
-    running = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=480, stream=True,
-                                        temperature=0)
-    next(iter(running))  # generating
-    queued = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=5, stream=True, temperature=0)
-    deadline = time.monotonic() + 10
-    while json.loads(s.get("/health")[1])["waiting"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    status, headers, body = s.post("/completions", json.dumps({"model": "tiny", "prompt": "x"}).encode())
-    assert status == 429 and headers["Retry-After"] == "1" and body["error"]["code"] == "queue_full"
-    start_stop = time.monotonic()
-    s.proc.send_signal(signal.SIGTERM)  # with a stream running and one waiting
-    assert s.proc.wait(30) == 0 and time.monotonic() - start_stop < 20
-    assert "expertflow-serve: stopped" in "".join(s.lines)
-    for stream in (running, queued):
-        try:
-            list(stream)  # each ends (cut short), never hangs
-        except Exception:
-            pass
+    try:
+        client = s.client()
+        running = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=480, stream=True,
+                                            temperature=0)
+        next(iter(running))  # generating
+        queued = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=5, stream=True,
+                                           temperature=0)
+        deadline = time.monotonic() + 10
+        while json.loads(s.get("/health")[1])["waiting"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, headers, body = s.post("/completions", json.dumps({"model": "tiny", "prompt": "x"}).encode())
+        assert status == 429 and headers["Retry-After"] == "1" and body["error"]["code"] == "queue_full"
+        start_stop = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)  # with a stream running and one waiting
+        assert s.proc.wait(30) == 0 and time.monotonic() - start_stop < 20
+        assert "expertflow-serve: stopped" in "".join(s.lines)
+        for stream in (running, queued):
+            try:
+                list(stream)  # each ends (cut short), never hangs
+            except Exception:
+                pass
+    finally:
+        if s.proc.poll() is None:  # a failed assertion above: no server outlives the test
+            s.proc.kill()
+            s.proc.wait(30)
 
 
 def test_help_explains_every_option(capsys):
