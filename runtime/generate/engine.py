@@ -66,7 +66,7 @@ class Sampling:
         return kwargs
 
 
-@dataclass
+@dataclass(eq=False)  # one request is itself only: the queue finds and removes it by identity
 class Request:
     ids: list[int]
     sampling: Sampling
