@@ -206,7 +206,7 @@ def decode(model: Any, run: Running) -> torch.Tensor:
     return out.logits[:, -1]
 
 
-def _next_group(picker: Picker | None, waiting: list[int], members: list[int], count: int) -> list[int]:
+def next_group(picker: Picker | None, waiting: list[int], members: list[int], count: int) -> list[int]:
     if picker is None:
         return waiting[:count]
     free = torch.zeros(len(picker.length), dtype=torch.bool)
@@ -235,7 +235,7 @@ def run(model: Any, prompts: Sequence[list[int]], batch_size: int, picker: Picke
     members: list[list[int]] = []
     while waiting or state.rows:
         while waiting and len(state.rows) < batch_size:
-            group = _next_group(picker, waiting, [row.prompt for row in state.rows], batch_size - len(state.rows))
+            group = next_group(picker, waiting, [row.prompt for row in state.rows], batch_size - len(state.rows))
             waiting = [i for i in waiting if i not in set(group)]
             cache, mask, logits = prefill(model, prompts, group, pad)
             rows = [made[i] for i in group]

@@ -190,22 +190,15 @@ class Engine:
         return list(itertools.islice(self._waiting, free * LOOKAHEAD)), free
 
     def _route_aware(self, window: list[Request], free: int) -> list[Request]:
+        """``free`` of ``window`` by predicted route (continuous batching's own choice: the picker
+        sees the waiting and the running rows; arrival order without a routing-path predictor)."""
         estimates = predicted_estimates(self.model, [r.ids for r in window])
         if estimates is None:
             return window[:free]
-        running = [job.estimate for job in self._jobs if job.estimate is not None]
-        table = torch.cat([estimates, *[e[None] for e in running]]) if running else estimates
-        picker = Picker(table, [len(r.ids) for r in window] + [len(j.request.ids) for j in self._jobs
-                                                                if j.estimate is not None])
-        members = list(range(len(window), len(window) + len(running)))
-        pool = torch.zeros(len(table), dtype=torch.bool)
-        pool[:len(window)] = True
-        anchor = float(picker.length[members].mean()) if members else float(picker.length[:len(window)].max())
-        picks: list[int] = []
-        for _ in range(free):
-            pick = picker.pick(members + picks, pool, anchor)
-            picks.append(pick)
-            pool[pick] = False
+        running = [job for job in self._jobs if job.estimate is not None]
+        table = torch.cat([estimates, *[job.estimate[None] for job in running]])
+        picker = Picker(table, [len(r.ids) for r in window] + [len(job.request.ids) for job in running])
+        picks = cb.next_group(picker, list(range(len(window))), list(range(len(window), len(table))), free)
         for i in picks:
             window[i].estimate = estimates[i]  # compared with the next admissions
         return [window[i] for i in picks]
